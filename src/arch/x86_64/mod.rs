@@ -1,0 +1,6 @@
+//! x86_64 boot: address map, ACPI tables, CPUID, MSRs, E820, kernel loading and boot registers.
+pub mod acpi;
+pub mod boot;
+pub mod cpuid;
+pub mod layout;
+pub mod msr;

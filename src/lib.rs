@@ -1,0 +1,24 @@
+//! exitless: a virtual machine monitor on KVM whose product is the exit path.
+//!
+//! Layout, one module per concern:
+//! - [`arch`]: x86_64 boot (address map, kernel loading, boot registers, E820, ACPI, CPUID, MSRs);
+//! - [`memory`]: guest RAM;
+//! - [`vcpu`]: the vCPU thread, its run loop and exit dispatch, completion of failed emulations;
+//! - [`devices`]: device models by tier (`legacy` = emulated platform devices) and the I/O buses;
+//! - [`stats`]: exit counters and the end-of-run summary;
+//! - [`host`]: what the host KVM is and what it cannot run;
+//! - [`vmm`]: builds a VM from a [`config::VmConfig`] and runs it to the end;
+//! - [`kit`]: the embedded test-kit guests;
+//! - [`cli`] and [`terminal`]: the command line and the console.
+
+pub mod arch;
+pub mod cli;
+pub mod config;
+pub mod devices;
+pub mod host;
+pub mod kit;
+pub mod memory;
+pub mod stats;
+pub mod terminal;
+pub mod vcpu;
+pub mod vmm;
