@@ -1,0 +1,203 @@
+//! The command line: `exitless run`, `exitless kit`, `exitless host`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{parse_size, KernelSource, VmConfig, DEFAULT_CMDLINE};
+
+#[derive(Parser, Debug)]
+#[command(name = "exitless", version, about = "A KVM virtual machine monitor that counts, cheapens and avoids VM exits")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Boot a guest: a Linux kernel (bzImage or ELF vmlinux) or, with no kernel, the embedded demo.
+    Run(RunArgs),
+    /// The embedded test-kit guests.
+    Kit {
+        #[command(subcommand)]
+        command: KitCommand,
+    },
+    /// What exitless sees of this host's KVM.
+    Host,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KitCommand {
+    /// List the embedded guests.
+    List,
+    /// Write the embedded guests into DIR (they boot under QEMU too).
+    Extract { dir: PathBuf },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Kernel image: bzImage (a distribution's vmlinuz) or ELF vmlinux (PVH entry if present).
+    #[arg(long, conflicts_with = "guest")]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long, requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line, appended to exitless's defaults (see --no-default-cmdline).
+    #[arg(long, default_value = "")]
+    pub cmdline: String,
+    /// Use only --cmdline, without exitless's fast-boot defaults.
+    #[arg(long)]
+    pub no_default_cmdline: bool,
+    /// Let the kernel print its whole boot log (drops `quiet`).
+    #[arg(long)]
+    pub verbose_boot: bool,
+    /// Guest memory, e.g. 512M or 2G (default: 512M for Linux, 64M for kit guests).
+    #[arg(long, value_parser = parse_size)]
+    pub mem: Option<u64>,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u8,
+    /// Boot an embedded test-kit guest by name (see `exitless kit list`); default: demo.
+    #[arg(long)]
+    pub guest: Option<String>,
+    /// Write the run report (exit counts by reason, port, device) as JSON to this file.
+    #[arg(long)]
+    pub stats_json: Option<PathBuf>,
+    /// Do not print the exit summary at the end.
+    #[arg(long)]
+    pub no_summary: bool,
+    /// Exit status when the guest reboots (default 0).
+    #[arg(long, default_value_t = 0)]
+    pub reboot_status: i32,
+    /// Stop the VM after this many seconds (status 124).
+    #[arg(long)]
+    pub timeout: Option<f64>,
+    /// Also copy the guest console to this file.
+    #[arg(long)]
+    pub console_log: Option<PathBuf>,
+    /// Add the QEMU-compatible isa-debug-exit port (0xf4); on for kit guests.
+    #[arg(long)]
+    pub debug_exit: bool,
+    /// Add the kit's probe device (counted PIO/MMIO exits); on for kit guests.
+    #[arg(long)]
+    pub probe: bool,
+}
+
+impl RunArgs {
+    /// Turns arguments into a VM configuration; `host_cmdline` is what this host needs added to a
+    /// Linux command line.
+    pub fn to_config(&self, host_cmdline: &str) -> Result<VmConfig, String> {
+        let kernel = match (&self.kernel, &self.guest) {
+            (Some(k), _) => KernelSource::File(k.clone()),
+            (None, Some(g)) => {
+                let (name, _) = crate::kit::get(g).ok_or_else(|| {
+                    format!(
+                        "no embedded guest named {g:?} (have: {})",
+                        crate::kit::names().join(", ")
+                    )
+                })?;
+                KernelSource::Embedded(name)
+            }
+            (None, None) => KernelSource::Embedded(crate::kit::DEFAULT_GUEST),
+        };
+        if self.cpus == 0 {
+            return Err("--cpus must be at least 1".into());
+        }
+        let kit = matches!(kernel, KernelSource::Embedded(_));
+        let mut cmdline = String::new();
+        if !self.no_default_cmdline && !kit {
+            cmdline.push_str(DEFAULT_CMDLINE);
+            if !self.verbose_boot {
+                cmdline.push_str(" quiet");
+            }
+            if !host_cmdline.is_empty() {
+                cmdline.push(' ');
+                cmdline.push_str(host_cmdline);
+            }
+        }
+        if !self.cmdline.is_empty() {
+            if !cmdline.is_empty() {
+                cmdline.push(' ');
+            }
+            cmdline.push_str(&self.cmdline);
+        }
+        let timeout = match self.timeout {
+            Some(t) if !(t.is_finite() && t > 0.0) => {
+                return Err(format!("--timeout must be a positive number of seconds, not {t}"))
+            }
+            Some(t) => Some(Duration::from_secs_f64(t)),
+            None => None,
+        };
+        Ok(VmConfig {
+            mem_bytes: self.mem.unwrap_or_else(|| VmConfig::default_mem(&kernel)),
+            kernel,
+            initrd: self.initrd.clone(),
+            cmdline,
+            cpus: self.cpus,
+            debug_exit: self.debug_exit || kit,
+            probe: self.probe || kit,
+            stats_json: self.stats_json.clone(),
+            summary: !self.no_summary,
+            reboot_status: self.reboot_status,
+            timeout,
+            console_log: self.console_log.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        let mut v = vec!["exitless", "run"];
+        v.extend_from_slice(args);
+        Cli::try_parse_from(v).map(|c| match c.command {
+            Command::Run(r) => r,
+            _ => unreachable!(),
+        })
+    }
+
+    #[test]
+    fn defaults_boot_the_demo() {
+        let c = run_args(&[]).unwrap().to_config("").unwrap();
+        assert_eq!(c.kernel, KernelSource::Embedded("demo"));
+        assert_eq!(c.cpus, 1);
+        assert_eq!(c.mem_bytes, 64 << 20);
+        assert!(c.debug_exit && c.probe && c.summary);
+        assert!(c.cmdline.is_empty());
+    }
+
+    #[test]
+    fn linux_gets_the_fast_boot_command_line() {
+        let c = run_args(&["--kernel", "/k", "--mem", "2G", "--cpus", "2", "--cmdline", "root=/dev/vda"])
+            .unwrap()
+            .to_config("noxsave")
+            .unwrap();
+        assert_eq!(c.kernel, KernelSource::File("/k".into()));
+        assert_eq!(c.mem_bytes, 2 << 30);
+        assert!(c.cmdline.starts_with(DEFAULT_CMDLINE));
+        assert!(c.cmdline.contains(" quiet"));
+        assert!(c.cmdline.contains("noxsave"));
+        assert!(c.cmdline.ends_with("root=/dev/vda"));
+        assert!(!c.debug_exit && !c.probe);
+        let v = run_args(&["--kernel", "/k", "--verbose-boot", "--no-default-cmdline", "--cmdline", "x=1"])
+            .unwrap()
+            .to_config("noxsave")
+            .unwrap();
+        assert_eq!(v.cmdline, "x=1");
+    }
+
+    #[test]
+    fn bad_arguments_are_refused() {
+        assert!(run_args(&["--mem", "lots"]).is_err());
+        assert!(run_args(&["--cpus", "-1"]).is_err());
+        assert!(run_args(&["--cpus", "300"]).is_err());
+        assert!(run_args(&["--initrd", "/i"]).is_err(), "initrd needs a kernel");
+        assert!(run_args(&["--kernel", "/k", "--guest", "demo"]).is_err());
+        assert!(run_args(&["--cpus", "0"]).unwrap().to_config("").is_err());
+        assert!(run_args(&["--guest", "nope"]).unwrap().to_config("").is_err());
+        assert!(run_args(&["--timeout", "-3"]).unwrap().to_config("").is_err());
+    }
+}

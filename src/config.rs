@@ -1,0 +1,106 @@
+//! What a VM is made of, independent of how it was asked for (CLI today, an API later).
+
+use std::path::PathBuf;
+
+/// Where the kernel comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KernelSource {
+    /// A kernel file on the host (bzImage or ELF).
+    File(PathBuf),
+    /// A test-kit guest built into the binary (see `kit`).
+    Embedded(&'static str),
+}
+
+/// The kernel command line exitless uses unless told otherwise: serial console, reboot through the
+/// i8042 (exitless's reset line), reboot at once on panic (the console watcher reports the panic),
+/// no i8042 probing, no crypto self-tests (~0.74 G instructions of a stock Debian boot), quiet.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 i8042.noaux i8042.nomux \
+     i8042.nopnp i8042.dumbkbd cryptomgr.notests=1 tsc=reliable no_timer_check";
+
+/// A VM.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub kernel: KernelSource,
+    pub initrd: Option<PathBuf>,
+    /// The complete kernel command line.
+    pub cmdline: String,
+    pub mem_bytes: u64,
+    pub cpus: u8,
+    /// QEMU-compatible isa-debug-exit port at 0xf4 (on for kit guests).
+    pub debug_exit: bool,
+    /// The kit's probe device (counted PIO/MMIO, ioeventfd ports); on for kit guests.
+    pub probe: bool,
+    /// Where to write the exit statistics as JSON at the end.
+    pub stats_json: Option<PathBuf>,
+    /// Print the exit summary on stderr at the end.
+    pub summary: bool,
+    /// Exit status when the guest reboots.
+    pub reboot_status: i32,
+    /// Give up and stop the VM after this long (None: run until the guest ends).
+    pub timeout: Option<std::time::Duration>,
+    /// Copy of the guest console to this file.
+    pub console_log: Option<PathBuf>,
+}
+
+impl VmConfig {
+    /// Kit guests only need a few MiB; Linux gets 512 MiB unless asked.
+    pub fn default_mem(kernel: &KernelSource) -> u64 {
+        match kernel {
+            KernelSource::Embedded(_) => 64 << 20,
+            KernelSource::File(_) => 512 << 20,
+        }
+    }
+}
+
+/// Parses sizes such as `512M`, `2G`, `1024K`, `4096` (bytes) or `1.5G`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    if t.is_empty() {
+        return Err("empty size".into());
+    }
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                'B' => 1,
+                _ => return Err(format!("unknown size suffix in {s:?} (use K, M, G or T)")),
+            };
+            (t[..i].trim_end_matches(['i', 'I']).trim(), m)
+        }
+        _ => (t, 1u64 << 20),
+    };
+    let bytes = if let Ok(n) = num.parse::<u64>() {
+        n.checked_mul(mult)
+    } else if let Ok(f) = num.parse::<f64>() {
+        (f.is_finite() && f >= 0.0 && f * (mult as f64) < u64::MAX as f64)
+            .then(|| (f * mult as f64) as u64)
+    } else {
+        return Err(format!("{s:?} is not a size (e.g. 512M, 2G)"));
+    };
+    bytes.ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("2G").unwrap(), 2 << 30);
+        assert_eq!(parse_size("2g").unwrap(), 2 << 30);
+        assert_eq!(parse_size("1024K").unwrap(), 1 << 20);
+        assert_eq!(parse_size("1.5G").unwrap(), 3 << 29);
+        assert_eq!(parse_size("256").unwrap(), 256 << 20, "a bare number means MiB");
+        assert_eq!(parse_size("4096B").unwrap(), 4096);
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert!(parse_size("").is_err());
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("99999999999T").is_err());
+        assert!(parse_size("-1G").is_err());
+    }
+}

@@ -1,0 +1,214 @@
+//! COM1: a 16550A UART (vm-superio's model) wired to the host console.
+//!
+//! Owns the console output path: bytes the guest writes go to stdout (and an optional log file),
+//! and a [`ConsoleWatch`] keeps the last lines so the VMM can recognise a guest kernel panic and
+//! explain a failed boot. Input from the host reaches the UART through [`Serial::enqueue`].
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use vm_superio::serial::NoEvents;
+use vm_superio::Trigger;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::{BusDevice, VmEnd, VmEndSender};
+
+/// Raises the UART's interrupt through an irqfd.
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+const KEEP_LINES: usize = 200;
+const PANIC_MARK: &str = "Kernel panic - not syncing";
+
+/// The last lines the guest printed, shared with the VMM.
+#[derive(Default)]
+pub struct ConsoleWatch {
+    lines: VecDeque<String>,
+    partial: Vec<u8>,
+    bytes: u64,
+    panicked: bool,
+}
+
+impl ConsoleWatch {
+    /// Feeds one byte; returns the panic line once when a kernel panic appears.
+    fn push(&mut self, b: u8) -> Option<String> {
+        self.bytes += 1;
+        if b != b'\n' {
+            if self.partial.len() < 4096 && b != b'\r' {
+                self.partial.push(b);
+            }
+            return None;
+        }
+        let line = String::from_utf8_lossy(&self.partial).into_owned();
+        self.partial.clear();
+        let panic = (!self.panicked && line.contains(PANIC_MARK)).then(|| line.clone());
+        if panic.is_some() {
+            self.panicked = true;
+        }
+        if self.lines.len() == KEEP_LINES {
+            self.lines.pop_front();
+        }
+        self.lines.push_back(line);
+        panic
+    }
+
+    /// The complete lines seen so far (at most the last 200), then the unfinished one.
+    pub fn lines(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.lines.iter().cloned().collect();
+        if !self.partial.is_empty() {
+            v.push(String::from_utf8_lossy(&self.partial).into_owned());
+        }
+        v
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+/// Where the guest's console output goes.
+pub struct ConsoleOut {
+    out: Option<Box<dyn Write + Send>>,
+    log: Option<std::fs::File>,
+    watch: Arc<Mutex<ConsoleWatch>>,
+    end: VmEndSender,
+}
+
+impl ConsoleOut {
+    pub fn new(
+        out: Option<Box<dyn Write + Send>>,
+        log: Option<std::fs::File>,
+        watch: Arc<Mutex<ConsoleWatch>>,
+        end: VmEndSender,
+    ) -> Self {
+        ConsoleOut {
+            out,
+            log,
+            watch,
+            end,
+        }
+    }
+}
+
+impl Write for ConsoleOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // Console failures (a closed stdout) must never stop the guest: drop the bytes.
+        if let Some(o) = self.out.as_mut() {
+            if o.write_all(buf).and_then(|_| o.flush()).is_err() {
+                self.out = None;
+            }
+        }
+        if let Some(l) = self.log.as_mut() {
+            let _ = l.write_all(buf);
+        }
+        let mut w = self.watch.lock().unwrap_or_else(|p| p.into_inner());
+        for &b in buf {
+            if let Some(line) = w.push(b) {
+                let _ = self.end.send(VmEnd::GuestPanic(line));
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The UART on the I/O bus.
+pub struct Serial {
+    uart: vm_superio::Serial<IrqTrigger, NoEvents, ConsoleOut>,
+}
+
+impl Serial {
+    pub fn new(irq: EventFd, out: ConsoleOut) -> Self {
+        Serial {
+            uart: vm_superio::Serial::new(IrqTrigger(irq), out),
+        }
+    }
+
+    /// Queues host input for the guest; returns how many bytes fit in the receive FIFO.
+    pub fn enqueue(&mut self, bytes: &[u8]) -> usize {
+        self.uart.enqueue_raw_bytes(bytes).unwrap_or(0)
+    }
+}
+
+impl BusDevice for Serial {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if offset < 8 {
+            data[0] = self.uart.read(offset as u8);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset < 8 && !data.is_empty() {
+            // A failed interrupt injection is not the guest's fault and not fatal.
+            let _ = self.uart.write(offset as u8, data[0]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    fn uart() -> (Serial, Arc<Mutex<ConsoleWatch>>, mpsc::Receiver<VmEnd>, EventFd) {
+        let watch = Arc::new(Mutex::new(ConsoleWatch::default()));
+        let (tx, rx) = mpsc::channel();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let out = ConsoleOut::new(None, None, watch.clone(), tx);
+        (Serial::new(irq.try_clone().unwrap(), out), watch, rx, irq)
+    }
+
+    #[test]
+    fn transmits_lines_to_the_console() {
+        let (mut s, watch, rx, _irq) = uart();
+        for b in b"hello\r\nworld" {
+            s.write(0, &[*b]);
+        }
+        assert_eq!(watch.lock().unwrap().lines(), vec!["hello", "world"]);
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn recognises_a_kernel_panic_once() {
+        let (mut s, _w, rx, _irq) = uart();
+        for b in b"[ 1.0] Kernel panic - not syncing: No working init found.\nagain Kernel panic - not syncing\n" {
+            s.write(0, &[*b]);
+        }
+        match rx.try_recv().unwrap() {
+            VmEnd::GuestPanic(l) => assert!(l.contains("No working init")),
+            other => panic!("{other:?}"),
+        }
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn receives_input_and_raises_an_interrupt() {
+        let (mut s, _w, _rx, irq) = uart();
+        s.write(1, &[0x01]); // IER: received-data interrupt on
+        assert_eq!(s.enqueue(b"ab"), 2);
+        assert_eq!(irq.read().unwrap(), 1);
+        let mut lsr = [0u8];
+        s.read(5, &mut lsr);
+        assert_ne!(lsr[0] & 1, 0, "data ready");
+        let mut d = [0u8];
+        s.read(0, &mut d);
+        assert_eq!(d[0], b'a');
+        // Garbage offsets and empty writes are ignored.
+        s.write(0x40, &[1]);
+        s.write(0, &[]);
+        let mut wide = [0xffu8; 4];
+        s.read(0x40, &mut wide);
+        assert_eq!(wide, [0; 4]);
+    }
+}

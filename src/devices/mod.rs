@@ -1,0 +1,204 @@
+//! Device models, by tier, and the buses that route guest accesses to them.
+//!
+//! Tiers (the seeds' three): `legacy` = emulated platform devices (every access is an exit);
+//! paravirtual (virtio) and assigned (VFIO) devices come later. A device sees only offsets inside
+//! its own range; the [`Bus`] owns the address map. Devices may end the VM only through a
+//! [`VmEndSender`], never by touching the VM or vCPUs.
+
+pub mod legacy;
+
+use std::sync::{mpsc, Arc, Mutex};
+
+/// Why a VM ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmEnd {
+    /// ACPI S5 (or an equivalent): exit 0.
+    PowerOff,
+    /// The guest asked for a reset (i8042, 0xcf9, ACPI reset register).
+    Reset,
+    /// A triple fault (`KVM_EXIT_SHUTDOWN`): a reset on real hardware.
+    TripleFault,
+    /// isa-debug-exit: the process ends with `(code << 1) | 1`, as with QEMU.
+    DebugExit(u8),
+    /// The guest kernel panicked (seen on its console).
+    GuestPanic(String),
+    /// The VM cannot go on (KVM error, emulation failure nobody could complete, ...).
+    Error(String),
+    /// The user's time limit ran out.
+    Timeout,
+    /// The user interrupted (console escape or signal).
+    Interrupted,
+}
+
+/// The channel devices and vCPUs use to end the VM. The first reason sent wins.
+pub type VmEndSender = mpsc::Sender<VmEnd>;
+
+/// A device on a bus. Reads fill `data` (its length is the access size); writes carry it.
+pub trait BusDevice: Send {
+    fn read(&mut self, offset: u64, data: &mut [u8]);
+    fn write(&mut self, offset: u64, data: &[u8]);
+}
+
+/// One device's slot.
+#[derive(Clone)]
+struct Slot {
+    base: u64,
+    len: u64,
+    name: &'static str,
+    dev: Arc<Mutex<dyn BusDevice>>,
+}
+
+/// An address space (I/O ports or MMIO): sorted, non-overlapping ranges.
+#[derive(Clone, Default)]
+pub struct Bus {
+    slots: Vec<Slot>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BusError {
+    #[error("device {new} at {base:#x}+{len:#x} overlaps {old}")]
+    Overlap {
+        new: &'static str,
+        old: &'static str,
+        base: u64,
+        len: u64,
+    },
+    #[error("device {0} has an empty range")]
+    Empty(&'static str),
+}
+
+impl Bus {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `dev` at `base..base+len`.
+    pub fn insert(
+        &mut self,
+        name: &'static str,
+        base: u64,
+        len: u64,
+        dev: Arc<Mutex<dyn BusDevice>>,
+    ) -> Result<(), BusError> {
+        if len == 0 {
+            return Err(BusError::Empty(name));
+        }
+        if let Some(s) = self
+            .slots
+            .iter()
+            .find(|s| base < s.base + s.len && s.base < base + len)
+        {
+            return Err(BusError::Overlap {
+                new: name,
+                old: s.name,
+                base,
+                len,
+            });
+        }
+        let at = self.slots.partition_point(|s| s.base < base);
+        self.slots.insert(
+            at,
+            Slot {
+                base,
+                len,
+                name,
+                dev,
+            },
+        );
+        Ok(())
+    }
+
+    fn find(&self, addr: u64) -> Option<&Slot> {
+        let i = self.slots.partition_point(|s| s.base <= addr);
+        let s = self.slots.get(i.checked_sub(1)?)?;
+        (addr - s.base < s.len).then_some(s)
+    }
+
+    /// Routes a read. Returns false when nothing claims `addr` (the caller fills all-ones).
+    pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
+        match self.find(addr) {
+            Some(s) => {
+                s.dev
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .read(addr - s.base, data);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Routes a write. Returns false when nothing claims `addr`.
+    pub fn write(&self, addr: u64, data: &[u8]) -> bool {
+        match self.find(addr) {
+            Some(s) => {
+                s.dev
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .write(addr - s.base, data);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The devices, for diagnostics: (name, base, len).
+    pub fn ranges(&self) -> Vec<(&'static str, u64, u64)> {
+        self.slots.iter().map(|s| (s.name, s.base, s.len)).collect()
+    }
+}
+
+/// Little-endian value of an access of 1, 2, 4 or 8 bytes.
+pub fn data_to_u64(data: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    let n = data.len().min(8);
+    b[..n].copy_from_slice(&data[..n]);
+    u64::from_le_bytes(b)
+}
+
+/// Fills an access of `data.len()` bytes with the low bytes of `v`.
+pub fn u64_to_data(v: u64, data: &mut [u8]) {
+    let b = v.to_le_bytes();
+    let n = data.len().min(8);
+    data[..n].copy_from_slice(&b[..n]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Recorder(Vec<(u64, u64)>);
+    impl BusDevice for Recorder {
+        fn read(&mut self, offset: u64, data: &mut [u8]) {
+            u64_to_data(offset + 0x40, data);
+        }
+        fn write(&mut self, offset: u64, data: &[u8]) {
+            self.0.push((offset, data_to_u64(data)));
+        }
+    }
+
+    #[test]
+    fn routes_by_range_and_rejects_overlaps() {
+        let a = Arc::new(Mutex::new(Recorder(vec![])));
+        let b = Arc::new(Mutex::new(Recorder(vec![])));
+        let mut bus = Bus::new();
+        bus.insert("b", 0x100, 0x10, b.clone()).unwrap();
+        bus.insert("a", 0x10, 8, a.clone()).unwrap();
+        assert!(matches!(
+            bus.insert("c", 0x108, 0x10, a.clone()),
+            Err(BusError::Overlap { old: "b", .. })
+        ));
+        assert_eq!(bus.insert("d", 0, 0, a.clone()), Err(BusError::Empty("d")));
+        assert!(bus.write(0x17, &[5]));
+        assert!(bus.write(0x10f, &[1, 2]));
+        assert!(!bus.write(0x18, &[1]));
+        assert!(!bus.write(0x110, &[1]));
+        assert!(!bus.write(0x0, &[1]));
+        let mut d = [0u8; 2];
+        assert!(bus.read(0x101, &mut d));
+        assert_eq!(d, [0x41, 0]);
+        assert_eq!(a.lock().unwrap().0, vec![(7, 5)]);
+        assert_eq!(b.lock().unwrap().0, vec![(0xf, 0x201)]);
+        assert_eq!(bus.ranges()[0].0, "a");
+    }
+}

@@ -1,0 +1,83 @@
+//! `exitless`: the command-line entry point. Errors become one line on stderr and a non-zero
+//! status; nothing here panics on bad input.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use exitless::cli::{Cli, Command, KitCommand};
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format_timestamp(None)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => run(args),
+        Command::Kit { command } => match command {
+            KitCommand::List => {
+                for n in exitless::kit::names() {
+                    println!("{n}");
+                }
+                ExitCode::SUCCESS
+            }
+            KitCommand::Extract { dir } => match exitless::kit::extract(&dir) {
+                Ok(files) => {
+                    for f in files {
+                        println!("{}", f.display());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&format!("cannot write guests to {}: {e}", dir.display())),
+            },
+        },
+        Command::Host => match exitless::vmm::open_kvm() {
+            Ok(kvm) => {
+                let host = exitless::host::HostInfo::detect(&kvm);
+                println!("{}", host.banner().unwrap_or_else(|| "hardware-assisted KVM".into()));
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e.to_string()),
+        },
+    }
+}
+
+fn fail(msg: &str) -> ExitCode {
+    eprintln!("exitless: error: {msg}");
+    ExitCode::from(1)
+}
+
+fn run(args: exitless::cli::RunArgs) -> ExitCode {
+    // The host's command-line needs only matter for Linux kernels; detection is cheap.
+    let host_cmdline = match (&args.kernel, exitless::vmm::open_kvm()) {
+        (Some(_), Ok(kvm)) => exitless::host::HostInfo::detect(&kvm)
+            .linux_cmdline_extras()
+            .to_string(),
+        _ => String::new(),
+    };
+    let cfg = match args.to_config(&host_cmdline) {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    match exitless::vmm::run(&cfg) {
+        Ok(outcome) => {
+            let r = &outcome.report;
+            if cfg.summary {
+                eprint!("{}", r.summary(&exitless::vmm::port_name));
+            }
+            if let Some(why) = &outcome.explanation {
+                eprintln!("exitless: {why}");
+            }
+            if let Some(p) = &cfg.stats_json {
+                let json = serde_json::to_string_pretty(r).expect("report serialises");
+                if let Err(e) = std::fs::write(p, json) {
+                    eprintln!("exitless: cannot write {}: {e}", p.display());
+                }
+            }
+            if r.status != 0 && !cfg.summary {
+                eprintln!("exitless: {}", r.end);
+            }
+            ExitCode::from(r.status.clamp(0, 255) as u8)
+        }
+        Err(e) => fail(&e.to_string()),
+    }
+}

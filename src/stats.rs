@@ -1,0 +1,342 @@
+//! Exit accounting: every exit a vCPU takes to userspace is counted by reason (and I/O exits by
+//! port and MMIO page), with the time spent inside `KVM_RUN`; at the end the counts are merged
+//! into a [`RunReport`], printed as a one-screen summary and optionally written as JSON.
+//!
+//! The counters are owned by their vCPU thread (plain integers, no atomics, no locks, no
+//! allocation on the exit path except the first exit on a new MMIO page) and handed over when
+//! the thread ends.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// Why `KVM_RUN` returned to userspace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(usize)]
+pub enum ExitReason {
+    IoIn,
+    IoOut,
+    MmioRead,
+    MmioWrite,
+    Hlt,
+    Shutdown,
+    SystemEvent,
+    Hypercall,
+    /// `KVM_EXIT_INTERNAL_ERROR`: emulation failures (completed by exitless or fatal) and others.
+    InternalError,
+    FailEntry,
+    /// `KVM_RUN` interrupted by a signal (a kick) or `immediate_exit`.
+    Interrupted,
+    IrqWindowOpen,
+    Debug,
+    Exception,
+    Unknown,
+    Other,
+}
+
+impl ExitReason {
+    pub const ALL: [ExitReason; 16] = [
+        ExitReason::IoIn,
+        ExitReason::IoOut,
+        ExitReason::MmioRead,
+        ExitReason::MmioWrite,
+        ExitReason::Hlt,
+        ExitReason::Shutdown,
+        ExitReason::SystemEvent,
+        ExitReason::Hypercall,
+        ExitReason::InternalError,
+        ExitReason::FailEntry,
+        ExitReason::Interrupted,
+        ExitReason::IrqWindowOpen,
+        ExitReason::Debug,
+        ExitReason::Exception,
+        ExitReason::Unknown,
+        ExitReason::Other,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ExitReason::IoIn => "io_in",
+            ExitReason::IoOut => "io_out",
+            ExitReason::MmioRead => "mmio_read",
+            ExitReason::MmioWrite => "mmio_write",
+            ExitReason::Hlt => "hlt",
+            ExitReason::Shutdown => "shutdown",
+            ExitReason::SystemEvent => "system_event",
+            ExitReason::Hypercall => "hypercall",
+            ExitReason::InternalError => "internal_error",
+            ExitReason::FailEntry => "fail_entry",
+            ExitReason::Interrupted => "interrupted",
+            ExitReason::IrqWindowOpen => "irq_window_open",
+            ExitReason::Debug => "debug",
+            ExitReason::Exception => "exception",
+            ExitReason::Unknown => "unknown",
+            ExitReason::Other => "other",
+        }
+    }
+}
+
+/// One vCPU's counters.
+pub struct VcpuStats {
+    pub counts: [u64; ExitReason::ALL.len()],
+    /// Port I/O exits per port.
+    pub pio: Box<[u32]>,
+    /// MMIO exits per 4 KiB page.
+    pub mmio_pages: HashMap<u64, u64>,
+    /// Time inside `KVM_RUN`.
+    pub in_guest: Duration,
+    /// Failed emulations that exitless completed itself, by instruction.
+    pub emulated: BTreeMap<&'static str, u64>,
+}
+
+impl Default for VcpuStats {
+    fn default() -> Self {
+        VcpuStats {
+            counts: [0; ExitReason::ALL.len()],
+            pio: vec![0u32; 1 << 16].into_boxed_slice(),
+            mmio_pages: HashMap::new(),
+            in_guest: Duration::ZERO,
+            emulated: BTreeMap::new(),
+        }
+    }
+}
+
+impl VcpuStats {
+    #[inline]
+    pub fn count(&mut self, r: ExitReason) {
+        self.counts[r as usize] += 1;
+    }
+
+    #[inline]
+    pub fn count_pio(&mut self, port: u16) {
+        self.pio[port as usize] = self.pio[port as usize].saturating_add(1);
+    }
+
+    #[inline]
+    pub fn count_mmio(&mut self, addr: u64) {
+        *self.mmio_pages.entry(addr & !0xfff).or_insert(0) += 1;
+    }
+
+    pub fn total(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+}
+
+/// A named extra fact shown in the summary (device activity such as probe counts).
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct DeviceFact {
+    pub device: String,
+    pub facts: BTreeMap<String, u64>,
+}
+
+/// The whole run, merged over vCPUs.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunReport {
+    /// Why the VM ended, in words.
+    pub end: String,
+    /// The process exit status.
+    pub status: i32,
+    pub cpus: usize,
+    pub wall_ns: u128,
+    /// Time all vCPUs spent inside `KVM_RUN`.
+    pub guest_ns: u128,
+    pub total_exits: u64,
+    /// Exits to userspace by reason (only those that happened).
+    pub exits: BTreeMap<String, u64>,
+    /// Port I/O exits by port ("0x3f8").
+    pub pio_ports: BTreeMap<String, u64>,
+    /// MMIO exits by page ("0xf0000000").
+    pub mmio_pages: BTreeMap<String, u64>,
+    /// Failed emulations completed by exitless, by instruction.
+    pub emulated: BTreeMap<String, u64>,
+    pub devices: Vec<DeviceFact>,
+    /// KVM's own per-vCPU counters summed over vCPUs (exits handled inside the kernel too), when
+    /// the host exposes binary statistics.
+    pub kvm: BTreeMap<String, u64>,
+}
+
+impl RunReport {
+    pub fn new(
+        end: String,
+        status: i32,
+        wall: Duration,
+        vcpus: &[VcpuStats],
+        devices: Vec<DeviceFact>,
+    ) -> Self {
+        let mut exits = BTreeMap::new();
+        for r in ExitReason::ALL {
+            let n: u64 = vcpus.iter().map(|v| v.counts[r as usize]).sum();
+            if n > 0 {
+                exits.insert(r.name().to_string(), n);
+            }
+        }
+        let mut pio_ports = BTreeMap::new();
+        for port in 0..=u16::MAX {
+            let n: u64 = vcpus.iter().map(|v| v.pio[port as usize] as u64).sum();
+            if n > 0 {
+                pio_ports.insert(format!("{port:#x}"), n);
+            }
+        }
+        let mut mmio: BTreeMap<u64, u64> = BTreeMap::new();
+        let mut emulated = BTreeMap::new();
+        for v in vcpus {
+            for (p, n) in &v.mmio_pages {
+                *mmio.entry(*p).or_default() += n;
+            }
+            for (k, n) in &v.emulated {
+                *emulated.entry(k.to_string()).or_default() += n;
+            }
+        }
+        RunReport {
+            end,
+            status,
+            cpus: vcpus.len(),
+            wall_ns: wall.as_nanos(),
+            guest_ns: vcpus.iter().map(|v| v.in_guest.as_nanos()).sum(),
+            total_exits: vcpus.iter().map(|v| v.total()).sum(),
+            exits,
+            pio_ports,
+            mmio_pages: mmio
+                .into_iter()
+                .map(|(p, n)| (format!("{p:#x}"), n))
+                .collect(),
+            emulated,
+            devices,
+            kvm: BTreeMap::new(),
+        }
+    }
+
+    /// Share of vCPU time spent in the guest (0..=1).
+    pub fn guest_share(&self) -> f64 {
+        let cpu_time = self.wall_ns as f64 * self.cpus.max(1) as f64;
+        if cpu_time == 0.0 {
+            0.0
+        } else {
+            (self.guest_ns as f64 / cpu_time).min(1.0)
+        }
+    }
+
+    /// The one-screen summary for stderr. `names` maps a port to a device name.
+    pub fn summary(&self, names: &dyn Fn(u16) -> Option<&'static str>) -> String {
+        let mut s = String::new();
+        let wall = self.wall_ns as f64 / 1e9;
+        let _ = writeln!(
+            s,
+            "exitless: {} after {:.2} s; {} vCPU{}, {:.1}% of vCPU time in the guest",
+            self.end,
+            wall,
+            self.cpus,
+            if self.cpus == 1 { "" } else { "s" },
+            100.0 * self.guest_share()
+        );
+        let _ = writeln!(
+            s,
+            "exitless: {} exits to userspace ({:.0}/s)",
+            self.total_exits,
+            if wall > 0.0 {
+                self.total_exits as f64 / wall
+            } else {
+                0.0
+            }
+        );
+        let mut by_count: Vec<(&String, &u64)> = self.exits.iter().collect();
+        by_count.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        for (name, n) in by_count {
+            let _ = writeln!(
+                s,
+                "  {:<16} {:>10}  {:>5.1}%",
+                name,
+                n,
+                100.0 * *n as f64 / self.total_exits.max(1) as f64
+            );
+        }
+        let mut ports: Vec<(u16, u64)> = self
+            .pio_ports
+            .iter()
+            .filter_map(|(p, n)| Some((u16::from_str_radix(p.trim_start_matches("0x"), 16).ok()?, *n)))
+            .collect();
+        ports.sort_by(|a, b| b.1.cmp(&a.1));
+        if !ports.is_empty() {
+            let list: Vec<String> = ports
+                .iter()
+                .take(6)
+                .map(|(p, n)| match names(*p) {
+                    Some(d) => format!("{p:#x} {d} {n}"),
+                    None => format!("{p:#x} {n}"),
+                })
+                .collect();
+            let _ = writeln!(s, "  ports: {}", list.join(", "));
+        }
+        if !self.mmio_pages.is_empty() {
+            let mut pages: Vec<(&String, &u64)> = self.mmio_pages.iter().collect();
+            pages.sort_by(|a, b| b.1.cmp(a.1));
+            let list: Vec<String> = pages
+                .iter()
+                .take(6)
+                .map(|(p, n)| format!("{p} {n}"))
+                .collect();
+            let _ = writeln!(s, "  mmio pages: {}", list.join(", "));
+        }
+        if !self.emulated.is_empty() {
+            let list: Vec<String> = self.emulated.iter().map(|(k, n)| format!("{k} {n}")).collect();
+            let _ = writeln!(
+                s,
+                "  completed by exitless after KVM's emulator failed: {}",
+                list.join(", ")
+            );
+        }
+        for d in &self.devices {
+            let list: Vec<String> = d.facts.iter().map(|(k, n)| format!("{k}={n}")).collect();
+            let _ = writeln!(s, "  {}: {}", d.device, list.join(" "));
+        }
+        if !self.kvm.is_empty() {
+            let list: Vec<String> = self.kvm.iter().map(|(k, n)| format!("{k}={n}")).collect();
+            let _ = writeln!(s, "  in-kernel (KVM): {}", list.join(" "));
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merges_vcpus_and_formats() {
+        let mut a = VcpuStats::default();
+        let mut b = VcpuStats::default();
+        for _ in 0..3 {
+            a.count(ExitReason::IoOut);
+            a.count_pio(0x3f8);
+        }
+        b.count(ExitReason::IoOut);
+        b.count_pio(0x3f8);
+        b.count(ExitReason::MmioWrite);
+        b.count_mmio(0xf000_0004);
+        b.in_guest = Duration::from_millis(500);
+        *b.emulated.entry("int3").or_default() += 2;
+        let r = RunReport::new(
+            "powered off".into(),
+            0,
+            Duration::from_secs(1),
+            &[a, b],
+            vec![],
+        );
+        assert_eq!(r.total_exits, 5);
+        assert_eq!(r.exits["io_out"], 4);
+        assert_eq!(r.exits["mmio_write"], 1);
+        assert!(!r.exits.contains_key("hlt"));
+        assert_eq!(r.pio_ports["0x3f8"], 4);
+        assert_eq!(r.mmio_pages["0xf0000000"], 1);
+        assert!((r.guest_share() - 0.25).abs() < 1e-9);
+        let text = r.summary(&|p| (p == 0x3f8).then_some("serial"));
+        assert!(text.contains("5 exits to userspace"), "{text}");
+        assert!(text.contains("0x3f8 serial 4"), "{text}");
+        assert!(text.contains("int3 2"), "{text}");
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["exits"]["io_out"], 4);
+        assert_eq!(ExitReason::ALL.len(), ExitReason::Other as usize + 1);
+    }
+}

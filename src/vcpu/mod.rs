@@ -1,0 +1,379 @@
+//! The vCPU: its set-up, its thread and its exit path.
+//!
+//! Owns one `VcpuFd` and its counters. It may touch the device buses (read-only maps of shared
+//! devices) and send a [`VmEnd`]; nothing else. Its life is a small state machine driven by the
+//! VMM through a shared flag and a kick (a signal that makes `KVM_RUN` return):
+//!
+//! ```text
+//!   Created --start--> Running --(guest ends VM | fatal exit)--> Exited
+//!                         |  ^
+//!                   kick  v  | (stop flag clear: re-enter)
+//!                      Interrupted
+//! ```
+//!
+//! The exit path, step by step (this is the product; keep it short):
+//! 1. `KVM_RUN` returns; the time inside it is added to `in_guest` (two vDSO clock reads);
+//! 2. the exit is counted by reason in a plain array owned by this thread (and PIO by port);
+//! 3. PIO/MMIO goes to the bus: a binary search over a sorted `Vec`, then the device's mutex
+//!    (uncontended: devices are per-function) — no allocation, no system call, except what the
+//!    device itself does (the UART writes to stdout);
+//! 4. re-enter `KVM_RUN`.
+//!
+//! Anything rarer (emulation failures, system events, errors) leaves this path through
+//! [`Vcpu::slow_exit`].
+
+pub mod emulate;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use kvm_bindings::{
+    kvm_run, KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::devices::{Bus, VmEnd, VmEndSender};
+use crate::stats::{ExitReason, VcpuStats};
+
+/// What every vCPU thread shares.
+#[derive(Clone)]
+pub struct VcpuShared {
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub mem: GuestMemoryMmap,
+    pub end: VmEndSender,
+    /// Set by the VMM to make vCPUs leave their loop at the next exit.
+    pub stop: Arc<AtomicBool>,
+    /// Unclaimed addresses already reported (each is logged once).
+    pub unclaimed: Arc<Mutex<std::collections::HashSet<(bool, u64)>>>,
+    /// Complete instructions KVM's emulator fails on (on by default).
+    pub complete_failed_emulation: bool,
+}
+
+pub struct Vcpu {
+    pub id: u8,
+    fd: VcpuFd,
+    shared: VcpuShared,
+    stats: VcpuStats,
+}
+
+/// Signal used to kick a vCPU out of `KVM_RUN`.
+pub fn kick_signal() -> i32 {
+    libc::SIGRTMIN()
+}
+
+/// Installs the (empty) kick handler; its only job is to interrupt `KVM_RUN` with EINTR.
+pub fn install_kick_handler() -> std::io::Result<()> {
+    extern "C" fn noop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), noop)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
+impl Vcpu {
+    pub fn new(id: u8, fd: VcpuFd, shared: VcpuShared) -> Self {
+        Vcpu {
+            id,
+            fd,
+            shared,
+            stats: VcpuStats::default(),
+        }
+    }
+
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// Runs until the VM ends or the VMM stops this vCPU; returns the counters.
+    pub fn run(mut self) -> VcpuStats {
+        while !self.shared.stop.load(Ordering::Acquire) {
+            let Vcpu {
+                fd, shared, stats, ..
+            } = &mut self;
+            let t0 = Instant::now();
+            let exit = fd.run();
+            stats.in_guest += t0.elapsed();
+            let slow = match exit {
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    stats.count(ExitReason::IoOut);
+                    stats.count_pio(port);
+                    if !shared.pio.write(port as u64, data) {
+                        unclaimed(shared, false, port as u64, "write");
+                    }
+                    continue;
+                }
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    stats.count(ExitReason::IoIn);
+                    stats.count_pio(port);
+                    if !shared.pio.read(port as u64, data) {
+                        data.fill(0xff);
+                        unclaimed(shared, false, port as u64, "read");
+                    }
+                    continue;
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    stats.count(ExitReason::MmioWrite);
+                    stats.count_mmio(addr);
+                    if !shared.mmio.write(addr, data) {
+                        unclaimed(shared, true, addr, "write");
+                    }
+                    continue;
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    stats.count(ExitReason::MmioRead);
+                    stats.count_mmio(addr);
+                    if !shared.mmio.read(addr, data) {
+                        data.fill(0xff);
+                        unclaimed(shared, true, addr, "read");
+                    }
+                    continue;
+                }
+                Ok(VcpuExit::Intr) => {
+                    stats.count(ExitReason::Interrupted);
+                    continue;
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    stats.count(ExitReason::Interrupted);
+                    continue;
+                }
+                other => SlowExit::from(other),
+            };
+            if let Some(end) = self.slow_exit(slow) {
+                let _ = self.shared.end.send(end);
+                break;
+            }
+        }
+        self.stats
+    }
+
+    /// Exits that are not on the I/O path. Returns `Some` when the VM must end.
+    fn slow_exit(&mut self, exit: SlowExit) -> Option<VmEnd> {
+        let id = self.id;
+        let (reason, end) = match exit {
+            SlowExit::Hlt => (ExitReason::Hlt, None),
+            SlowExit::Shutdown => (ExitReason::Shutdown, Some(VmEnd::TripleFault)),
+            SlowExit::SystemEvent(kind, data) => {
+                let end = match kind {
+                    KVM_SYSTEM_EVENT_SHUTDOWN => VmEnd::PowerOff,
+                    KVM_SYSTEM_EVENT_RESET => VmEnd::Reset,
+                    KVM_SYSTEM_EVENT_CRASH => VmEnd::GuestPanic("KVM reported a guest crash".into()),
+                    k => VmEnd::Error(format!("vCPU {id}: unknown system event {k} {data:?}")),
+                };
+                (ExitReason::SystemEvent, Some(end))
+            }
+            SlowExit::Hypercall => (ExitReason::Hypercall, None),
+            SlowExit::IrqWindowOpen => (ExitReason::IrqWindowOpen, None),
+            SlowExit::Debug => (ExitReason::Debug, None),
+            SlowExit::FailEntry(reason, cpu) => (
+                ExitReason::FailEntry,
+                Some(VmEnd::Error(format!(
+                    "vCPU {id}: KVM could not enter the guest (hardware entry failure reason {reason:#x} on host CPU {cpu})"
+                ))),
+            ),
+            SlowExit::InternalError => {
+                self.stats.count(ExitReason::InternalError);
+                return self.internal_error().err();
+            }
+            SlowExit::Exception => (
+                ExitReason::Exception,
+                Some(VmEnd::Error(format!("vCPU {id}: unhandled exception exit"))),
+            ),
+            SlowExit::Unknown => (
+                ExitReason::Unknown,
+                Some(VmEnd::Error(format!("vCPU {id}: KVM returned an unknown exit"))),
+            ),
+            SlowExit::Other(what) => {
+                log::warn!("vCPU {id}: unexpected exit {what}");
+                (ExitReason::Other, None)
+            }
+            SlowExit::Failed(errno) => (
+                ExitReason::Other,
+                Some(VmEnd::Error(format!(
+                    "vCPU {id}: KVM_RUN failed: {}",
+                    std::io::Error::from_raw_os_error(errno)
+                ))),
+            ),
+        };
+        self.stats.count(reason);
+        end
+    }
+
+    /// `KVM_EXIT_INTERNAL_ERROR`: complete a failed emulation if we can, else end the VM with the
+    /// instruction's bytes in the message.
+    fn internal_error(&mut self) -> Result<(), VmEnd> {
+        let id = self.id;
+        let (suberror, insn) = {
+            let run: &kvm_run = self.fd.get_kvm_run();
+            // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the active member;
+            // `emulation_failure` overlays it with the layout KVM uses for suberror EMULATION.
+            let internal = unsafe { run.__bindgen_anon_1.internal };
+            let insn = if internal.suberror == KVM_INTERNAL_ERROR_EMULATION {
+                // SAFETY: as above; the union member for emulation failures.
+                let ef = unsafe { run.__bindgen_anon_1.emulation_failure };
+                let has_bytes = ef.flags
+                    & u64::from(kvm_bindings::KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES)
+                    != 0;
+                // SAFETY: the instruction-bytes view of the union, valid when the flag says so.
+                let bytes = unsafe { ef.__bindgen_anon_1.__bindgen_anon_1 };
+                has_bytes.then(|| {
+                    let n = (bytes.insn_size as usize).min(bytes.insn_bytes.len());
+                    bytes.insn_bytes[..n].to_vec()
+                })
+            } else {
+                None
+            };
+            (internal.suberror, insn)
+        };
+        if suberror != KVM_INTERNAL_ERROR_EMULATION {
+            return Err(VmEnd::Error(format!(
+                "vCPU {id}: KVM internal error (suberror {suberror})"
+            )));
+        }
+        let Some(insn) = insn else {
+            return Err(VmEnd::Error(format!(
+                "vCPU {id}: KVM's instruction emulator failed (no instruction bytes reported)"
+            )));
+        };
+        let fail = |why: &str| {
+            VmEnd::Error(format!(
+                "vCPU {id}: KVM's instruction emulator failed on {} and exitless could not complete it{why}",
+                emulate::describe(&insn)
+            ))
+        };
+        if !self.shared.complete_failed_emulation {
+            return Err(fail(" (completion is off)"));
+        }
+        let mut regs = self.fd.get_regs().map_err(|e| fail(&format!(": {e}")))?;
+        let sregs = self.fd.get_sregs().map_err(|e| fail(&format!(": {e}")))?;
+        let mut access = VcpuMemory {
+            fd: &self.fd,
+            mem: &self.shared.mem,
+        };
+        match emulate::complete(&insn, &mut regs, &sregs, &mut access) {
+            emulate::Completion::Done { len, what } => {
+                regs.rip = regs.rip.wrapping_add(len as u64);
+                self.fd.set_regs(&regs).map_err(|e| fail(&format!(": {e}")))?;
+                *self.stats.emulated.entry(what).or_default() += 1;
+                Ok(())
+            }
+            emulate::Completion::Exception {
+                vector,
+                error_code,
+                advance,
+                what,
+            } => {
+                regs.rip = regs.rip.wrapping_add(advance as u64);
+                self.fd.set_regs(&regs).map_err(|e| fail(&format!(": {e}")))?;
+                let mut ev = self
+                    .fd
+                    .get_vcpu_events()
+                    .map_err(|e| fail(&format!(": {e}")))?;
+                ev.exception.injected = 1;
+                ev.exception.nr = vector;
+                ev.exception.has_error_code = error_code.is_some() as u8;
+                ev.exception.error_code = error_code.unwrap_or(0);
+                self.fd
+                    .set_vcpu_events(&ev)
+                    .map_err(|e| fail(&format!(": {e}")))?;
+                *self.stats.emulated.entry(what).or_default() += 1;
+                Ok(())
+            }
+            emulate::Completion::Unhandled => Err(fail("")),
+        }
+    }
+}
+
+/// An exit off the I/O path, detached from the `kvm_run` borrow so the handler may use the vCPU.
+#[derive(Debug)]
+enum SlowExit {
+    Hlt,
+    Shutdown,
+    SystemEvent(u32, Vec<u64>),
+    Hypercall,
+    IrqWindowOpen,
+    Debug,
+    FailEntry(u64, u32),
+    InternalError,
+    Exception,
+    Unknown,
+    Other(String),
+    Failed(i32),
+}
+
+impl From<Result<VcpuExit<'_>, kvm_ioctls::Error>> for SlowExit {
+    fn from(r: Result<VcpuExit<'_>, kvm_ioctls::Error>) -> Self {
+        match r {
+            Ok(VcpuExit::Hlt) => SlowExit::Hlt,
+            Ok(VcpuExit::Shutdown) => SlowExit::Shutdown,
+            Ok(VcpuExit::SystemEvent(k, d)) => SlowExit::SystemEvent(k, d.to_vec()),
+            Ok(VcpuExit::Hypercall(_)) => SlowExit::Hypercall,
+            Ok(VcpuExit::IrqWindowOpen) => SlowExit::IrqWindowOpen,
+            Ok(VcpuExit::Debug(_)) => SlowExit::Debug,
+            Ok(VcpuExit::FailEntry(r, c)) => SlowExit::FailEntry(r, c),
+            Ok(VcpuExit::InternalError) => SlowExit::InternalError,
+            Ok(VcpuExit::Exception) => SlowExit::Exception,
+            Ok(VcpuExit::Unknown) => SlowExit::Unknown,
+            Ok(other) => SlowExit::Other(format!("{other:?}")),
+            Err(e) => SlowExit::Failed(e.errno()),
+        }
+    }
+}
+
+/// Logs an access nobody claims, once per address. The guest is not stopped for it.
+#[cold]
+fn unclaimed(shared: &VcpuShared, mmio: bool, addr: u64, what: &str) {
+    let mut seen = shared.unclaimed.lock().unwrap_or_else(|p| p.into_inner());
+    if seen.len() < 4096 && seen.insert((mmio, addr)) {
+        let space = if mmio { "MMIO address" } else { "I/O port" };
+        log::info!("guest {what} to unclaimed {space} {addr:#x} ignored (reported once)");
+    }
+}
+
+/// Guest virtual memory through this vCPU's page tables (`KVM_TRANSLATE`).
+struct VcpuMemory<'a> {
+    fd: &'a VcpuFd,
+    mem: &'a GuestMemoryMmap,
+}
+
+impl VcpuMemory<'_> {
+    fn gpa(&self, gva: u64) -> Result<u64, emulate::AccessError> {
+        match self.fd.translate_gva(gva) {
+            Ok(t) if t.valid != 0 => Ok(t.physical_address),
+            _ => Err(emulate::AccessError::Fault { gva }),
+        }
+    }
+}
+
+impl emulate::GuestAccess for VcpuMemory<'_> {
+    fn read(&mut self, gva: u64, buf: &mut [u8]) -> Result<(), emulate::AccessError> {
+        let mut done = 0;
+        while done < buf.len() {
+            let va = gva.wrapping_add(done as u64);
+            let in_page = (0x1000 - (va & 0xfff)) as usize;
+            let n = in_page.min(buf.len() - done);
+            let pa = self.gpa(va)?;
+            self.mem
+                .read_slice(&mut buf[done..done + n], GuestAddress(pa))
+                .map_err(|_| emulate::AccessError::Fault { gva: va })?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, gva: u64, data: &[u8]) -> Result<(), emulate::AccessError> {
+        let mut done = 0;
+        while done < data.len() {
+            let va = gva.wrapping_add(done as u64);
+            let in_page = (0x1000 - (va & 0xfff)) as usize;
+            let n = in_page.min(data.len() - done);
+            let pa = self.gpa(va)?;
+            self.mem
+                .write_slice(&data[done..done + n], GuestAddress(pa))
+                .map_err(|_| emulate::AccessError::Fault { gva: va })?;
+            done += n;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,585 @@
+//! Builds a VM from a [`VmConfig`] and runs it to its end.
+//!
+//! Owns the KVM VM file descriptor, guest memory, the device buses and the vCPU threads. The
+//! order of construction follows what KVM requires: VM, irqchip and PIT, memory, boot data (ACPI,
+//! kernel), devices, then vCPUs (CPUID and MSRs before the first `KVM_RUN`). The main thread then
+//! only waits for a [`VmEnd`], a signal or the time limit, stops the vCPUs and writes the report.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{
+    kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::{acpi, boot, cpuid, layout, msr};
+use crate::config::{KernelSource, VmConfig};
+use crate::devices::legacy::{debug_exit, i8042, pm, probe, rtc, serial};
+use crate::devices::{Bus, BusDevice, VmEnd};
+use crate::host::{GuestFailureHint, GuestFailureKind, HostInfo};
+use crate::stats::{DeviceFact, RunReport, VcpuStats};
+use crate::vcpu::{self, Vcpu, VcpuShared};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("{0}")]
+    Kvm(String),
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
+    #[error("{0}")]
+    Config(String),
+}
+
+fn kvm_err(what: &str) -> impl Fn(kvm_ioctls::Error) -> VmmError + '_ {
+    move |e| VmmError::Kvm(format!("{what}: {e}"))
+}
+
+/// Opens /dev/kvm with an error a user can act on.
+pub fn open_kvm() -> Result<Kvm, VmmError> {
+    Kvm::new().map_err(|e| {
+        VmmError::Kvm(match e.errno() {
+            libc::ENOENT => "/dev/kvm does not exist: this host has no KVM (load kvm_intel or kvm_amd, \
+                 or enable nested virtualization for this VM)"
+                .into(),
+            libc::EACCES | libc::EPERM => "no permission to open /dev/kvm: run as root or add your user \
+                 to the 'kvm' group"
+                .into(),
+            _ => format!("cannot open /dev/kvm: {e}"),
+        })
+    })
+}
+
+/// How a run ended.
+pub struct RunOutcome {
+    pub report: RunReport,
+    /// Lines the guest printed last (for diagnostics).
+    pub console_tail: Vec<String>,
+    /// A one-sentence explanation of a guest failure this host causes, if recognised.
+    pub explanation: Option<String>,
+}
+
+/// Process exit status for each way a VM ends.
+pub fn exit_status(end: &VmEnd, cfg: &VmConfig) -> i32 {
+    match end {
+        VmEnd::PowerOff => 0,
+        VmEnd::Reset | VmEnd::TripleFault => cfg.reboot_status,
+        VmEnd::DebugExit(v) => debug_exit::status(*v),
+        VmEnd::GuestPanic(_) => 2,
+        VmEnd::Error(_) => 1,
+        VmEnd::Timeout => 124,
+        VmEnd::Interrupted => 130,
+    }
+}
+
+pub fn describe_end(end: &VmEnd) -> String {
+    match end {
+        VmEnd::PowerOff => "guest powered off".into(),
+        VmEnd::Reset => "guest rebooted".into(),
+        VmEnd::TripleFault => "guest triple-faulted (reset)".into(),
+        VmEnd::DebugExit(v) => format!("guest wrote {v:#x} to the debug-exit port"),
+        VmEnd::GuestPanic(line) => format!("guest kernel panicked: {}", line.trim()),
+        VmEnd::Error(e) => format!("VM failed: {e}"),
+        VmEnd::Timeout => "time limit reached".into(),
+        VmEnd::Interrupted => "interrupted".into(),
+    }
+}
+
+static SIGNALLED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    SIGNALLED.store(true, Ordering::SeqCst);
+}
+
+/// The in-kernel devices and KVM capabilities exitless cannot run without.
+fn check_caps(kvm: &Kvm) -> Result<(), VmmError> {
+    for (cap, name) in [
+        (Cap::Irqchip, "in-kernel irqchip"),
+        (Cap::UserMemory, "user memory regions"),
+        (Cap::Irqfd, "irqfd"),
+        (Cap::Ioeventfd, "ioeventfd"),
+        (Cap::Pit2, "in-kernel PIT"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(VmmError::Kvm(format!(
+                "this host's KVM lacks {name}, which exitless needs"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmmError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: the region stays mapped for as long as the VM exists: `mem` is kept alive in
+        // the vCPU threads' shared state until they have been joined.
+        unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("registering guest memory"))?;
+    }
+    Ok(())
+}
+
+/// Devices whose counters end up in the report.
+struct DeviceCounters {
+    probe: Option<(Arc<probe::ProbeCounters>, EventFd, EventFd)>,
+    console: Arc<Mutex<serial::ConsoleWatch>>,
+}
+
+impl DeviceCounters {
+    fn facts(&self) -> Vec<DeviceFact> {
+        let mut v = vec![];
+        let console = self.console.lock().unwrap_or_else(|p| p.into_inner());
+        v.push(DeviceFact {
+            device: "serial".into(),
+            facts: BTreeMap::from([("bytes_out".into(), console.bytes())]),
+        });
+        if let Some((c, pio_evt, mmio_evt)) = &self.probe {
+            let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+            // The eventfd counters hold how many ioeventfd writes KVM completed in-kernel.
+            let drain = |e: &EventFd| e.read().unwrap_or(0);
+            v.push(DeviceFact {
+                device: "probe".into(),
+                facts: BTreeMap::from([
+                    ("pio_reads".into(), ld(&c.pio_reads)),
+                    ("pio_writes".into(), ld(&c.pio_writes)),
+                    ("mmio_reads".into(), ld(&c.mmio_reads)),
+                    ("mmio_writes".into(), ld(&c.mmio_writes)),
+                    ("pio_ioeventfd".into(), drain(pio_evt)),
+                    ("mmio_ioeventfd".into(), drain(mmio_evt)),
+                ]),
+            });
+        }
+        v
+    }
+}
+
+/// The name of the device at `port`, for the summary.
+pub fn port_name(port: u16) -> Option<&'static str> {
+    use layout::ports::*;
+    Some(match port {
+        COM1..=0x3ff => "serial",
+        RTC..=0x71 => "rtc",
+        I8042_DATA | I8042_CMD => "i8042",
+        DEBUG_EXIT => "debug-exit",
+        PM_BASE..=0x60f => "acpi-pm",
+        RESET_CF9 => "reset",
+        PROBE..=0x51f => "probe",
+        0x40..=0x43 | 0x61 => "pit",
+        0x20 | 0x21 | 0xa0 | 0xa1 => "pic",
+        _ => return None,
+    })
+}
+
+/// Builds and runs the VM; returns when it has ended and every vCPU thread has been joined.
+pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
+    let kvm = open_kvm()?;
+    check_caps(&kvm)?;
+    let host = HostInfo::detect(&kvm);
+    if let Some(b) = host.banner() {
+        eprintln!("exitless: {b}");
+    }
+    let max_cpus = kvm.get_max_vcpus().min(254);
+    if cfg.cpus == 0 || cfg.cpus as usize > max_cpus {
+        return Err(VmmError::Config(format!(
+            "--cpus must be between 1 and {max_cpus} on this host (got {})",
+            cfg.cpus
+        )));
+    }
+
+    let mem = crate::memory::create(cfg.mem_bytes)?;
+    let (low_ram, high_ram) = crate::memory::split(cfg.mem_bytes);
+    let vm = kvm.create_vm().map_err(kvm_err("creating the VM"))?;
+    vm.set_tss_address(0xfffb_d000)
+        .map_err(kvm_err("setting the TSS address"))?;
+    vm.set_identity_map_address(0xfffb_c000)
+        .map_err(kvm_err("setting the identity map address"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("creating the in-kernel irqchip"))?;
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .map_err(kvm_err("creating the in-kernel PIT"))?;
+    register_memory(&vm, &mem)?;
+
+    // Boot data.
+    let rsdp = acpi::setup_acpi_tables(
+        &mem,
+        &acpi::AcpiConfig {
+            num_cpus: cfg.cpus,
+            pci_ecam: None,
+        },
+    )?;
+    let (kernel_path, kernel_bytes) = match &cfg.kernel {
+        KernelSource::File(p) => (p.clone(), None),
+        KernelSource::Embedded(name) => {
+            let (_, bytes) = crate::kit::get(name)
+                .ok_or_else(|| VmmError::Config(format!("no embedded guest named {name:?}")))?;
+            (PathBuf::from(format!("<embedded {name}>")), Some(bytes))
+        }
+    };
+    let loaded = boot::load(
+        &mem,
+        &boot::BootSpec {
+            kernel: &kernel_path,
+            kernel_bytes,
+            initrd: cfg.initrd.as_deref(),
+            cmdline: &cfg.cmdline,
+            low_ram,
+            high_ram,
+            rsdp,
+            pci_ecam: false,
+        },
+    )?;
+    log::info!("kernel {:?} loaded, entry {:?}", loaded.format, loaded.entry);
+
+    // Devices.
+    let (end_tx, end_rx) = mpsc::channel::<VmEnd>();
+    let console_watch = Arc::new(Mutex::new(serial::ConsoleWatch::default()));
+    let log_file = match &cfg.console_log {
+        Some(p) => Some(std::fs::File::create(p).map_err(|e| {
+            VmmError::Config(format!("cannot create console log {}: {e}", p.display()))
+        })?),
+        None => None,
+    };
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::Kvm(e.to_string()))?;
+    vm.register_irqfd(&serial_irq, layout::ports::COM1_IRQ)
+        .map_err(kvm_err("wiring the serial interrupt"))?;
+    let serial = Arc::new(Mutex::new(serial::Serial::new(
+        serial_irq,
+        serial::ConsoleOut::new(
+            Some(Box::new(std::io::stdout())),
+            log_file,
+            console_watch.clone(),
+            end_tx.clone(),
+        ),
+    )));
+    let mut pio = Bus::new();
+    let mut mmio = Bus::new();
+    let bus_err = |e: crate::devices::BusError| VmmError::Config(e.to_string());
+    use layout::ports;
+    pio.insert("serial", ports::COM1 as u64, 8, serial.clone())
+        .map_err(bus_err)?;
+    pio.insert("rtc", ports::RTC as u64, 2, Arc::new(Mutex::new(rtc::Rtc::new())))
+        .map_err(bus_err)?;
+    pio.insert(
+        "i8042",
+        ports::I8042_DATA as u64,
+        5,
+        Arc::new(Mutex::new(i8042::I8042::new(end_tx.clone()))),
+    )
+    .map_err(bus_err)?;
+    pio.insert(
+        "acpi-pm",
+        ports::PM_BASE as u64,
+        ports::PM_LEN as u64,
+        Arc::new(Mutex::new(pm::Pm::new(end_tx.clone()))),
+    )
+    .map_err(bus_err)?;
+    pio.insert(
+        "reset",
+        ports::RESET_CF9 as u64,
+        1,
+        Arc::new(Mutex::new(pm::ResetControl::new(end_tx.clone()))),
+    )
+    .map_err(bus_err)?;
+    if cfg.debug_exit {
+        pio.insert(
+            "debug-exit",
+            ports::DEBUG_EXIT as u64,
+            4,
+            Arc::new(Mutex::new(debug_exit::DebugExit::new(end_tx.clone()))),
+        )
+        .map_err(bus_err)?;
+    }
+    let probe_counters = if cfg.probe {
+        let c = Arc::new(probe::ProbeCounters::default());
+        let p: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(probe::Probe::pio(c.clone())));
+        pio.insert("probe", ports::PROBE as u64, ports::PROBE_LEN as u64, p)
+            .map_err(bus_err)?;
+        let m: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(probe::Probe::mmio(c.clone())));
+        mmio.insert(
+            "probe",
+            layout::PROBE_MMIO_START,
+            layout::PROBE_MMIO_SIZE,
+            m,
+        )
+        .map_err(bus_err)?;
+        let pio_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::Kvm(e.to_string()))?;
+        let mmio_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::Kvm(e.to_string()))?;
+        vm.register_ioevent(
+            &pio_evt,
+            &IoEventAddress::Pio(ports::PROBE as u64 + probe::PIO_EVENTFD_OFFSET),
+            kvm_ioctls::NoDatamatch,
+        )
+        .map_err(kvm_err("registering the probe's PIO ioeventfd"))?;
+        vm.register_ioevent(
+            &mmio_evt,
+            &IoEventAddress::Mmio(layout::PROBE_MMIO_START + probe::MMIO_EVENTFD_OFFSET),
+            kvm_ioctls::NoDatamatch,
+        )
+        .map_err(kvm_err("registering the probe's MMIO ioeventfd"))?;
+        Some((c, pio_evt, mmio_evt))
+    } else {
+        None
+    };
+    let counters = DeviceCounters {
+        probe: probe_counters,
+        console: console_watch.clone(),
+    };
+
+    // Let KVM hand us instructions its emulator cannot run (PVM hosts), so we can complete them.
+    if vm.check_extension_raw(kvm_bindings::KVM_CAP_EXIT_ON_EMULATION_FAILURE as u64) > 0 {
+        let cap = kvm_enable_cap {
+            cap: kvm_bindings::KVM_CAP_EXIT_ON_EMULATION_FAILURE,
+            args: [1, 0, 0, 0],
+            ..Default::default()
+        };
+        if let Err(e) = vm.enable_cap(&cap) {
+            log::warn!("cannot enable exit-on-emulation-failure: {e}");
+        }
+    }
+
+    // vCPUs.
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("reading supported CPUID"))?;
+    let msr_list = kvm
+        .get_msr_index_list()
+        .map_err(kvm_err("reading the MSR list"))?;
+    let quirks = host.cpuid_quirks();
+    let stop = Arc::new(AtomicBool::new(false));
+    let shared = VcpuShared {
+        pio: Arc::new(pio),
+        mmio: Arc::new(mmio),
+        mem: mem.clone(),
+        end: end_tx.clone(),
+        stop: stop.clone(),
+        unclaimed: Arc::new(Mutex::new(HashSet::new())),
+        complete_failed_emulation: true,
+    };
+    let mut vcpus = Vec::new();
+    for id in 0..cfg.cpus {
+        let fd = vm
+            .create_vcpu(id as u64)
+            .map_err(kvm_err("creating a vCPU"))?;
+        let mut c = supported.clone();
+        cpuid::filter_cpuid(&mut c, id, cfg.cpus, &quirks);
+        fd.set_cpuid2(&c).map_err(kvm_err("setting CPUID"))?;
+        let msrs = msr::boot_msr_entries(msr_list.as_slice());
+        match fd.set_msrs(&msrs) {
+            Ok(n) if n == msrs.as_slice().len() => {}
+            Ok(n) => log::debug!("host accepted {n} of {} boot MSRs", msrs.as_slice().len()),
+            Err(e) => log::warn!("setting boot MSRs: {e}"),
+        }
+        set_lint(&fd).map_err(kvm_err("setting up the local APIC"))?;
+        if id == 0 {
+            let mut sregs = fd.get_sregs().map_err(kvm_err("reading sregs"))?;
+            boot::boot_sregs(&mem, loaded.entry, &mut sregs)?;
+            fd.set_sregs(&sregs).map_err(kvm_err("setting sregs"))?;
+            fd.set_regs(&boot::boot_regs(loaded.entry))
+                .map_err(kvm_err("setting registers"))?;
+            fd.set_fpu(&boot::boot_fpu())
+                .map_err(kvm_err("setting the FPU"))?;
+        }
+        vcpus.push(Vcpu::new(id, fd, shared.clone()));
+    }
+
+    vcpu::install_kick_handler().map_err(|e| VmmError::Kvm(format!("signal handler: {e}")))?;
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe { libc::signal(sig, on_stop_signal as *const () as libc::sighandler_t) };
+    }
+
+    let started = Instant::now();
+    let raw = crate::terminal::RawModeGuard::new();
+    spawn_console_input(serial.clone(), end_tx.clone());
+    let mut handles = Vec::new();
+    for v in vcpus {
+        let name = format!("vcpu{}", v.id);
+        let h = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || v.run())
+            .map_err(|e| VmmError::Kvm(format!("cannot start a vCPU thread: {e}")))?;
+        handles.push(h);
+    }
+    drop(end_tx);
+
+    // Wait for the end.
+    let deadline = cfg.timeout.map(|t| started + t);
+    let end = loop {
+        match end_rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(e) => break e,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                break VmEnd::Error("every vCPU stopped".into())
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if SIGNALLED.swap(false, Ordering::SeqCst) {
+            break VmEnd::Interrupted;
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break VmEnd::Timeout;
+        }
+    };
+    let wall = started.elapsed();
+
+    // Stop the vCPUs: set the flag, then kick until each thread has left KVM_RUN.
+    stop.store(true, Ordering::Release);
+    let mut stats: Vec<VcpuStats> = Vec::new();
+    for h in handles {
+        use std::os::unix::thread::JoinHandleExt;
+        let pthread = h.as_pthread_t();
+        while !h.is_finished() {
+            // SAFETY: the thread has not been joined, so its pthread_t is valid.
+            unsafe { libc::pthread_kill(pthread, vcpu::kick_signal()) };
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        match h.join() {
+            Ok(s) => stats.push(s),
+            Err(_) => stats.push(VcpuStats::default()),
+        }
+    }
+    drop(raw);
+
+    let status = exit_status(&end, cfg);
+    let mut report = RunReport::new(describe_end(&end), status, wall, &stats, counters.facts());
+    report.kvm = BTreeMap::new();
+    let console_tail = console_watch
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .lines();
+    let kind = match &end {
+        VmEnd::PowerOff | VmEnd::DebugExit(_) | VmEnd::Interrupted => None,
+        VmEnd::Timeout => Some(GuestFailureKind::Hung),
+        VmEnd::Reset | VmEnd::TripleFault | VmEnd::GuestPanic(_) => Some(GuestFailureKind::Shutdown),
+        VmEnd::Error(_) => Some(GuestFailureKind::Internal),
+    };
+    let tail_text = console_tail.join("\n");
+    let explanation = kind.and_then(|kind| {
+        host.explain_guest_failure(&GuestFailureHint {
+            console_tail: &tail_text,
+            kind,
+        })
+    });
+    Ok(RunOutcome {
+        report,
+        console_tail,
+        explanation,
+    })
+}
+
+/// LINT0 as ExtINT (the PIC's output) and LINT1 as NMI, as firmware leaves them.
+fn set_lint(fd: &kvm_ioctls::VcpuFd) -> Result<(), kvm_ioctls::Error> {
+    const APIC_LVT0: usize = 0x350;
+    const APIC_LVT1: usize = 0x360;
+    const MODE_EXTINT: u32 = 0x7;
+    const MODE_NMI: u32 = 0x4;
+    let mut lapic = fd.get_lapic()?;
+    let get = |regs: &[std::os::raw::c_char], off: usize| -> u32 {
+        let b: [u8; 4] = std::array::from_fn(|i| regs[off + i] as u8);
+        u32::from_le_bytes(b)
+    };
+    let set = |regs: &mut [std::os::raw::c_char], off: usize, v: u32| {
+        for (i, b) in v.to_le_bytes().iter().enumerate() {
+            regs[off + i] = *b as std::os::raw::c_char;
+        }
+    };
+    let lvt0 = get(&lapic.regs, APIC_LVT0);
+    set(&mut lapic.regs, APIC_LVT0, (lvt0 & !0x700) | (MODE_EXTINT << 8));
+    let lvt1 = get(&lapic.regs, APIC_LVT1);
+    set(&mut lapic.regs, APIC_LVT1, (lvt1 & !0x700) | (MODE_NMI << 8));
+    fd.set_lapic(&lapic)
+}
+
+/// Copies host stdin into the UART. Ctrl-A x ends the VM (as in QEMU); Ctrl-A Ctrl-A sends one
+/// Ctrl-A. When stdin ends, the guest simply gets no more input.
+fn spawn_console_input(serial: Arc<Mutex<serial::Serial>>, end: mpsc::Sender<VmEnd>) {
+    let _ = std::thread::Builder::new()
+        .name("console-in".into())
+        .spawn(move || {
+            let mut stdin = std::io::stdin();
+            let mut buf = [0u8; 64];
+            let mut escape = false;
+            loop {
+                let n = match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let mut bytes = Vec::with_capacity(n);
+                for &b in &buf[..n] {
+                    if escape {
+                        escape = false;
+                        match b {
+                            b'x' | b'X' => {
+                                let _ = end.send(VmEnd::Interrupted);
+                                return;
+                            }
+                            0x01 => bytes.push(0x01),
+                            _ => {}
+                        }
+                    } else if b == 0x01 {
+                        escape = true;
+                    } else {
+                        bytes.push(b);
+                    }
+                }
+                let mut rest: &[u8] = &bytes;
+                while !rest.is_empty() {
+                    let k = serial.lock().unwrap_or_else(|p| p.into_inner()).enqueue(rest);
+                    rest = &rest[k..];
+                    if !rest.is_empty() {
+                        // The guest has not drained its receive FIFO yet.
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            }
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses() {
+        let cfg = VmConfig {
+            kernel: KernelSource::Embedded("demo"),
+            initrd: None,
+            cmdline: String::new(),
+            mem_bytes: 64 << 20,
+            cpus: 1,
+            debug_exit: true,
+            probe: true,
+            stats_json: None,
+            summary: true,
+            reboot_status: 0,
+            timeout: None,
+            console_log: None,
+        };
+        assert_eq!(exit_status(&VmEnd::PowerOff, &cfg), 0);
+        assert_eq!(exit_status(&VmEnd::Reset, &cfg), 0);
+        assert_eq!(exit_status(&VmEnd::DebugExit(0), &cfg), 1);
+        assert_eq!(exit_status(&VmEnd::GuestPanic("x".into()), &cfg), 2);
+        assert_ne!(exit_status(&VmEnd::Error("x".into()), &cfg), 0);
+        assert_eq!(port_name(0x3fd), Some("serial"));
+        assert_eq!(port_name(0x1234), None);
+    }
+}
