@@ -53,7 +53,10 @@ fn main() {
         let status = cmd
             .status()
             .expect("cannot run cargo to build the kit guests");
-        assert!(status.success(), "building the kit guests in guests/ failed");
+        assert!(
+            status.success(),
+            "building the kit guests in guests/ failed"
+        );
         target_dir.join("x86_64-unknown-linux-gnu").join("release")
     };
     for g in GUESTS {

@@ -8,7 +8,11 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::{parse_size, KernelSource, VmConfig, DEFAULT_CMDLINE};
 
 #[derive(Parser, Debug)]
-#[command(name = "exitless", version, about = "A KVM virtual machine monitor that counts, cheapens and avoids VM exits")]
+#[command(
+    name = "exitless",
+    version,
+    about = "A KVM virtual machine monitor that counts, cheapens and avoids VM exits"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -82,6 +86,9 @@ pub struct RunArgs {
     /// Add the kit's probe device (counted PIO/MMIO exits); on for kit guests.
     #[arg(long)]
     pub probe: bool,
+    /// Boot a bzImage through its own decompressor instead of unpacking it in exitless.
+    #[arg(long)]
+    pub guest_decompress: bool,
 }
 
 impl RunArgs {
@@ -124,7 +131,9 @@ impl RunArgs {
         }
         let timeout = match self.timeout {
             Some(t) if !(t.is_finite() && t > 0.0) => {
-                return Err(format!("--timeout must be a positive number of seconds, not {t}"))
+                return Err(format!(
+                    "--timeout must be a positive number of seconds, not {t}"
+                ))
             }
             Some(t) => Some(Duration::from_secs_f64(t)),
             None => None,
@@ -142,6 +151,7 @@ impl RunArgs {
             reboot_status: self.reboot_status,
             timeout,
             console_log: self.console_log.clone(),
+            unpack_bzimage: !self.guest_decompress,
         })
     }
 }
@@ -171,10 +181,19 @@ mod tests {
 
     #[test]
     fn linux_gets_the_fast_boot_command_line() {
-        let c = run_args(&["--kernel", "/k", "--mem", "2G", "--cpus", "2", "--cmdline", "root=/dev/vda"])
-            .unwrap()
-            .to_config("noxsave")
-            .unwrap();
+        let c = run_args(&[
+            "--kernel",
+            "/k",
+            "--mem",
+            "2G",
+            "--cpus",
+            "2",
+            "--cmdline",
+            "root=/dev/vda",
+        ])
+        .unwrap()
+        .to_config("noxsave")
+        .unwrap();
         assert_eq!(c.kernel, KernelSource::File("/k".into()));
         assert_eq!(c.mem_bytes, 2 << 30);
         assert!(c.cmdline.starts_with(DEFAULT_CMDLINE));
@@ -182,10 +201,17 @@ mod tests {
         assert!(c.cmdline.contains("noxsave"));
         assert!(c.cmdline.ends_with("root=/dev/vda"));
         assert!(!c.debug_exit && !c.probe);
-        let v = run_args(&["--kernel", "/k", "--verbose-boot", "--no-default-cmdline", "--cmdline", "x=1"])
-            .unwrap()
-            .to_config("noxsave")
-            .unwrap();
+        let v = run_args(&[
+            "--kernel",
+            "/k",
+            "--verbose-boot",
+            "--no-default-cmdline",
+            "--cmdline",
+            "x=1",
+        ])
+        .unwrap()
+        .to_config("noxsave")
+        .unwrap();
         assert_eq!(v.cmdline, "x=1");
     }
 
@@ -194,10 +220,19 @@ mod tests {
         assert!(run_args(&["--mem", "lots"]).is_err());
         assert!(run_args(&["--cpus", "-1"]).is_err());
         assert!(run_args(&["--cpus", "300"]).is_err());
-        assert!(run_args(&["--initrd", "/i"]).is_err(), "initrd needs a kernel");
+        assert!(
+            run_args(&["--initrd", "/i"]).is_err(),
+            "initrd needs a kernel"
+        );
         assert!(run_args(&["--kernel", "/k", "--guest", "demo"]).is_err());
         assert!(run_args(&["--cpus", "0"]).unwrap().to_config("").is_err());
-        assert!(run_args(&["--guest", "nope"]).unwrap().to_config("").is_err());
-        assert!(run_args(&["--timeout", "-3"]).unwrap().to_config("").is_err());
+        assert!(run_args(&["--guest", "nope"])
+            .unwrap()
+            .to_config("")
+            .is_err());
+        assert!(run_args(&["--timeout", "-3"])
+            .unwrap()
+            .to_config("")
+            .is_err());
     }
 }

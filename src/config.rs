@@ -40,6 +40,9 @@ pub struct VmConfig {
     pub timeout: Option<std::time::Duration>,
     /// Copy of the guest console to this file.
     pub console_log: Option<PathBuf>,
+    /// Unpack a bzImage in the VMM and boot the kernel ELF inside it (skips the guest's
+    /// decompressor, which is emulated on hosts without VMX/SVM).
+    pub unpack_bzimage: bool,
 }
 
 impl VmConfig {
@@ -76,7 +79,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         n.checked_mul(mult)
     } else if let Ok(f) = num.parse::<f64>() {
         (f.is_finite() && f >= 0.0 && f * (mult as f64) < u64::MAX as f64)
-            .then(|| (f * mult as f64) as u64)
+            .then_some((f * mult as f64) as u64)
     } else {
         return Err(format!("{s:?} is not a size (e.g. 512M, 2G)"));
     };
@@ -94,7 +97,11 @@ mod tests {
         assert_eq!(parse_size("2g").unwrap(), 2 << 30);
         assert_eq!(parse_size("1024K").unwrap(), 1 << 20);
         assert_eq!(parse_size("1.5G").unwrap(), 3 << 29);
-        assert_eq!(parse_size("256").unwrap(), 256 << 20, "a bare number means MiB");
+        assert_eq!(
+            parse_size("256").unwrap(),
+            256 << 20,
+            "a bare number means MiB"
+        );
         assert_eq!(parse_size("4096B").unwrap(), 4096);
         assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
         assert!(parse_size("").is_err());

@@ -33,7 +33,11 @@ fn main() -> ExitCode {
         Command::Host => match exitless::vmm::open_kvm() {
             Ok(kvm) => {
                 let host = exitless::host::HostInfo::detect(&kvm);
-                println!("{}", host.banner().unwrap_or_else(|| "hardware-assisted KVM".into()));
+                println!(
+                    "{}",
+                    host.banner()
+                        .unwrap_or_else(|| "hardware-assisted KVM".into())
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => fail(&e.to_string()),

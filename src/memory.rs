@@ -71,7 +71,10 @@ mod tests {
     #[test]
     fn splits_around_the_hole() {
         assert_eq!(split(512 << 20), (512 << 20, 0));
-        assert_eq!(split(4 << 30), (MMIO_HOLE_START, (4 << 30) - MMIO_HOLE_START));
+        assert_eq!(
+            split(4 << 30),
+            (MMIO_HOLE_START, (4 << 30) - MMIO_HOLE_START)
+        );
     }
 
     #[test]

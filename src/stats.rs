@@ -255,9 +255,14 @@ impl RunReport {
         let mut ports: Vec<(u16, u64)> = self
             .pio_ports
             .iter()
-            .filter_map(|(p, n)| Some((u16::from_str_radix(p.trim_start_matches("0x"), 16).ok()?, *n)))
+            .filter_map(|(p, n)| {
+                Some((
+                    u16::from_str_radix(p.trim_start_matches("0x"), 16).ok()?,
+                    *n,
+                ))
+            })
             .collect();
-        ports.sort_by(|a, b| b.1.cmp(&a.1));
+        ports.sort_by_key(|p| std::cmp::Reverse(p.1));
         if !ports.is_empty() {
             let list: Vec<String> = ports
                 .iter()
@@ -280,7 +285,11 @@ impl RunReport {
             let _ = writeln!(s, "  mmio pages: {}", list.join(", "));
         }
         if !self.emulated.is_empty() {
-            let list: Vec<String> = self.emulated.iter().map(|(k, n)| format!("{k} {n}")).collect();
+            let list: Vec<String> = self
+                .emulated
+                .iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect();
             let _ = writeln!(
                 s,
                 "  completed by exitless after KVM's emulator failed: {}",

@@ -50,12 +50,16 @@ fn kvm_err(what: &str) -> impl Fn(kvm_ioctls::Error) -> VmmError + '_ {
 pub fn open_kvm() -> Result<Kvm, VmmError> {
     Kvm::new().map_err(|e| {
         VmmError::Kvm(match e.errno() {
-            libc::ENOENT => "/dev/kvm does not exist: this host has no KVM (load kvm_intel or kvm_amd, \
+            libc::ENOENT => {
+                "/dev/kvm does not exist: this host has no KVM (load kvm_intel or kvm_amd, \
                  or enable nested virtualization for this VM)"
-                .into(),
-            libc::EACCES | libc::EPERM => "no permission to open /dev/kvm: run as root or add your user \
+                    .into()
+            }
+            libc::EACCES | libc::EPERM => {
+                "no permission to open /dev/kvm: run as root or add your user \
                  to the 'kvm' group"
-                .into(),
+                    .into()
+            }
             _ => format!("cannot open /dev/kvm: {e}"),
         })
     })
@@ -246,9 +250,14 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
             high_ram,
             rsdp,
             pci_ecam: false,
+            unpack_bzimage: cfg.unpack_bzimage,
         },
     )?;
-    log::info!("kernel {:?} loaded, entry {:?}", loaded.format, loaded.entry);
+    log::info!(
+        "kernel {:?} loaded, entry {:?}",
+        loaded.format,
+        loaded.entry
+    );
 
     // Devices.
     let (end_tx, end_rx) = mpsc::channel::<VmEnd>();
@@ -277,8 +286,13 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
     use layout::ports;
     pio.insert("serial", ports::COM1 as u64, 8, serial.clone())
         .map_err(bus_err)?;
-    pio.insert("rtc", ports::RTC as u64, 2, Arc::new(Mutex::new(rtc::Rtc::new())))
-        .map_err(bus_err)?;
+    pio.insert(
+        "rtc",
+        ports::RTC as u64,
+        2,
+        Arc::new(Mutex::new(rtc::Rtc::new())),
+    )
+    .map_err(bus_err)?;
     pio.insert(
         "i8042",
         ports::I8042_DATA as u64,
@@ -323,7 +337,8 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
         )
         .map_err(bus_err)?;
         let pio_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::Kvm(e.to_string()))?;
-        let mmio_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::Kvm(e.to_string()))?;
+        let mmio_evt =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::Kvm(e.to_string()))?;
         vm.register_ioevent(
             &pio_evt,
             &IoEventAddress::Pio(ports::PROBE as u64 + probe::PIO_EVENTFD_OFFSET),
@@ -469,7 +484,9 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
     let kind = match &end {
         VmEnd::PowerOff | VmEnd::DebugExit(_) | VmEnd::Interrupted => None,
         VmEnd::Timeout => Some(GuestFailureKind::Hung),
-        VmEnd::Reset | VmEnd::TripleFault | VmEnd::GuestPanic(_) => Some(GuestFailureKind::Shutdown),
+        VmEnd::Reset | VmEnd::TripleFault | VmEnd::GuestPanic(_) => {
+            Some(GuestFailureKind::Shutdown)
+        }
         VmEnd::Error(_) => Some(GuestFailureKind::Internal),
     };
     let tail_text = console_tail.join("\n");
@@ -503,9 +520,17 @@ fn set_lint(fd: &kvm_ioctls::VcpuFd) -> Result<(), kvm_ioctls::Error> {
         }
     };
     let lvt0 = get(&lapic.regs, APIC_LVT0);
-    set(&mut lapic.regs, APIC_LVT0, (lvt0 & !0x700) | (MODE_EXTINT << 8));
+    set(
+        &mut lapic.regs,
+        APIC_LVT0,
+        (lvt0 & !0x700) | (MODE_EXTINT << 8),
+    );
     let lvt1 = get(&lapic.regs, APIC_LVT1);
-    set(&mut lapic.regs, APIC_LVT1, (lvt1 & !0x700) | (MODE_NMI << 8));
+    set(
+        &mut lapic.regs,
+        APIC_LVT1,
+        (lvt1 & !0x700) | (MODE_NMI << 8),
+    );
     fd.set_lapic(&lapic)
 }
 
@@ -543,7 +568,10 @@ fn spawn_console_input(serial: Arc<Mutex<serial::Serial>>, end: mpsc::Sender<VmE
                 }
                 let mut rest: &[u8] = &bytes;
                 while !rest.is_empty() {
-                    let k = serial.lock().unwrap_or_else(|p| p.into_inner()).enqueue(rest);
+                    let k = serial
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .enqueue(rest);
                     rest = &rest[k..];
                     if !rest.is_empty() {
                         // The guest has not drained its receive FIFO yet.
@@ -573,6 +601,7 @@ mod tests {
             reboot_status: 0,
             timeout: None,
             console_log: None,
+            unpack_bzimage: true,
         };
         assert_eq!(exit_status(&VmEnd::PowerOff, &cfg), 0);
         assert_eq!(exit_status(&VmEnd::Reset, &cfg), 0);

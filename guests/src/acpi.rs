@@ -16,7 +16,9 @@ fn peek<T: Copy>(addr: u64) -> T {
 }
 
 fn sig_at(addr: u64, sig: &[u8]) -> bool {
-    sig.iter().enumerate().all(|(i, b)| peek::<u8>(addr + i as u64) == *b)
+    sig.iter()
+        .enumerate()
+        .all(|(i, b)| peek::<u8>(addr + i as u64) == *b)
 }
 
 /// The RSDP: `hint` (hvm_start_info.rsdp_paddr) if valid, else a scan of 0xe0000..0x100000.
@@ -24,13 +26,23 @@ pub fn rsdp(hint: u64) -> Option<u64> {
     if hint != 0 && hint < 1 << 32 && sig_at(hint, b"RSD PTR ") {
         return Some(hint);
     }
-    (0xe0000..0x100000u64).step_by(16).find(|&a| sig_at(a, b"RSD PTR "))
+    (0xe0000..0x100000u64)
+        .step_by(16)
+        .find(|&a| sig_at(a, b"RSD PTR "))
 }
 
 /// Finds an ACPI table by signature through the XSDT (revision >= 2) or the RSDT.
 pub fn find_table(rsdp: u64, sig: &[u8; 4]) -> Option<u64> {
-    let xsdt: u64 = if peek::<u8>(rsdp + 15) >= 2 { peek(rsdp + 24) } else { 0 };
-    let (root, width) = if xsdt != 0 { (xsdt, 8) } else { (peek::<u32>(rsdp + 16) as u64, 4) };
+    let xsdt: u64 = if peek::<u8>(rsdp + 15) >= 2 {
+        peek(rsdp + 24)
+    } else {
+        0
+    };
+    let (root, width) = if xsdt != 0 {
+        (xsdt, 8)
+    } else {
+        (peek::<u32>(rsdp + 16) as u64, 4)
+    };
     let len = peek::<u32>(root + 4) as u64;
     (0..(len.saturating_sub(36) / width))
         .map(|i| match width {
@@ -44,7 +56,10 @@ pub fn find_table(rsdp: u64, sig: &[u8; 4]) -> Option<u64> {
 pub fn madt_cpus(rsdp: u64) -> Option<Cpus> {
     let madt = find_table(rsdp, b"APIC")?;
     let end = madt + peek::<u32>(madt + 4) as u64;
-    let mut cpus = Cpus { count: 0, apic_ids: [0; MAX_CPUS] };
+    let mut cpus = Cpus {
+        count: 0,
+        apic_ids: [0; MAX_CPUS],
+    };
     let mut p = madt + 44;
     while p + 2 <= end {
         let (kind, len) = (peek::<u8>(p), peek::<u8>(p + 1) as u64);

@@ -31,6 +31,9 @@ pvh_start32:
     cli
     cld
     movl %ebx, %esi
+    rdtsc
+    movl %eax, kit_boot_tsc
+    movl %edx, kit_boot_tsc + 4
     lgdt kit_gdt_ptr
     movl $0x620, %eax          /* CR4: PAE | OSFXSR | OSXMMEXCPT */
     movl %eax, %cr4
@@ -324,8 +327,13 @@ kit_gdt_ptr:
 kit_tss:
     .skip 102
     .word 104
+    .fill 8192, 1, 0            /* I/O permission bitmap: every port allowed at CPL3 */
+    .byte 0xff
 .balign 8
 kit_user_ctx:
+    .quad 0
+.globl kit_boot_tsc
+kit_boot_tsc:
     .quad 0
 .globl kit_ap_slot
 kit_ap_slot:

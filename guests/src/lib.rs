@@ -34,12 +34,26 @@ pub struct BootInfo {
 
 const HVM_START_MAGIC: u32 = 0x336e_c578;
 
-static mut BOOT: BootInfo =
-    BootInfo { start_info: 0, rsdp_hint: 0, cmdline: "", ram_bytes: 0, memmap_entries: 0 };
+static mut BOOT: BootInfo = BootInfo {
+    start_info: 0,
+    rsdp_hint: 0,
+    cmdline: "",
+    ram_bytes: 0,
+    memmap_entries: 0,
+};
 
 extern "Rust" {
     fn kit_guest_main(boot: &'static BootInfo) -> !;
     static KIT_GUEST_NAME: &'static str;
+}
+
+/// TSC value at the PVH entry point.
+pub fn boot_tsc() -> u64 {
+    extern "C" {
+        static kit_boot_tsc: u64;
+    }
+    // SAFETY: written once by the entry code before any Rust runs.
+    unsafe { core::ptr::addr_of!(kit_boot_tsc).read_volatile() }
 }
 
 /// The guest's binary name (for messages).
@@ -54,7 +68,13 @@ fn peek<T: Copy>(addr: u64) -> T {
 }
 
 fn parse_start_info(p: u64) -> BootInfo {
-    let mut b = BootInfo { start_info: 0, rsdp_hint: 0, cmdline: "", ram_bytes: 0, memmap_entries: 0 };
+    let mut b = BootInfo {
+        start_info: 0,
+        rsdp_hint: 0,
+        cmdline: "",
+        ram_bytes: 0,
+        memmap_entries: 0,
+    };
     if p == 0 || peek::<u32>(p) != HVM_START_MAGIC {
         println!("kit: warning: no hvm_start_info at {:#x}", p);
         return b;
@@ -122,22 +142,20 @@ pub fn fail(name: &str, reason: core::fmt::Arguments) -> ! {
 
 /// Powers off through ACPI PM1a_CNT (S5, SLP_TYP 0): exit status 0 under QEMU q35 and exitless.
 pub fn poweroff() -> ! {
+    // The VMM acts on the write asynchronously: halt instead of running on.
     arch::outw(0x604, 0x2000);
-    println!("kit: poweroff did not take effect");
     arch::halt_forever()
 }
 
 /// Resets through the i8042 controller.
 pub fn reset() -> ! {
     arch::outb(0x64, 0xfe);
-    println!("kit: reset did not take effect");
     arch::halt_forever()
 }
 
 /// Ends the VM through isa-debug-exit (port 0xf4): the VMM exits with `(code << 1) | 1`.
 pub fn exit(code: u8) -> ! {
     arch::outb(0xf4, code);
-    println!("kit: debug-exit did not take effect");
     arch::halt_forever()
 }
 

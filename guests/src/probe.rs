@@ -12,7 +12,9 @@ pub const MMIO: u64 = 0xf000_0000;
 #[inline(always)]
 pub fn pio_write_port(port: u16, v: u32) {
     // SAFETY: port I/O to the probe device has no effect on guest memory.
-    unsafe { asm!("out dx, eax", in("dx") port, in("eax") v, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") v, options(nomem, nostack, preserves_flags))
+    }
 }
 
 /// One 32-bit `out` to 0x510.
@@ -26,7 +28,9 @@ pub fn pio_write(v: u32) {
 pub fn pio_read() -> u32 {
     let v: u32;
     // SAFETY: as for `pio_write_port`.
-    unsafe { asm!("in eax, dx", in("dx") PORT, out("eax") v, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("in eax, dx", in("dx") PORT, out("eax") v, options(nomem, nostack, preserves_flags))
+    }
     v
 }
 
@@ -35,7 +39,9 @@ pub fn pio_read() -> u32 {
 pub fn mmio_write(v: u32) {
     // SAFETY: the probe page is identity-mapped (uncached) by the kit's page tables; the store
     // targets a device, not guest memory Rust knows about.
-    unsafe { asm!("mov dword ptr [{a}], {v:e}", a = in(reg) MMIO, v = in(reg) v, options(nostack, preserves_flags)) }
+    unsafe {
+        asm!("mov dword ptr [{a}], {v:e}", a = in(reg) MMIO, v = in(reg) v, options(nostack, preserves_flags))
+    }
 }
 
 /// One 32-bit load from 0xf0000000.
@@ -43,6 +49,8 @@ pub fn mmio_write(v: u32) {
 pub fn mmio_read() -> u32 {
     let v: u32;
     // SAFETY: as for `mmio_write`.
-    unsafe { asm!("mov {v:e}, dword ptr [{a}]", a = in(reg) MMIO, v = out(reg) v, options(nostack, preserves_flags, readonly)) }
+    unsafe {
+        asm!("mov {v:e}, dword ptr [{a}]", a = in(reg) MMIO, v = out(reg) v, options(nostack, preserves_flags, readonly))
+    }
     v
 }

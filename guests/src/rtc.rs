@@ -26,7 +26,13 @@ pub fn read() -> DateTime {
         }
     }
     let b = cmos(0x0b);
-    let bcd = |v: u8| if b & 4 == 0 { (v & 0xf) + (v >> 4) * 10 } else { v };
+    let bcd = |v: u8| {
+        if b & 4 == 0 {
+            (v & 0xf) + (v >> 4) * 10
+        } else {
+            v
+        }
+    };
     let raw_hour = cmos(0x04);
     let mut hour = bcd(raw_hour & 0x7f);
     if b & 2 == 0 && raw_hour & 0x80 != 0 {

@@ -33,7 +33,12 @@ extern "C" fn kit_ap_rust(_slot: u32) -> ! {
 /// Starts every CPU in `apic_ids` other than this one, one after another; each runs
 /// `ap_main(apic_id)` and then halts. Returns how many reached `ap_main`; `on_timeout` is told
 /// about each AP that did not start within `timeout_ms`.
-pub fn start_aps(apic_ids: &[u32], ap_main: fn(u32), timeout_ms: u64, on_timeout: fn(u32)) -> usize {
+pub fn start_aps(
+    apic_ids: &[u32],
+    ap_main: fn(u32),
+    timeout_ms: u64,
+    on_timeout: fn(u32),
+) -> usize {
     // SAFETY: copies the position-independent trampoline (a few dozen bytes) to a RAM page that
     // neither the kit image nor the VMM uses.
     unsafe {

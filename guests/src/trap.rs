@@ -69,7 +69,7 @@ static FAULT_ERR: AtomicU64 = AtomicU64::new(0);
 extern "C" {
     static kit_trap_stubs: [u8; 4096];
     static mut kit_gdt: [u64; 8];
-    static kit_tss: [u8; 104];
+    static kit_tss: [u8; 104 + 8193];
     static kit_user_stack_top: u8;
     fn kit_run_user_asm(f: u64, arg: u64, rsp: u64, rflags: u64) -> u64;
     fn kit_user_return(v: u64) -> !;
@@ -91,7 +91,7 @@ pub(crate) fn init_bsp() {
     // SAFETY: single-threaded early boot; `kit_tss` lives in the image below 4 GiB.
     unsafe {
         let base = core::ptr::addr_of!(kit_tss) as u64;
-        let lo = 103 | (base & 0xff_ffff) << 16 | 0x89 << 40 | (base >> 24 & 0xff) << 56;
+        let lo = (104 + 8192) | (base & 0xff_ffff) << 16 | 0x89 << 40 | (base >> 24 & 0xff) << 56;
         let gdt = core::ptr::addr_of_mut!(kit_gdt) as *mut u64;
         gdt.add(6).write_volatile(lo);
         gdt.add(7).write_volatile(base >> 32);
@@ -110,7 +110,10 @@ pub(crate) fn init_bsp() {
 
 /// Loads the kit IDT on the current CPU.
 pub(crate) fn load_idt() {
-    let p = Pointer { limit: 4095, base: core::ptr::addr_of!(IDT) as u64 };
+    let p = Pointer {
+        limit: 4095,
+        base: core::ptr::addr_of!(IDT) as u64,
+    };
     // SAFETY: the IDT is fully initialised by `init_bsp` before any CPU loads it.
     unsafe { asm!("lidt [{}]", in(reg) &p, options(readonly, nostack)) }
 }
@@ -173,7 +176,11 @@ pub fn run_user(f: extern "C" fn(u64) -> u64, arg: u64, interrupts: bool) -> u64
 }
 
 /// Like `run_user`, but an exception raised at CPL3 ends the excursion and is returned.
-pub fn try_run_user(f: extern "C" fn(u64) -> u64, arg: u64, interrupts: bool) -> Result<u64, Fault> {
+pub fn try_run_user(
+    f: extern "C" fn(u64) -> u64,
+    arg: u64,
+    interrupts: bool,
+) -> Result<u64, Fault> {
     FAULT.store(0, Ordering::Relaxed);
     CATCH.store(1, Ordering::Relaxed);
     let r = run_user(f, arg, interrupts);

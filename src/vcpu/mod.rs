@@ -254,7 +254,9 @@ impl Vcpu {
         match emulate::complete(&insn, &mut regs, &sregs, &mut access) {
             emulate::Completion::Done { len, what } => {
                 regs.rip = regs.rip.wrapping_add(len as u64);
-                self.fd.set_regs(&regs).map_err(|e| fail(&format!(": {e}")))?;
+                self.fd
+                    .set_regs(&regs)
+                    .map_err(|e| fail(&format!(": {e}")))?;
                 *self.stats.emulated.entry(what).or_default() += 1;
                 Ok(())
             }
@@ -265,7 +267,9 @@ impl Vcpu {
                 what,
             } => {
                 regs.rip = regs.rip.wrapping_add(advance as u64);
-                self.fd.set_regs(&regs).map_err(|e| fail(&format!(": {e}")))?;
+                self.fd
+                    .set_regs(&regs)
+                    .map_err(|e| fail(&format!(": {e}")))?;
                 let mut ev = self
                     .fd
                     .get_vcpu_events()

@@ -12,14 +12,12 @@ use std::path::Path;
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::bzimage::BzImage;
-use linux_loader::loader::elf::{Elf, PvhBootCapability};
-use linux_loader::loader::{load_cmdline, Cmdline, KernelLoader};
 use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
 };
-use vm_memory::{
-    Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
-};
+use linux_loader::loader::elf::{Elf, PvhBootCapability};
+use linux_loader::loader::{load_cmdline, Cmdline, KernelLoader};
+use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::layout::*;
 
@@ -39,7 +37,9 @@ pub enum BootError {
     OpenKernel { path: String, err: std::io::Error },
     #[error("cannot open initrd {path}: {err}")]
     OpenInitrd { path: String, err: std::io::Error },
-    #[error("{path} is not a kernel exitless can boot (neither an x86_64 ELF nor a bzImage): {err}")]
+    #[error(
+        "{path} is not a kernel exitless can boot (neither an x86_64 ELF nor a bzImage): {err}"
+    )]
     NotAKernel { path: String, err: String },
     #[error("initrd of {size} bytes does not fit in guest memory below {limit:#x}")]
     InitrdTooLarge { size: u64, limit: u64 },
@@ -73,6 +73,8 @@ pub enum EntryProtocol {
 #[derive(Clone, Debug)]
 pub struct LoadedKernel {
     pub format: KernelFormat,
+    /// A bzImage whose payload the VMM unpacked (booted as the ELF inside).
+    pub unpacked: bool,
     pub entry: EntryProtocol,
     pub kernel_end: u64,
 }
@@ -116,6 +118,9 @@ pub struct BootSpec<'a> {
     pub high_ram: u64,
     pub rsdp: GuestAddress,
     pub pci_ecam: bool,
+    /// Unpack a bzImage's compressed kernel in the VMM (see `bzimage`) instead of running its
+    /// decompressor in the guest.
+    pub unpack_bzimage: bool,
 }
 
 /// A `Read + Seek + ReadVolatile` view of either a file or embedded bytes.
@@ -139,15 +144,16 @@ impl<T: Read + Seek> ReadSeek for T {}
 /// Loads kernel, initrd and command line, and writes the boot information the entry protocol wants.
 pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<LoadedKernel, BootError> {
     let path_str = spec.kernel.display().to_string();
-    let mut src = match spec.kernel_bytes {
-        Some(b) => KernelSource::Bytes(std::io::Cursor::new(b.to_vec())),
-        None => KernelSource::File(File::open(spec.kernel).map_err(|err| {
-            BootError::OpenKernel {
-                path: path_str.clone(),
-                err,
-            }
-        })?),
-    };
+    let mut src =
+        match spec.kernel_bytes {
+            Some(b) => KernelSource::Bytes(std::io::Cursor::new(b.to_vec())),
+            None => KernelSource::File(File::open(spec.kernel).map_err(|err| {
+                BootError::OpenKernel {
+                    path: path_str.clone(),
+                    err,
+                }
+            })?),
+        };
     let mut header = [0u8; 0x210];
     let n = src.with(|r| {
         r.seek(SeekFrom::Start(0))?;
@@ -157,10 +163,29 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<LoadedKernel, Boot
         path: path_str.clone(),
         err,
     })?;
-    let format = detect_format(&header[..n]).ok_or_else(|| BootError::NotAKernel {
+    let mut format = detect_format(&header[..n]).ok_or_else(|| BootError::NotAKernel {
         path: path_str.clone(),
         err: "no ELF magic and no bzImage \"HdrS\" header".into(),
     })?;
+    let mut unpacked = false;
+    if format == KernelFormat::BzImage && spec.unpack_bzimage {
+        let mut image = Vec::new();
+        let read = src.with(|r| {
+            r.seek(SeekFrom::Start(0))?;
+            r.read_to_end(&mut image)
+        });
+        if read.is_ok() {
+            if let Some(elf) = super::bzimage::unpack_payload(&image) {
+                log::info!(
+                    "unpacked the bzImage payload ({} bytes of ELF) in the VMM",
+                    elf.len()
+                );
+                src = KernelSource::Bytes(std::io::Cursor::new(elf));
+                format = KernelFormat::Elf;
+                unpacked = true;
+            }
+        }
+    }
     let not_a_kernel = |e: linux_loader::loader::Error| BootError::NotAKernel {
         path: path_str.clone(),
         err: e.to_string(),
@@ -181,7 +206,8 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<LoadedKernel, Boot
     };
 
     // Command line.
-    let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| BootError::Cmdline(e.to_string()))?;
+    let mut cmdline =
+        Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| BootError::Cmdline(e.to_string()))?;
     cmdline
         .insert_str(spec.cmdline)
         .map_err(|e| BootError::Cmdline(e.to_string()))?;
@@ -222,6 +248,7 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<LoadedKernel, Boot
     };
     Ok(LoadedKernel {
         format,
+        unpacked,
         entry,
         kernel_end: result.kernel_end,
     })
@@ -353,7 +380,8 @@ fn write_pvh_info(
             type_,
             reserved: 0,
         };
-        let at = memmap_addr.unchecked_add((i * std::mem::size_of::<hvm_memmap_table_entry>()) as u64);
+        let at =
+            memmap_addr.unchecked_add((i * std::mem::size_of::<hvm_memmap_table_entry>()) as u64);
         mem.write_obj(MemmapEntry(e), at).map_err(mem_err)?;
     }
     mem.write_obj(StartInfo(info), start).map_err(mem_err)
@@ -369,7 +397,7 @@ const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 }
 
 fn segment_from_gdt(entry: u64, table_index: u8) -> kvm_segment {
-    let base = (((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000)) as u64;
+    let base = ((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000);
     let limit = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
     let g = ((entry >> 55) & 1) as u8;
     kvm_segment {
@@ -574,6 +602,7 @@ mod tests {
             high_ram: 0,
             rsdp: GuestAddress(ACPI_START),
             pci_ecam: false,
+            unpack_bzimage: true,
         };
         let err = load(&mem(), &spec).unwrap_err();
         assert!(matches!(err, BootError::NotAKernel { .. }), "{err}");
@@ -599,7 +628,13 @@ mod tests {
     fn pvh_info_describes_memory_and_initrd() {
         let m = mem();
         let e820 = e820_map(64 << 20, 0, false);
-        write_pvh_info(&m, &e820, Some((0x200_0000, 0x1000)), GuestAddress(ACPI_START)).unwrap();
+        write_pvh_info(
+            &m,
+            &e820,
+            Some((0x200_0000, 0x1000)),
+            GuestAddress(ACPI_START),
+        )
+        .unwrap();
         let info: StartInfo = m.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
         assert_eq!(info.0.magic, PVH_START_MAGIC);
         assert_eq!(info.0.memmap_entries as usize, e820.len());

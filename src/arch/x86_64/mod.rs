@@ -1,6 +1,7 @@
 //! x86_64 boot: address map, ACPI tables, CPUID, MSRs, E820, kernel loading and boot registers.
 pub mod acpi;
 pub mod boot;
+pub mod bzimage;
 pub mod cpuid;
 pub mod layout;
 pub mod msr;

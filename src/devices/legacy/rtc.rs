@@ -68,7 +68,13 @@ impl Rtc {
         let days = t.div_euclid(86_400);
         let secs = t.rem_euclid(86_400) as u32;
         let (y, mo, d) = civil_from_days(days);
-        let enc = |v: u32| if self.reg_b & 0x04 != 0 { v as u8 } else { bcd(v) };
+        let enc = |v: u32| {
+            if self.reg_b & 0x04 != 0 {
+                v as u8
+            } else {
+                bcd(v)
+            }
+        };
         match reg {
             0x00 => enc(secs % 60),
             0x02 => enc(secs / 60 % 60),

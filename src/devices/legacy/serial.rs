@@ -161,7 +161,12 @@ mod tests {
     use super::*;
     use std::sync::mpsc;
 
-    fn uart() -> (Serial, Arc<Mutex<ConsoleWatch>>, mpsc::Receiver<VmEnd>, EventFd) {
+    fn uart() -> (
+        Serial,
+        Arc<Mutex<ConsoleWatch>>,
+        mpsc::Receiver<VmEnd>,
+        EventFd,
+    ) {
         let watch = Arc::new(Mutex::new(ConsoleWatch::default()));
         let (tx, rx) = mpsc::channel();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
