@@ -87,6 +87,8 @@ pub struct VcpuStats {
     pub mmio_pages: HashMap<u64, u64>,
     /// Time inside `KVM_RUN`.
     pub in_guest: Duration,
+    /// Time from `KVM_RUN` returning to the next `KVM_RUN` (exitless's own exit handling).
+    pub in_vmm: Duration,
     /// Failed emulations that exitless completed itself, by instruction.
     pub emulated: BTreeMap<&'static str, u64>,
 }
@@ -98,6 +100,7 @@ impl Default for VcpuStats {
             pio: vec![0u32; 1 << 16].into_boxed_slice(),
             mmio_pages: HashMap::new(),
             in_guest: Duration::ZERO,
+            in_vmm: Duration::ZERO,
             emulated: BTreeMap::new(),
         }
     }
@@ -142,6 +145,8 @@ pub struct RunReport {
     pub wall_ns: u128,
     /// Time all vCPUs spent inside `KVM_RUN`.
     pub guest_ns: u128,
+    /// Time all vCPUs spent handling exits in exitless (`KVM_RUN` return to re-entry).
+    pub vmm_ns: u128,
     pub total_exits: u64,
     /// Exits to userspace by reason (only those that happened).
     pub exits: BTreeMap<String, u64>,
@@ -195,6 +200,7 @@ impl RunReport {
             cpus: vcpus.len(),
             wall_ns: wall.as_nanos(),
             guest_ns: vcpus.iter().map(|v| v.in_guest.as_nanos()).sum(),
+            vmm_ns: vcpus.iter().map(|v| v.in_vmm.as_nanos()).sum(),
             total_exits: vcpus.iter().map(|v| v.total()).sum(),
             exits,
             pio_ports,
@@ -241,6 +247,13 @@ impl RunReport {
                 0.0
             }
         );
+        if self.total_exits > 0 {
+            let _ = writeln!(
+                s,
+                "exitless: {:.2} us per exit in exitless's own handling (KVM_RUN return to re-entry)",
+                self.vmm_ns as f64 / 1e3 / self.total_exits as f64
+            );
+        }
         let mut by_count: Vec<(&String, &u64)> = self.exits.iter().collect();
         by_count.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
         for (name, n) in by_count {

@@ -88,13 +88,20 @@ impl Vcpu {
 
     /// Runs until the VM ends or the VMM stops this vCPU; returns the counters.
     pub fn run(mut self) -> VcpuStats {
+        let mut left_guest: Option<Instant> = None;
         while !self.shared.stop.load(Ordering::Acquire) {
             let Vcpu {
                 fd, shared, stats, ..
             } = &mut self;
             let t0 = Instant::now();
+            if let Some(t) = left_guest {
+                // Userspace dispatch: from KVM_RUN returning to re-entering it.
+                stats.in_vmm += t0 - t;
+            }
             let exit = fd.run();
-            stats.in_guest += t0.elapsed();
+            let t1 = Instant::now();
+            stats.in_guest += t1 - t0;
+            left_guest = Some(t1);
             let slow = match exit {
                 Ok(VcpuExit::IoOut(port, data)) => {
                     stats.count(ExitReason::IoOut);
