@@ -91,6 +91,9 @@ pub struct VcpuStats {
     pub in_vmm: Duration,
     /// Failed emulations that exitless completed itself, by instruction.
     pub emulated: BTreeMap<&'static str, u64>,
+    /// Guest RIP and CPL when the vCPU stopped.
+    pub last_rip: Option<u64>,
+    pub last_cpl: Option<u16>,
 }
 
 impl Default for VcpuStats {
@@ -102,6 +105,8 @@ impl Default for VcpuStats {
             in_guest: Duration::ZERO,
             in_vmm: Duration::ZERO,
             emulated: BTreeMap::new(),
+            last_rip: None,
+            last_cpl: None,
         }
     }
 }
@@ -157,6 +162,8 @@ pub struct RunReport {
     /// Failed emulations completed by exitless, by instruction.
     pub emulated: BTreeMap<String, u64>,
     pub devices: Vec<DeviceFact>,
+    /// Where each vCPU was when it stopped ("0xffffffff81000000 cpl0").
+    pub last_rip: Vec<String>,
     /// KVM's own per-vCPU counters summed over vCPUs (exits handled inside the kernel too), when
     /// the host exposes binary statistics.
     pub kvm: BTreeMap<String, u64>,
@@ -210,6 +217,13 @@ impl RunReport {
                 .collect(),
             emulated,
             devices,
+            last_rip: vcpus
+                .iter()
+                .map(|v| match (v.last_rip, v.last_cpl) {
+                    (Some(r), Some(c)) => format!("{r:#x} cpl{c}"),
+                    _ => "unknown".into(),
+                })
+                .collect(),
             kvm: BTreeMap::new(),
         }
     }
@@ -312,6 +326,9 @@ impl RunReport {
         for d in &self.devices {
             let list: Vec<String> = d.facts.iter().map(|(k, n)| format!("{k}={n}")).collect();
             let _ = writeln!(s, "  {}: {}", d.device, list.join(" "));
+        }
+        if self.status != 0 && !self.last_rip.is_empty() {
+            let _ = writeln!(s, "  vCPUs stopped at: {}", self.last_rip.join(", "));
         }
         if !self.kvm.is_empty() {
             let list: Vec<String> = self.kvm.iter().map(|(k, n)| format!("{k}={n}")).collect();

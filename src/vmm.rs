@@ -193,6 +193,19 @@ pub fn port_name(port: u16) -> Option<&'static str> {
 
 /// Builds and runs the VM; returns when it has ended and every vCPU thread has been joined.
 pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
+    // The user's files first: their errors are the likeliest and need no KVM to report.
+    if let KernelSource::File(p) = &cfg.kernel {
+        std::fs::File::open(p).map_err(|err| boot::BootError::OpenKernel {
+            path: p.display().to_string(),
+            err,
+        })?;
+    }
+    if let Some(p) = &cfg.initrd {
+        std::fs::File::open(p).map_err(|err| boot::BootError::OpenInitrd {
+            path: p.display().to_string(),
+            err,
+        })?;
+    }
     let kvm = open_kvm()?;
     check_caps(&kvm)?;
     let host = HostInfo::detect(&kvm);

@@ -152,6 +152,11 @@ impl Vcpu {
                 break;
             }
         }
+        // Where the guest was when it stopped: the first clue when a guest hangs.
+        if let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) {
+            self.stats.last_rip = Some(regs.rip);
+            self.stats.last_cpl = Some(sregs.cs.selector & 3);
+        }
         self.stats
     }
 

@@ -1,0 +1,199 @@
+//! Integration tests with the embedded test-kit guests: console, power-off and reset, SMP through
+//! the MADT, exact exit counts, and bad input. They need /dev/kvm (skipped with a reason without).
+
+mod common;
+use common::*;
+
+#[test]
+fn demo_boots_and_prints_the_exit_summary() {
+    if !kvm_available("demo") {
+        return;
+    }
+    let r = run(&[]);
+    assert_eq!(r.status, Some(0), "{}", r.describe());
+    assert!(r.stdout.contains("kit: PASS demo"), "{}", r.describe());
+    assert!(r.stderr.contains("guest powered off"), "{}", r.describe());
+    assert!(r.stderr.contains("exits to userspace"), "{}", r.describe());
+    assert!(
+        r.stderr.contains("of vCPU time in the guest"),
+        "{}",
+        r.describe()
+    );
+    // The demo writes the console through the UART: those are io_out exits on 0x3f8.
+    assert!(r.port_exits(0x3f8) > 100, "{}", r.describe());
+    let report = r.report.as_ref().unwrap();
+    assert_eq!(report["status"], 0);
+    assert_eq!(
+        r.device_fact("serial", "bytes_out"),
+        Some(r.port_exits(0x3f8)),
+        "every byte written to THR is one exit"
+    );
+}
+
+#[test]
+fn serial_input_reaches_the_guest() {
+    if !kvm_available("serial") {
+        return;
+    }
+    let r = run_with_input(
+        &["--guest", "serial", "--timeout", "120"],
+        b"hello exitless\n",
+    );
+    assert_eq!(r.status, Some(0), "{}", r.describe());
+    assert!(
+        r.stdout.contains("kit: echo HELLO EXITLESS"),
+        "{}",
+        r.describe()
+    );
+    assert!(r.exits("io_in") > 0);
+}
+
+#[test]
+fn poweroff_reset_and_triple_fault_end_the_vm() {
+    if !kvm_available("power") {
+        return;
+    }
+    let off = run_guest("poweroff", &[]);
+    assert_eq!(off.status, Some(0), "{}", off.describe());
+    assert_eq!(off.report.as_ref().unwrap()["end"], "guest powered off");
+    // The S5 write is one exit on PM1a_CNT.
+    assert_eq!(off.port_exits(0x604), 1, "{}", off.describe());
+
+    let reset = run_guest("reset", &[]);
+    assert_eq!(reset.status, Some(0), "{}", reset.describe());
+    assert_eq!(reset.report.as_ref().unwrap()["end"], "guest rebooted");
+    let reset7 = run_guest("reset", &["--reboot-status", "7"]);
+    assert_eq!(reset7.status, Some(7), "{}", reset7.describe());
+
+    let tf = run_guest("triplefault", &[]);
+    assert_eq!(tf.status, Some(0), "{}", tf.describe());
+    assert_eq!(tf.exits("shutdown"), 1, "{}", tf.describe());
+}
+
+#[test]
+fn a_failing_guest_fails_the_run() {
+    if !kvm_available("fail") {
+        return;
+    }
+    let r = run_guest("fail", &[]);
+    // isa-debug-exit(1) → (1 << 1) | 1, as with QEMU.
+    assert_eq!(r.status, Some(3), "{}", r.describe());
+    assert!(r.stdout.contains("kit: FAIL"), "{}", r.describe());
+}
+
+#[test]
+fn smp_brings_up_every_cpu_in_the_madt() {
+    if !kvm_available("smp") {
+        return;
+    }
+    for cpus in ["1", "4"] {
+        let r = run_guest("smp", &["--cpus", cpus]);
+        assert_eq!(r.status, Some(0), "{}", r.describe());
+        assert!(
+            r.stdout.contains(&format!("kit: cpus={cpus}")),
+            "{}",
+            r.describe()
+        );
+        assert!(r.stdout.contains("kit: PASS"), "{}", r.describe());
+        assert_eq!(
+            r.report.as_ref().unwrap()["cpus"],
+            cpus.parse::<u64>().unwrap()
+        );
+    }
+}
+
+#[test]
+fn each_operation_produces_its_exit_reason_and_count() {
+    if !kvm_available("exits") {
+        return;
+    }
+    let r = run_guest("exits", &[]);
+    assert_eq!(r.status, Some(0), "{}", r.describe());
+    assert!(
+        r.stdout
+            .contains("kit: did pio_out=1000 pio_in=500 mmio_write=300 mmio_read=200 hlt=5"),
+        "{}",
+        r.describe()
+    );
+    // Exactly as many userspace exits on the probe as the guest made accesses.
+    assert_eq!(
+        r.device_fact("probe", "pio_writes"),
+        Some(1000),
+        "{}",
+        r.describe()
+    );
+    assert_eq!(r.device_fact("probe", "pio_reads"), Some(500));
+    assert_eq!(r.device_fact("probe", "mmio_writes"), Some(300));
+    assert_eq!(r.device_fact("probe", "mmio_reads"), Some(200));
+    assert_eq!(r.port_exits(0x510), 1500);
+    let mmio_page = r.report.as_ref().unwrap()["mmio_pages"]["0xf0000000"]
+        .as_u64()
+        .unwrap_or(0);
+    assert_eq!(mmio_page, 500);
+    // CPL3 writes to the ioeventfd port complete inside KVM: counted by the eventfd, no exit.
+    assert!(
+        r.stdout.contains("kit: did user_pio_out=100"),
+        "{}",
+        r.describe()
+    );
+    assert_eq!(r.device_fact("probe", "pio_ioeventfd"), Some(100));
+    assert_eq!(r.port_exits(0x514), 0);
+    // HLT with the in-kernel LAPIC never reaches userspace.
+    assert_eq!(r.exits("hlt"), 0);
+    assert!(r.exits("io_out") >= 1000 && r.exits("io_in") >= 500);
+    assert_eq!(r.exits("mmio_write"), 300);
+    assert_eq!(r.exits("mmio_read"), 200);
+}
+
+#[test]
+fn bad_input_gets_one_clear_error() {
+    let dir = TempDir::new("bad");
+    let garbage = dir.path("garbage");
+    std::fs::write(&garbage, b"definitely not a kernel").unwrap();
+    let g = garbage.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["--kernel", "/nonexistent/vmlinuz"],
+            "cannot open kernel",
+        ),
+        (vec!["--kernel", g], "not a kernel"),
+        (
+            vec!["--kernel", g, "--initrd", "/nonexistent/initrd"],
+            "initrd",
+        ),
+        (vec!["--cpus", "0"], "--cpus"),
+        (vec!["--mem", "1M"], "too small"),
+        (vec!["--mem", "64T"], "more than this host has"),
+        (vec!["--mem", "lots"], "size"),
+        (vec!["--guest", "nope"], "no embedded guest"),
+    ];
+    for (args, expect) in cases {
+        let r = run(&args);
+        assert_ne!(r.status, Some(0), "{args:?}: {}", r.describe());
+        assert!(
+            r.status.is_some(),
+            "{args:?} died by a signal: {}",
+            r.describe()
+        );
+        assert!(
+            r.stderr.to_lowercase().contains(&expect.to_lowercase()),
+            "{args:?}: expected {expect:?} in\n{}",
+            r.describe()
+        );
+        assert!(!r.stderr.contains("panicked"), "{args:?}: {}", r.describe());
+        assert!(
+            r.stderr.lines().count() <= 3,
+            "{args:?}: one clear error, not a wall: {}",
+            r.describe()
+        );
+    }
+}
+
+#[test]
+fn kit_guests_can_be_extracted_for_qemu() {
+    let dir = TempDir::new("extract");
+    let r = exitless_cmd(&["kit", "extract", dir.0.to_str().unwrap()]);
+    assert_eq!(r.status, Some(0), "{}", r.describe());
+    let demo = std::fs::read(dir.path("demo")).unwrap();
+    assert_eq!(&demo[..4], b"\x7fELF");
+}
