@@ -43,11 +43,17 @@ const PVM_MSR_TSC_KHZ: u32 = 0x4b56_4d13;
 /// - `clearcpuid=popcnt`: `__bitmap_weight` and friends;
 /// - `clearcpuid=ssse3,clflushopt` and `nofsgsbase`: instructions the emulator lacks, avoided
 ///   before the guest finds them;
-/// - `clearcpuid=cx16`: SLUB's `cmpxchg16b` (also hidden in CPUID; the option is belt and braces).
+/// - `clearcpuid=cx16`: SLUB's `cmpxchg16b` (also hidden in CPUID; the option is belt and braces);
+/// - `clearcpuid=abm`: the emulator silently runs `lzcnt` as `bsr` (wrong results, no failure);
+/// - `clearcpuid=erms,fsrm`: with them Linux clears and copies pages with `rep stosb`/`rep movsb`,
+///   which the emulator runs byte by byte (~0.65 µs a byte: 2.7 ms per page cleared); without
+///   them it uses `rep stosq`/`movsq`, ~8x cheaper;
+/// - `nowatchdog`: emulated kernel code is slow enough to trip the soft-lockup detector.
 ///
 /// `noxsave` is parsed by the x86 early code, so Linux also reports it as an "unknown parameter
 /// passed to user space" (harmless: init sees an extra argument).
-const PVM_LINUX_CMDLINE: &str = "noxsave clearcpuid=smap,popcnt,ssse3,clflushopt,cx16 nofsgsbase";
+const PVM_LINUX_CMDLINE: &str =
+    "noxsave clearcpuid=smap,popcnt,ssse3,clflushopt,cx16,abm,erms,fsrm nofsgsbase nowatchdog";
 
 /// How PVM was recognised.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
