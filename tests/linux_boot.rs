@@ -8,7 +8,8 @@
 //! checks that exitless recognises and explains init's death.
 //!
 //! The image is built by `tools/test.sh` (CI sets EXITLESS_REQUIRE_LINUX=1 so a missing image
-//! fails instead of skipping).
+//! fails instead of skipping). Test names start with `linux_`: `tools/test.sh` runs them one at a
+//! time, after the rest.
 
 mod common;
 use common::*;
@@ -37,7 +38,7 @@ fn guest_userspace_blocked() -> Option<String> {
 }
 
 #[test]
-fn stock_debian_kernel_reaches_init_with_two_cpus() {
+fn linux_stock_debian_kernel_reaches_init_with_two_cpus() {
     if !kvm_available("stock kernel boot") || !image_present("stock kernel boot") {
         return;
     }
@@ -112,7 +113,7 @@ fn stock_debian_kernel_reaches_init_with_two_cpus() {
 }
 
 #[test]
-fn debian_shell_answers_on_the_serial_console() {
+fn linux_debian_shell_answers_on_the_serial_console() {
     if let Some(why) = guest_userspace_blocked() {
         eprintln!(
             "skipped debian shell test: no guest userspace can run on this host ({why}); \
