@@ -8,6 +8,7 @@ use std::process::Command;
 const GUESTS: &[&str] = &[
     "demo",
     "exits",
+    "bench",
     "smp",
     "serial",
     "poweroff",
@@ -15,6 +16,9 @@ const GUESTS: &[&str] = &[
     "fail",
     "triplefault",
     "syscall-probe",
+    "virtio-blk",
+    "virtio-hostile",
+    "virtio-rng",
 ];
 
 fn main() {

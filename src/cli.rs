@@ -1,4 +1,4 @@
-//! The command line: `exitless run`, `exitless kit`, `exitless host`.
+//! The command line: `exitless run`, `exitless kit`, `exitless host`, `exitless bench`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -19,6 +19,8 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+// Parsed once per process: the size of `RunArgs` does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Boot a guest: a Linux kernel (bzImage or ELF vmlinux) or, with no kernel, the embedded demo.
     Run(RunArgs),
@@ -29,6 +31,11 @@ pub enum Command {
     },
     /// What exitless sees of this host's KVM.
     Host,
+    /// Benchmarks of the exit path on this host (e.g. `bench exits --vs qemu`).
+    Bench {
+        #[command(subcommand)]
+        command: crate::bench::BenchCommand,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -89,6 +96,47 @@ pub struct RunArgs {
     /// Boot a bzImage through its own decompressor instead of unpacking it in exitless.
     #[arg(long)]
     pub guest_decompress: bool,
+    /// Print the kernel command line exitless would use, and exit.
+    #[arg(long)]
+    pub print_cmdline: bool,
+    /// A virtio-blk disk over a raw image: `path=IMG[,readonly=on][,id=SERIAL]` (repeatable).
+    #[arg(long, value_name = "path=IMG[,readonly=on][,id=ID]")]
+    pub disk: Vec<String>,
+    /// A virtio-rng device fed from the host's getrandom.
+    #[arg(long)]
+    pub rng: bool,
+    /// A virtio-net device over a host tap: `tap=NAME[,mac=MAC]` (repeatable).
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
+    pub net: Vec<String>,
+    /// A virtio-balloon device (statistics, free-page reporting).
+    #[arg(long)]
+    pub balloon: bool,
+    /// A virtio-vsock device whose host side is a Unix socket: `cid=N,socket=PATH`.
+    #[arg(long, value_name = "cid=N,socket=PATH")]
+    pub vsock: Option<String>,
+}
+
+impl RunArgs {
+    /// The virtio devices asked for.
+    pub fn virtio_config(&self) -> Result<crate::devices::virtio::config::VirtioConfig, String> {
+        use crate::devices::virtio::config as vc;
+        Ok(vc::VirtioConfig {
+            disks: self
+                .disk
+                .iter()
+                .map(|d| vc::parse_disk(d))
+                .collect::<Result<_, _>>()?,
+            rng: self.rng,
+            nets: self
+                .net
+                .iter()
+                .enumerate()
+                .map(|(i, n)| vc::parse_net(n, i))
+                .collect::<Result<_, _>>()?,
+            balloon: self.balloon,
+            vsock: self.vsock.as_deref().map(vc::parse_vsock).transpose()?,
+        })
+    }
 }
 
 impl RunArgs {
@@ -152,6 +200,7 @@ impl RunArgs {
             timeout,
             console_log: self.console_log.clone(),
             unpack_bzimage: !self.guest_decompress,
+            virtio: self.virtio_config()?,
         })
     }
 }
@@ -230,7 +279,11 @@ mod tests {
             .unwrap()
             .to_config("")
             .is_err());
-        assert!(run_args(&["--timeout", "-3"])
+        // clap takes "-3" for an unknown flag; either way the value is refused.
+        assert!(run_args(&["--timeout=-3"])
+            .map(|a| a.to_config("").is_err())
+            .unwrap_or(true));
+        assert!(run_args(&["--timeout", "0"])
             .unwrap()
             .to_config("")
             .is_err());

@@ -43,6 +43,8 @@ pub struct VmConfig {
     /// Unpack a bzImage in the VMM and boot the kernel ELF inside it (skips the guest's
     /// decompressor, which is emulated on hosts without VMX/SVM).
     pub unpack_bzimage: bool,
+    /// Paravirtual devices on PCI (`--disk`, `--rng`, `--net`, `--balloon`, `--vsock`).
+    pub virtio: crate::devices::virtio::config::VirtioConfig,
 }
 
 impl VmConfig {
@@ -61,6 +63,13 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     if t.is_empty() {
         return Err("empty size".into());
     }
+    // "2GiB", "2GB" and "2G" all mean 2 GiB; a bare "B" suffix means bytes.
+    let t = match t.strip_suffix(['B', 'b']) {
+        Some(rest) if rest.ends_with(|c: char| "KkMmGgTtIi".contains(c)) => {
+            rest.trim_end_matches(['i', 'I'])
+        }
+        _ => t,
+    };
     let (num, mult) = match t.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => {
             let m: u64 = match c.to_ascii_uppercase() {
@@ -71,7 +80,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
                 'B' => 1,
                 _ => return Err(format!("unknown size suffix in {s:?} (use K, M, G or T)")),
             };
-            (t[..i].trim_end_matches(['i', 'I']).trim(), m)
+            (t[..i].trim(), m)
         }
         _ => (t, 1u64 << 20),
     };
@@ -104,6 +113,7 @@ mod tests {
         );
         assert_eq!(parse_size("4096B").unwrap(), 4096);
         assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_size("512MB").unwrap(), 512 << 20);
         assert!(parse_size("").is_err());
         assert!(parse_size("lots").is_err());
         assert!(parse_size("12X").is_err());

@@ -16,6 +16,7 @@ macro_rules! guest {
 pub const GUESTS: &[(&str, &[u8])] = &[
     guest!("demo"),
     guest!("exits"),
+    guest!("bench"),
     guest!("smp"),
     guest!("serial"),
     guest!("poweroff"),
@@ -23,6 +24,9 @@ pub const GUESTS: &[(&str, &[u8])] = &[
     guest!("fail"),
     guest!("triplefault"),
     guest!("syscall-probe"),
+    guest!("virtio-blk"),
+    guest!("virtio-hostile"),
+    guest!("virtio-rng"),
 ];
 
 /// The guest booted when no kernel is given.

@@ -9,9 +9,11 @@
 //! - [`host`]: what the host KVM is and what it cannot run;
 //! - [`vmm`]: builds a VM from a [`config::VmConfig`] and runs it to the end;
 //! - [`kit`]: the embedded test-kit guests;
+//! - [`bench`]: benchmarks of the exit path on this host (`exitless bench exits`);
 //! - [`cli`] and [`terminal`]: the command line and the console.
 
 pub mod arch;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod devices;

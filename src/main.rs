@@ -30,6 +30,7 @@ fn main() -> ExitCode {
                 Err(e) => fail(&format!("cannot write guests to {}: {e}", dir.display())),
             },
         },
+        Command::Bench { command } => exitless::bench::main(command),
         Command::Host => match exitless::vmm::open_kvm() {
             Ok(kvm) => {
                 let host = exitless::host::HostInfo::detect(&kvm);
@@ -62,6 +63,10 @@ fn run(args: exitless::cli::RunArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(&e),
     };
+    if args.print_cmdline {
+        println!("{}", cfg.cmdline);
+        return ExitCode::SUCCESS;
+    }
     match exitless::vmm::run(&cfg) {
         Ok(outcome) => {
             let r = &outcome.report;

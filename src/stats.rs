@@ -4,11 +4,13 @@
 //!
 //! The counters are owned by their vCPU thread (plain integers, no atomics, no locks, no
 //! allocation on the exit path except the first exit on a new MMIO page) and handed over when
-//! the thread ends.
+//! the thread ends. Time on the exit path is read from the TSC ([`tsc`]: one instruction, no
+//! memory touched, no vDSO) and converted to nanoseconds once, when the thread ends
+//! ([`VcpuStats::finish`], against the monotonic clock).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -89,6 +91,15 @@ pub struct VcpuStats {
     pub in_guest: Duration,
     /// Time from `KVM_RUN` returning to the next `KVM_RUN` (exitless's own exit handling).
     pub in_vmm: Duration,
+    /// `in_vmm` by the reason of the exit being handled.
+    pub in_vmm_by_reason: [Duration; ExitReason::ALL.len()],
+    /// TSC cycles behind `in_guest` and `in_vmm_by_reason`, converted by [`VcpuStats::finish`].
+    pub guest_tsc: u64,
+    pub vmm_tsc: [u64; ExitReason::ALL.len()],
+    /// The reason of the last exit counted (the one being handled).
+    last: ExitReason,
+    /// Run-length cache in front of `mmio_pages`: (page, exits on it not yet in the map).
+    mmio_run: (u64, u64),
     /// Failed emulations that exitless completed itself, by instruction.
     pub emulated: BTreeMap<&'static str, u64>,
     /// Guest RIP and CPL when the vCPU stopped.
@@ -104,6 +115,11 @@ impl Default for VcpuStats {
             mmio_pages: HashMap::new(),
             in_guest: Duration::ZERO,
             in_vmm: Duration::ZERO,
+            in_vmm_by_reason: [Duration::ZERO; ExitReason::ALL.len()],
+            guest_tsc: 0,
+            vmm_tsc: [0; ExitReason::ALL.len()],
+            last: ExitReason::Other,
+            mmio_run: (0, 0),
             emulated: BTreeMap::new(),
             last_rip: None,
             last_cpl: None,
@@ -115,6 +131,29 @@ impl VcpuStats {
     #[inline]
     pub fn count(&mut self, r: ExitReason) {
         self.counts[r as usize] += 1;
+        self.last = r;
+    }
+
+    /// Adds TSC cycles of exit handling to the reason of the last exit counted.
+    #[inline]
+    pub fn add_vmm_tsc(&mut self, cycles: u64) {
+        self.vmm_tsc[self.last as usize] += cycles;
+    }
+
+    /// Converts the TSC counts to time (`in_guest`, `in_vmm`, `in_vmm_by_reason`) with the rate
+    /// `clock` measured, and folds the MMIO cache into `mmio_pages`. Call once, at the end.
+    pub fn finish(&mut self, clock: &TscClock) {
+        let hz = clock.hz();
+        let to_time = |c: u64| Duration::from_nanos((c as f64 * 1e9 / hz) as u64);
+        self.in_guest += to_time(self.guest_tsc);
+        for (t, c) in self.in_vmm_by_reason.iter_mut().zip(self.vmm_tsc) {
+            *t = to_time(c);
+        }
+        self.in_vmm += to_time(self.vmm_tsc.iter().sum());
+        if self.mmio_run.1 > 0 {
+            *self.mmio_pages.entry(self.mmio_run.0).or_insert(0) += self.mmio_run.1;
+            self.mmio_run = (0, 0);
+        }
     }
 
     #[inline]
@@ -122,13 +161,63 @@ impl VcpuStats {
         self.pio[port as usize] = self.pio[port as usize].saturating_add(1);
     }
 
+    /// Counts an MMIO exit on its page: repeated exits on one page (the common case) only bump
+    /// a counter; the hash map is touched when the page changes.
     #[inline]
     pub fn count_mmio(&mut self, addr: u64) {
-        *self.mmio_pages.entry(addr & !0xfff).or_insert(0) += 1;
+        let page = addr & !0xfff;
+        if self.mmio_run.0 != page {
+            if self.mmio_run.1 > 0 {
+                *self.mmio_pages.entry(self.mmio_run.0).or_insert(0) += self.mmio_run.1;
+            }
+            self.mmio_run = (page, 0);
+        }
+        self.mmio_run.1 += 1;
     }
 
     pub fn total(&self) -> u64 {
         self.counts.iter().sum()
+    }
+}
+
+/// The time-stamp counter: the exit path's clock (a register read; `Instant::now` would run the
+/// vDSO and touch its pages on every exit).
+#[inline(always)]
+pub fn tsc() -> u64 {
+    // SAFETY: RDTSC has no preconditions and no side effects on x86_64 (exitless's only target).
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// Calibrates [`tsc`] against the monotonic clock over a vCPU thread's life.
+pub struct TscClock {
+    instant: Instant,
+    tsc: u64,
+}
+
+impl TscClock {
+    pub fn start() -> TscClock {
+        TscClock {
+            instant: Instant::now(),
+            tsc: tsc(),
+        }
+    }
+
+    /// TSC ticks per second since `start` (waits until 2 ms have passed, for precision; a
+    /// nominal 1 GHz if the TSC did not advance).
+    pub fn hz(&self) -> f64 {
+        const MIN: Duration = Duration::from_millis(2);
+        if let Some(rest) = MIN.checked_sub(self.instant.elapsed()) {
+            std::thread::sleep(rest);
+        }
+        let (secs, ticks) = (
+            self.instant.elapsed().as_secs_f64(),
+            tsc().wrapping_sub(self.tsc),
+        );
+        if ticks == 0 || ticks > 1 << 62 {
+            1e9
+        } else {
+            ticks as f64 / secs
+        }
     }
 }
 
@@ -152,6 +241,8 @@ pub struct RunReport {
     pub guest_ns: u128,
     /// Time all vCPUs spent handling exits in exitless (`KVM_RUN` return to re-entry).
     pub vmm_ns: u128,
+    /// `vmm_ns` by the reason of the exit handled (only reasons that happened).
+    pub vmm_ns_by_exit: BTreeMap<String, u128>,
     pub total_exits: u64,
     /// Exits to userspace by reason (only those that happened).
     pub exits: BTreeMap<String, u64>,
@@ -197,6 +288,9 @@ impl RunReport {
             for (p, n) in &v.mmio_pages {
                 *mmio.entry(*p).or_default() += n;
             }
+            if v.mmio_run.1 > 0 {
+                *mmio.entry(v.mmio_run.0).or_default() += v.mmio_run.1;
+            }
             for (k, n) in &v.emulated {
                 *emulated.entry(k.to_string()).or_default() += n;
             }
@@ -208,6 +302,17 @@ impl RunReport {
             wall_ns: wall.as_nanos(),
             guest_ns: vcpus.iter().map(|v| v.in_guest.as_nanos()).sum(),
             vmm_ns: vcpus.iter().map(|v| v.in_vmm.as_nanos()).sum(),
+            vmm_ns_by_exit: ExitReason::ALL
+                .iter()
+                .filter(|r| exits.contains_key(r.name()))
+                .map(|r| {
+                    let ns = vcpus
+                        .iter()
+                        .map(|v| v.in_vmm_by_reason[*r as usize].as_nanos())
+                        .sum();
+                    (r.name().to_string(), ns)
+                })
+                .collect(),
             total_exits: vcpus.iter().map(|v| v.total()).sum(),
             exits,
             pio_ports,
@@ -377,5 +482,48 @@ mod tests {
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["exits"]["io_out"], 4);
         assert_eq!(ExitReason::ALL.len(), ExitReason::Other as usize + 1);
+    }
+
+    #[test]
+    fn mmio_run_cache_and_tsc_time_by_reason() {
+        let clock = TscClock::start();
+        let mut v = VcpuStats::default();
+        for a in [
+            0xf000_0000u64,
+            0xf000_0100,
+            0xf000_0ffc,
+            0xfee0_00b0,
+            0xf000_0004,
+        ] {
+            v.count(ExitReason::MmioWrite);
+            v.count_mmio(a);
+            v.add_vmm_tsc(1000);
+        }
+        v.count(ExitReason::IoIn);
+        v.add_vmm_tsc(500);
+        v.guest_tsc = 1_000_000;
+        // Pages are right before `finish` (the report adds the cached run) and after it.
+        let r = RunReport::new("x".into(), 0, Duration::from_secs(1), &[v], vec![]);
+        assert_eq!(r.mmio_pages["0xf0000000"], 4);
+        assert_eq!(r.mmio_pages["0xfee00000"], 1);
+        let mut v = VcpuStats::default();
+        v.count(ExitReason::MmioRead);
+        v.count_mmio(0xf000_0000);
+        v.add_vmm_tsc(3000);
+        v.count(ExitReason::IoIn);
+        v.add_vmm_tsc(1000);
+        v.guest_tsc = 1_000_000;
+        v.finish(&clock);
+        assert!(v.mmio_pages[&0xf000_0000] == 1 && v.mmio_run.1 == 0);
+        let hz = clock.hz();
+        assert!((1e8..1e11).contains(&hz), "{hz}");
+        let ratio = v.in_vmm_by_reason[ExitReason::MmioRead as usize].as_secs_f64()
+            / v.in_vmm_by_reason[ExitReason::IoIn as usize].as_secs_f64();
+        assert!((ratio - 3.0).abs() < 0.01, "{ratio}");
+        assert!(v.in_guest > v.in_vmm);
+        let r = RunReport::new("x".into(), 0, Duration::from_secs(1), &[v], vec![]);
+        assert_eq!(r.mmio_pages["0xf0000000"], 1);
+        assert_eq!(r.vmm_ns_by_exit.len(), 2);
+        assert!(r.vmm_ns_by_exit["mmio_read"] > r.vmm_ns_by_exit["io_in"]);
     }
 }

@@ -144,6 +144,8 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmmError> {
 struct DeviceCounters {
     probe: Option<(Arc<probe::ProbeCounters>, EventFd, EventFd)>,
     console: Arc<Mutex<serial::ConsoleWatch>>,
+    /// The PCI/virtio devices (their workers stop when this is dropped).
+    virtio: Option<crate::devices::virtio::VirtioSet>,
 }
 
 impl DeviceCounters {
@@ -169,6 +171,9 @@ impl DeviceCounters {
                     ("mmio_ioeventfd".into(), drain(mmio_evt)),
                 ]),
             });
+        }
+        if let Some(set) = &self.virtio {
+            v.extend(set.facts());
         }
         v
     }
@@ -241,7 +246,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
         &mem,
         &acpi::AcpiConfig {
             num_cpus: cfg.cpus,
-            pci_ecam: None,
+            pci_ecam: cfg.virtio.any().then(crate::devices::virtio::ecam_region),
         },
     )?;
     let (kernel_path, kernel_bytes) = match &cfg.kernel {
@@ -262,7 +267,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
             low_ram,
             high_ram,
             rsdp,
-            pci_ecam: false,
+            pci_ecam: cfg.virtio.any(),
             unpack_bzimage: cfg.unpack_bzimage,
         },
     )?;
@@ -368,7 +373,10 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
     } else {
         None
     };
+    let virtio = crate::devices::virtio::build(&kvm, &vm, &mem, &cfg.virtio, &mut pio, &mut mmio)
+        .map_err(VmmError::Config)?;
     let counters = DeviceCounters {
+        virtio,
         probe: probe_counters,
         console: console_watch.clone(),
     };
@@ -486,6 +494,9 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
         }
     }
     drop(raw);
+    if let Some(set) = &counters.virtio {
+        set.shutdown();
+    }
 
     let status = exit_status(&end, cfg);
     let mut report = RunReport::new(describe_end(&end), status, wall, &stats, counters.facts());
@@ -615,6 +626,7 @@ mod tests {
             timeout: None,
             console_log: None,
             unpack_bzimage: true,
+            virtio: Default::default(),
         };
         assert_eq!(exit_status(&VmEnd::PowerOff, &cfg), 0);
         assert_eq!(exit_status(&VmEnd::Reset, &cfg), 0);

@@ -6,10 +6,12 @@ pub mod arch;
 pub mod boot;
 pub mod console;
 pub mod lapic;
+pub mod pci;
 pub mod probe;
 pub mod rtc;
 pub mod smp;
 pub mod trap;
+pub mod virtio;
 
 pub use probe::{
     mmio_read as probe_mmio_read, mmio_write as probe_mmio_write, pio_read as probe_pio_read,

@@ -1,11 +1,14 @@
 //! Device models, by tier, and the buses that route guest accesses to them.
 //!
 //! Tiers (the seeds' three): `legacy` = emulated platform devices (every access is an exit);
-//! paravirtual (virtio) and assigned (VFIO) devices come later. A device sees only offsets inside
+//! `virtio` = paravirtual devices on the `pci` bus (queue notifications and interrupts bypass
+//! userspace through ioeventfd and irqfd); assigned (VFIO) devices come later. A device sees only offsets inside
 //! its own range; the [`Bus`] owns the address map. Devices may end the VM only through a
 //! [`VmEndSender`], never by touching the VM or vCPUs.
 
 pub mod legacy;
+pub mod pci;
+pub mod virtio;
 
 use std::sync::{mpsc, Arc, Mutex};
 

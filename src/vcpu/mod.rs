@@ -12,12 +12,20 @@
 //! ```
 //!
 //! The exit path, step by step (this is the product; keep it short):
-//! 1. `KVM_RUN` returns; the time inside it is added to `in_guest` (two vDSO clock reads);
-//! 2. the exit is counted by reason in a plain array owned by this thread (and PIO by port);
-//! 3. PIO/MMIO goes to the bus: a binary search over a sorted `Vec`, then the device's mutex
+//! 1. `KVM_RUN` returns; one `rdtsc` closes the time inside it (added to the thread's
+//!    `guest_tsc`) and opens the dispatch time (no clock system call, no vDSO; the TSC is
+//!    converted to nanoseconds once, when the thread ends);
+//! 2. `kvm-ioctls` decodes the exit from the shared `kvm_run` page (no copy: PIO/MMIO data is a
+//!    slice of that page);
+//! 3. the exit is counted by reason in a plain array owned by this thread, PIO by port (an
+//!    array indexed by port), MMIO by page (a one-entry run cache in front of a map);
+//! 4. PIO/MMIO goes to the bus: a binary search over a sorted `Vec`, then the device's mutex
 //!    (uncontended: devices are per-function) — no allocation, no system call, except what the
-//!    device itself does (the UART writes to stdout);
-//! 4. re-enter `KVM_RUN`.
+//!    device itself does (the UART writes to stdout and the console log; the probe only bumps
+//!    an atomic counter);
+//! 5. the stop flag is read (one atomic load), a second `rdtsc` closes the dispatch time
+//!    (`in_vmm`, kept per exit reason: `exitless bench exits` reports it), and `KVM_RUN` is
+//!    re-entered.
 //!
 //! Anything rarer (emulation failures, system events, errors) leaves this path through
 //! [`Vcpu::slow_exit`].
@@ -26,7 +34,6 @@ pub mod emulate;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use kvm_bindings::{
     kvm_run, KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
@@ -36,7 +43,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::devices::{Bus, VmEnd, VmEndSender};
-use crate::stats::{ExitReason, VcpuStats};
+use crate::stats::{tsc, ExitReason, TscClock, VcpuStats};
 
 /// What every vCPU thread shares.
 #[derive(Clone)]
@@ -88,19 +95,20 @@ impl Vcpu {
 
     /// Runs until the VM ends or the VMM stops this vCPU; returns the counters.
     pub fn run(mut self) -> VcpuStats {
-        let mut left_guest: Option<Instant> = None;
+        let clock = TscClock::start();
+        let mut left_guest: Option<u64> = None;
         while !self.shared.stop.load(Ordering::Acquire) {
             let Vcpu {
                 fd, shared, stats, ..
             } = &mut self;
-            let t0 = Instant::now();
+            let t0 = tsc();
             if let Some(t) = left_guest {
                 // Userspace dispatch: from KVM_RUN returning to re-entering it.
-                stats.in_vmm += t0 - t;
+                stats.add_vmm_tsc(t0.wrapping_sub(t));
             }
             let exit = fd.run();
-            let t1 = Instant::now();
-            stats.in_guest += t1 - t0;
+            let t1 = tsc();
+            stats.guest_tsc += t1.wrapping_sub(t0);
             left_guest = Some(t1);
             let slow = match exit {
                 Ok(VcpuExit::IoOut(port, data)) => {
@@ -157,6 +165,7 @@ impl Vcpu {
             self.stats.last_rip = Some(regs.rip);
             self.stats.last_cpl = Some(sregs.cs.selector & 3);
         }
+        self.stats.finish(&clock);
         self.stats
     }
 

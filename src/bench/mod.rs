@@ -1,0 +1,171 @@
+//! Benchmarks of exitless on the host it runs on: `exitless bench ...`.
+//!
+//! Owns the `bench` subcommands and what they share: a temporary directory that cleans up after
+//! itself, and child processes with a time limit (every VM a benchmark boots, exitless's own and a
+//! peer VMM's, runs as a child process that is killed when its time is up, so a misbehaving
+//! benchmark guest can never hang the benchmark). The benchmarks themselves:
+//! - [`exits`]: what one VM exit costs, by kind, side by side with QEMU (`bench exits`).
+
+pub mod exits;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitCode, ExitStatus};
+use std::time::{Duration, Instant};
+
+use clap::{Args, Subcommand, ValueEnum};
+
+/// `exitless bench <command>`.
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Time each kind of VM exit with the kit's `bench` guest: CPUID, hypercall, PIO and MMIO
+    /// handled in userspace or by an ioeventfd, LAPIC EOI/TPR, self-IPI, HLT + LAPIC timer, and
+    /// the PIO/MMIO operations from CPL3.
+    Exits(ExitsArgs),
+}
+
+/// Arguments of `exitless bench exits`.
+#[derive(Args, Debug, Clone)]
+pub struct ExitsArgs {
+    /// Print one JSON array on stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Also run the very same guest under this VMM and compare (needs qemu-system-x86_64).
+    #[arg(long, value_enum)]
+    pub vs: Option<Peer>,
+    /// Time limit of each VM run, in seconds.
+    #[arg(long, default_value_t = 120.0)]
+    pub timeout: f64,
+    /// Small sample counts (a smoke test, not a measurement).
+    #[arg(long)]
+    pub quick: bool,
+    /// Boot the guest this many times (alternating with the peer) and keep, per operation and
+    /// VMM, the round with the lowest median: other load on the host only ever adds time.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub rounds: u32,
+    /// The kit guest to boot (tests use others to check the bench's error handling).
+    #[arg(long, default_value = "bench", hide = true)]
+    pub guest: String,
+}
+
+/// A VMM to compare with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Peer {
+    Qemu,
+}
+
+/// Runs a `bench` subcommand; errors become one line on stderr and status 1.
+pub fn main(cmd: BenchCommand) -> ExitCode {
+    let r = match cmd {
+        BenchCommand::Exits(args) => exits::run(&args),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("exitless: bench: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// A private temporary directory, removed (with its contents) when dropped.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> std::io::Result<TempDir> {
+        let base = std::env::temp_dir();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        for i in 0..100u32 {
+            let p = base.join(format!("{prefix}-{}-{nanos:x}-{i}", std::process::id()));
+            match std::fs::create_dir(&p) {
+                Ok(()) => return Ok(TempDir(p)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(std::io::Error::other("cannot create a temporary directory"))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// How a child process ended.
+#[derive(Debug)]
+pub enum Finished {
+    Exited(ExitStatus),
+    /// Still running at the time limit: it was killed.
+    TimedOut,
+}
+
+/// Waits for `child` at most `limit`, then kills it (and reaps it).
+pub fn wait_with_limit(child: &mut Child, limit: Duration) -> std::io::Result<Finished> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Finished::Exited(status));
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(Finished::TimedOut);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The full path of `program` on `PATH`, if it is there.
+pub fn find_program(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| {
+            use std::os::unix::fs::PermissionsExt;
+            p.metadata()
+                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                .unwrap_or(false)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temp_dirs_clean_up_and_children_are_killed() {
+        let kept;
+        {
+            let d = TempDir::new("exitless-test").unwrap();
+            std::fs::write(d.path().join("x"), b"1").unwrap();
+            kept = d.path().to_path_buf();
+            assert!(kept.is_dir());
+        }
+        assert!(!kept.exists());
+        let mut c = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let t = Instant::now();
+        assert!(matches!(
+            wait_with_limit(&mut c, Duration::from_millis(100)).unwrap(),
+            Finished::TimedOut
+        ));
+        assert!(t.elapsed() < Duration::from_secs(3));
+        let mut c = std::process::Command::new("true").spawn().unwrap();
+        assert!(matches!(
+            wait_with_limit(&mut c, Duration::from_secs(5)).unwrap(),
+            Finished::Exited(s) if s.success()
+        ));
+        assert!(find_program("sh").is_some());
+        assert!(find_program("no-such-program-exitless").is_none());
+    }
+}

@@ -1,0 +1,169 @@
+//! The virtio devices a VM is asked for, and the parsing of their command-line forms
+//! (`--disk path=IMG[,readonly=on][,id=NAME]`, `--rng`, `--net tap=NAME[,mac=MAC]`, `--balloon`,
+//! `--vsock cid=N,socket=PATH`).
+
+use std::path::PathBuf;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VirtioConfig {
+    pub disks: Vec<DiskConfig>,
+    pub rng: bool,
+    pub nets: Vec<NetConfig>,
+    pub balloon: bool,
+    pub vsock: Option<VsockConfig>,
+}
+
+impl VirtioConfig {
+    /// Whether the VM needs a PCI bus.
+    pub fn any(&self) -> bool {
+        !self.disks.is_empty()
+            || self.rng
+            || !self.nets.is_empty()
+            || self.balloon
+            || self.vsock.is_some()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub readonly: bool,
+    /// The serial the guest reads with VIRTIO_BLK_T_GET_ID (at most 20 bytes).
+    pub id: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    pub tap: String,
+    pub mac: [u8; 6],
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsockConfig {
+    pub cid: u64,
+    pub socket: PathBuf,
+}
+
+/// `key=value` pairs separated by commas; a bare first item is taken as `first_key`.
+fn pairs<'a>(s: &'a str, first_key: &'a str) -> Result<Vec<(&'a str, &'a str)>, String> {
+    s.split(',')
+        .enumerate()
+        .filter(|(_, p)| !p.is_empty())
+        .map(|(i, p)| match p.split_once('=') {
+            Some(kv) => Ok(kv),
+            None if i == 0 => Ok((first_key, p)),
+            None => Err(format!("{p:?} is not key=value")),
+        })
+        .collect()
+}
+
+fn on_off(v: &str) -> Result<bool, String> {
+    match v {
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
+        _ => Err(format!("{v:?} is not on or off")),
+    }
+}
+
+pub fn parse_disk(s: &str) -> Result<DiskConfig, String> {
+    let mut d = DiskConfig {
+        path: PathBuf::new(),
+        readonly: false,
+        id: None,
+    };
+    for (k, v) in pairs(s, "path")? {
+        match k {
+            "path" => d.path = PathBuf::from(v),
+            "readonly" | "ro" => d.readonly = on_off(v)?,
+            "id" | "serial" => {
+                if v.len() > 20 {
+                    return Err(format!("disk id {v:?} is longer than 20 bytes"));
+                }
+                d.id = Some(v.to_string())
+            }
+            _ => return Err(format!("unknown --disk option {k:?} (path, readonly, id)")),
+        }
+    }
+    if d.path.as_os_str().is_empty() {
+        return Err("--disk needs path=IMAGE".into());
+    }
+    Ok(d)
+}
+
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return Err(format!("{s:?} is not a MAC address"));
+    }
+    let mut m = [0u8; 6];
+    for (i, p) in parts.iter().enumerate() {
+        m[i] = u8::from_str_radix(p, 16).map_err(|_| format!("{s:?} is not a MAC address"))?;
+    }
+    Ok(m)
+}
+
+pub fn parse_net(s: &str, index: usize) -> Result<NetConfig, String> {
+    let mut n = NetConfig {
+        tap: String::new(),
+        // Locally administered, unicast.
+        mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56 + index as u8],
+    };
+    for (k, v) in pairs(s, "tap")? {
+        match k {
+            "tap" => n.tap = v.to_string(),
+            "mac" => n.mac = parse_mac(v)?,
+            _ => return Err(format!("unknown --net option {k:?} (tap, mac)")),
+        }
+    }
+    if n.tap.is_empty() || n.tap.len() >= 16 {
+        return Err("--net needs tap=NAME (at most 15 characters)".into());
+    }
+    Ok(n)
+}
+
+pub fn parse_vsock(s: &str) -> Result<VsockConfig, String> {
+    let mut cid = None;
+    let mut socket = None;
+    for (k, v) in pairs(s, "cid")? {
+        match k {
+            "cid" => cid = Some(v.parse::<u64>().map_err(|_| format!("bad cid {v:?}"))?),
+            "socket" => socket = Some(PathBuf::from(v)),
+            _ => return Err(format!("unknown --vsock option {k:?} (cid, socket)")),
+        }
+    }
+    let cid = cid.ok_or("--vsock needs cid=N")?;
+    if cid < 3 || cid > u64::from(u32::MAX) {
+        return Err(format!(
+            "vsock cid {cid} is reserved or too large (3..2^32)"
+        ));
+    }
+    Ok(VsockConfig {
+        cid,
+        socket: socket.ok_or("--vsock needs socket=PATH")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_device_options() {
+        let d = parse_disk("path=/a.img,readonly=on,id=root").unwrap();
+        assert_eq!(d.path, PathBuf::from("/a.img"));
+        assert!(d.readonly);
+        assert_eq!(d.id.as_deref(), Some("root"));
+        assert_eq!(parse_disk("/b.img").unwrap().path, PathBuf::from("/b.img"));
+        assert!(parse_disk("readonly=on").is_err());
+        assert!(parse_disk("path=/a,bogus=1").is_err());
+        assert!(parse_disk("path=/a,id=123456789012345678901").is_err());
+        let n = parse_net("tap=tap0,mac=02:00:00:00:00:01", 0).unwrap();
+        assert_eq!(n.tap, "tap0");
+        assert_eq!(n.mac, [2, 0, 0, 0, 0, 1]);
+        assert!(parse_net("mac=zz", 0).is_err());
+        let v = parse_vsock("cid=3,socket=/tmp/v.sock").unwrap();
+        assert_eq!(v.cid, 3);
+        assert!(parse_vsock("cid=2,socket=/x").is_err());
+        assert!(parse_vsock("cid=5").is_err());
+    }
+}

@@ -1,0 +1,338 @@
+//! Paravirtual devices (the seeds' middle tier): virtio 1.x devices on the PCI bus.
+//!
+//! Owns the device models (`block`, `rng`, `net`, ...), the virtio-pci transport (`transport`),
+//! queue handling and its checks against hostile drivers (`queue`), interrupt delivery (`irq`) and
+//! the construction of the whole set from a [`config::VirtioConfig`] ([`build`]).
+//!
+//! # Exits
+//! The point of this tier is that the data path takes no exit to userspace: a queue notification
+//! is a write to the device's notify register, which KVM completes in the kernel through an
+//! ioeventfd (`KVM_IOEVENTFD`, one per queue); an interrupt is an MSI-X message, which the device
+//! worker raises by writing an irqfd bound to a GSI with an MSI route (`KVM_SET_GSI_ROUTING`).
+//! With `VIRTIO_RING_F_EVENT_IDX` both sides also suppress notifications and interrupts they do
+//! not need. Only set-up (configuration space, the common configuration, the MSI-X table) exits.
+//!
+//! # Threading model
+//! One worker thread per device, started when the driver sets DRIVER_OK and stopped (joined) on a
+//! device reset or when the VM ends. It blocks in `epoll_wait` on the device's queue ioeventfds, a
+//! kill eventfd and the device's own descriptors (a tap, a socket), and does all the device's work:
+//! it walks the queues, does the I/O, fills the used rings and signals irqfds. The vCPU threads
+//! only touch the transport's registers (under the device's mutex) and never wait for device I/O,
+//! so a slow `fdatasync` stalls one device, not a vCPU. This is Cloud Hypervisor's model: simple,
+//! one context switch per batch of requests, and devices are isolated from one another (a device
+//! that needs a reset, or a worker that dies, leaves the others running). A shared I/O thread
+//! would save threads but couple devices; a vCPU-side handler would put I/O latency on the vCPU.
+//!
+//! # Bad input
+//! A queue whose set-up is invalid at DRIVER_OK (size not a power of two or above the maximum, rings
+//! misaligned or outside RAM) puts the device in DEVICE_NEEDS_RESET (with a configuration-change
+//! interrupt) and it is not started; a bad descriptor chain (see `queue`) fails that request only;
+//! notifications before DRIVER_OK are counted by the eventfd and served once the device starts;
+//! writes to read-only configuration are ignored (counted as `config_writes_refused`).
+
+pub mod block;
+pub mod config;
+pub mod irq;
+pub mod queue;
+pub mod rng;
+pub mod transport;
+mod worker;
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
+use vm_memory::GuestMemoryMmap;
+
+use crate::arch::x86_64::layout::{self, ports};
+use crate::devices::pci::{BarAllocator, ConfigAddress, ConfigData, Ecam, PciRoot};
+use crate::devices::Bus;
+use crate::stats::DeviceFact;
+
+use queue::Vq;
+
+/// Counters every device keeps; they become the device's facts in the exit summary.
+#[derive(Default)]
+pub struct DeviceStats {
+    /// Times the driver set DRIVER_OK (and the device started).
+    pub driver_ok: AtomicU64,
+    /// Requests completed (any status).
+    pub requests: AtomicU64,
+    /// Bytes the device wrote into guest buffers / read from them.
+    pub bytes_to_guest: AtomicU64,
+    pub bytes_from_guest: AtomicU64,
+    /// Requests completed with an error status, and chains refused as invalid.
+    pub errors: AtomicU64,
+    pub bad_chains: AtomicU64,
+    /// Times the device entered DEVICE_NEEDS_RESET.
+    pub needs_reset: AtomicU64,
+    /// Queue notifications the worker received (KVM completed them in-kernel via ioeventfd).
+    pub notifications: AtomicU64,
+    pub config_writes_refused: AtomicU64,
+    /// Device-specific facts.
+    pub extra: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl DeviceStats {
+    pub fn add(&self, c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn set_extra(&self, k: &'static str, v: u64) {
+        self.extra
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(k, v);
+    }
+
+    pub fn add_extra(&self, k: &'static str, v: u64) {
+        *self
+            .extra
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(k)
+            .or_default() += v;
+    }
+
+    fn facts(&self) -> BTreeMap<String, u64> {
+        let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut m = BTreeMap::from([
+            ("driver_ok".to_string(), ld(&self.driver_ok)),
+            ("requests".into(), ld(&self.requests)),
+            ("bytes_to_guest".into(), ld(&self.bytes_to_guest)),
+            ("bytes_from_guest".into(), ld(&self.bytes_from_guest)),
+            ("errors".into(), ld(&self.errors)),
+            ("bad_chains".into(), ld(&self.bad_chains)),
+            ("needs_reset".into(), ld(&self.needs_reset)),
+            ("notifications".into(), ld(&self.notifications)),
+        ]);
+        if ld(&self.config_writes_refused) > 0 {
+            m.insert(
+                "config_writes_refused".into(),
+                ld(&self.config_writes_refused),
+            );
+        }
+        for (k, v) in self.extra.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            m.insert((*k).to_string(), *v);
+        }
+        m
+    }
+}
+
+/// What a device gets when the driver sets DRIVER_OK.
+pub struct Activation {
+    pub mem: GuestMemoryMmap,
+    /// Every queue (unready ones serve nothing).
+    pub queues: Vec<Vq>,
+    /// The features the driver accepted.
+    pub features: u64,
+    pub stats: Arc<DeviceStats>,
+}
+
+/// A device model, as the transport sees it.
+pub trait VirtioDevice: Send {
+    /// `virtio-blk0`, ...
+    fn name(&self) -> String;
+    /// Name of the kind of device, for the bus map.
+    fn kind(&self) -> &'static str;
+    /// Virtio device ID (2 block, 1 net, 4 rng, 5 balloon, 19 vsock).
+    fn device_type(&self) -> u32;
+    /// PCI class code (24 bits).
+    fn pci_class(&self) -> u32 {
+        0xff_00_00
+    }
+    /// Maximum size of each queue (powers of two).
+    fn queue_max_sizes(&self) -> Vec<u16>;
+    /// Offered features (VERSION_1 and EVENT_IDX included).
+    fn features(&self) -> u64;
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes to device configuration; read-only by default.
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        log::debug!(
+            "{}: write of {} bytes to read-only config offset {offset:#x} ignored",
+            self.name(),
+            data.len()
+        );
+        self.stats()
+            .config_writes_refused
+            .fetch_add(1, Ordering::Relaxed);
+    }
+    /// Starts serving: returns the handler the worker thread runs.
+    fn activate(&mut self, a: Activation) -> Result<Box<dyn QueueHandler>, String>;
+    /// The driver reset the device (the worker has already stopped).
+    fn reset(&mut self) {}
+    fn stats(&self) -> Arc<DeviceStats>;
+}
+
+/// A device's work, run on its worker thread.
+pub trait QueueHandler: Send {
+    /// Queue `q` was notified (also called once per queue when the worker starts). An error puts
+    /// the device in DEVICE_NEEDS_RESET and ends the worker.
+    fn process(&mut self, q: usize) -> Result<(), String>;
+    /// More descriptors to wait on (tap, sockets).
+    fn extra_fds(&self) -> Vec<RawFd> {
+        vec![]
+    }
+    /// `extra_fds()[i]` is readable.
+    fn fd_ready(&mut self, _i: usize) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// The offered features every device shares.
+pub fn common_features() -> u64 {
+    use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+    use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+    (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX)
+}
+
+/// The PCI devices of a running VM.
+pub struct VirtioSet {
+    devices: Vec<Arc<Mutex<transport::VirtioPci>>>,
+}
+
+impl VirtioSet {
+    /// Each device's facts for the summary.
+    pub fn facts(&self) -> Vec<DeviceFact> {
+        self.devices
+            .iter()
+            .map(|d| {
+                let d = d.lock().unwrap_or_else(|p| p.into_inner());
+                let mut facts = d.stats().facts();
+                facts.insert(
+                    "interrupts".into(),
+                    d.msix().delivered.load(Ordering::Relaxed),
+                );
+                DeviceFact {
+                    device: d.name(),
+                    facts,
+                }
+            })
+            .collect()
+    }
+
+    /// Stops every worker (at the end of the run).
+    pub fn shutdown(&self) {
+        for d in &self.devices {
+            d.lock().unwrap_or_else(|p| p.into_inner()).stop_worker();
+        }
+    }
+}
+
+impl Drop for VirtioSet {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// The ECAM region exitless describes in the MCFG (bus 0 only).
+pub fn ecam_region() -> crate::arch::x86_64::acpi::EcamRegion {
+    crate::arch::x86_64::acpi::EcamRegion {
+        base: layout::PCI_ECAM_START,
+        start_bus: 0,
+        end_bus: 0,
+    }
+}
+
+/// Opens the configured devices (a missing image or tap is an error here, before the VM runs),
+/// puts them on a PCI bus with a host bridge, and wires configuration space (0xcf8/0xcfc, ECAM),
+/// BARs, ioeventfds and MSI-X routing. None when no device is configured.
+pub fn build(
+    kvm: &Kvm,
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    cfg: &config::VirtioConfig,
+    pio: &mut Bus,
+    mmio: &mut Bus,
+) -> Result<Option<VirtioSet>, String> {
+    if !cfg.any() {
+        return Ok(None);
+    }
+    let mut devs: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    for (i, d) in cfg.disks.iter().enumerate() {
+        devs.push(Box::new(block::Block::open(d, i)?));
+    }
+    if !cfg.nets.is_empty() {
+        return Err("--net: virtio-net is not implemented yet".into());
+    }
+    if cfg.rng {
+        devs.push(Box::new(rng::Rng::new()));
+    }
+    if cfg.balloon {
+        return Err("--balloon: virtio-balloon is not implemented yet".into());
+    }
+    if cfg.vsock.is_some() {
+        return Err("--vsock: virtio-vsock is not implemented yet".into());
+    }
+
+    if !vm.check_extension(Cap::IrqRouting) {
+        return Err("this host's KVM lacks GSI routing, which MSI-X needs".into());
+    }
+    // SAFETY: dup of a valid descriptor we own; the result is checked before use.
+    let fd = unsafe { libc::dup(vm.as_raw_fd()) };
+    if fd < 0 {
+        return Err(format!(
+            "dup of the VM descriptor: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: `fd` is a fresh descriptor of the VM that nothing else owns.
+    let router_vm = unsafe { kvm.create_vmfd_from_rawfd(fd) }
+        .map_err(|e| format!("VM descriptor for MSI routing: {e}"))?;
+    let routes: Arc<dyn irq::MsiRoutes> = Arc::new(irq::GsiRouter::new(router_vm));
+    // Install the default routes once so that later updates never drop the irqchip's pins.
+    let probe_gsi = routes.alloc_gsi().ok_or("no GSI")?;
+    routes.set_route(probe_gsi, None)?;
+
+    let mut root = PciRoot::default();
+    let mut bars = BarAllocator::new(layout::PCI_MMIO_START, layout::PCI_MMIO_SIZE);
+    let mut devices = Vec::new();
+    let translate: Arc<dyn queue::Translate> = Arc::new(queue::Identity);
+    for dev in devs {
+        let kind = dev.kind();
+        let bar = bars
+            .alloc(transport::BAR_SIZE)
+            .ok_or("PCI MMIO window is full")?;
+        let t =
+            transport::VirtioPci::new(dev, bar, mem.clone(), translate.clone(), routes.clone())?;
+        for (addr, evt) in t.notify_events() {
+            vm.register_ioevent(evt, &IoEventAddress::Mmio(addr), kvm_ioctls::NoDatamatch)
+                .map_err(|e| format!("ioeventfd at {addr:#x}: {e}"))?;
+        }
+        let t = Arc::new(Mutex::new(t));
+        mmio.insert(kind, bar, transport::BAR_SIZE, t.clone())
+            .map_err(|e| e.to_string())?;
+        root.add(t.clone()).ok_or("PCI bus 0 is full")?;
+        devices.push(t);
+    }
+    let root = Arc::new(root);
+    let address = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    pio.insert(
+        "pci-config",
+        u64::from(ports::PCI_CONFIG_ADDRESS),
+        1,
+        Arc::new(Mutex::new(ConfigAddress(address.clone()))),
+    )
+    .map_err(|e| e.to_string())?;
+    pio.insert(
+        "pci-config",
+        u64::from(ports::PCI_CONFIG_DATA),
+        4,
+        Arc::new(Mutex::new(ConfigData {
+            address,
+            root: root.clone(),
+        })),
+    )
+    .map_err(|e| e.to_string())?;
+    let (start, end) = ecam_region().window().ok_or("bad ECAM region")?;
+    mmio.insert(
+        "pci-ecam",
+        start,
+        end - start,
+        Arc::new(Mutex::new(Ecam(root))),
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(Some(VirtioSet { devices }))
+}

@@ -1,0 +1,715 @@
+//! The virtio-pci modern transport (virtio 1.x, §4.1): a PCI function whose BAR 0 holds the
+//! common configuration, ISR status, device configuration, queue notification and MSI-X regions,
+//! each described by a vendor capability.
+//!
+//! Owns a device's transport state (feature negotiation, device status, queue set-up), its PCI
+//! configuration space and its worker thread. vCPU threads reach it through the MMIO bus (BAR 0)
+//! and the PCI root (configuration space); queue notifications normally never reach it: KVM
+//! completes writes to the notify region through one ioeventfd per queue, which the worker waits on.
+//! A notify write that does reach the VMM (no ioeventfd) is forwarded to the same eventfd.
+//!
+//! BAR 0 (32 KiB, 32-bit memory):
+//!
+//! | offset | region |
+//! |---|---|
+//! | 0x0000 | common configuration |
+//! | 0x1000 | ISR status |
+//! | 0x2000 | device configuration |
+//! | 0x3000 | notifications: queue `n` at `0x3000 + 4n` (`notify_off_multiplier` 4) |
+//! | 0x4000 | MSI-X table (vectors: one per queue plus one for configuration changes) |
+//! | 0x5000 | MSI-X pending-bit array |
+
+use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+    VIRTIO_F_VERSION_1,
+};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::irq::{Msix, NO_VECTOR};
+use super::queue::{Translate, Vq};
+use super::{worker, Activation, VirtioDevice};
+use crate::devices::pci::{PciConfig, PciDevice, PciIds, PCI_CAP_ID_MSIX, PCI_CAP_ID_VNDR};
+use crate::devices::{data_to_u64, u64_to_data, BusDevice};
+
+pub const BAR_SIZE: u64 = 0x8000;
+pub const COMMON_OFFSET: u64 = 0x0000;
+pub const COMMON_LEN: u64 = 0x100;
+pub const ISR_OFFSET: u64 = 0x1000;
+pub const DEVICE_OFFSET: u64 = 0x2000;
+pub const DEVICE_LEN: u64 = 0x1000;
+pub const NOTIFY_OFFSET: u64 = 0x3000;
+pub const NOTIFY_MULTIPLIER: u32 = 4;
+pub const MSIX_TABLE_OFFSET: u64 = 0x4000;
+pub const MSIX_PBA_OFFSET: u64 = 0x5000;
+
+const CAP_COMMON: u8 = 1;
+const CAP_NOTIFY: u8 = 2;
+const CAP_ISR: u8 = 3;
+const CAP_DEVICE: u8 = 4;
+const CAP_PCI_CFG: u8 = 5;
+
+/// A queue as the driver sets it up through the common configuration.
+#[derive(Clone, Copy, Debug)]
+struct QueueSetup {
+    max: u16,
+    size: u16,
+    ready: bool,
+    vector: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+}
+
+impl QueueSetup {
+    fn new(max: u16) -> Self {
+        QueueSetup {
+            max,
+            size: max,
+            ready: false,
+            vector: NO_VECTOR,
+            desc: 0,
+            avail: 0,
+            used: 0,
+        }
+    }
+}
+
+/// What the transport shares with its worker.
+pub struct Shared {
+    /// Status bits the device sets on its own (NEEDS_RESET).
+    pub device_status: AtomicU8,
+    pub config_vector: AtomicU16,
+}
+
+/// A virtio device on PCI.
+pub struct VirtioPci {
+    pci: PciConfig,
+    msix_cap: usize,
+    pci_cfg_cap: usize,
+    dev: Box<dyn VirtioDevice>,
+    mem: GuestMemoryMmap,
+    translate: Arc<dyn Translate>,
+    msix: Arc<Msix>,
+    shared: Arc<Shared>,
+    device_feature_select: u32,
+    driver_feature_select: u32,
+    driver_features: u64,
+    queue_select: u16,
+    status: u8,
+    config_generation: u8,
+    queues: Vec<QueueSetup>,
+    notify_evts: Vec<EventFd>,
+    worker: Option<(EventFd, JoinHandle<()>)>,
+}
+
+impl VirtioPci {
+    /// A device with BAR 0 at `bar0` (32 KiB aligned, below 4 GiB).
+    pub fn new(
+        dev: Box<dyn VirtioDevice>,
+        bar0: u64,
+        mem: GuestMemoryMmap,
+        translate: Arc<dyn Translate>,
+        routes: Arc<dyn super::irq::MsiRoutes>,
+    ) -> Result<Self, String> {
+        let nq = dev.queue_max_sizes().len();
+        let vectors = nq as u16 + 1;
+        let msix = Arc::new(Msix::new(vectors, routes)?);
+        let ty = dev.device_type() as u16;
+        let mut pci = PciConfig::new(PciIds {
+            vendor: 0x1af4,
+            device: 0x1040 + ty,
+            revision: 1,
+            class: dev.pci_class(),
+            subsystem_vendor: 0x1af4,
+            subsystem: 0x40,
+        });
+        pci.set_bar(0, bar0, BAR_SIZE);
+        let ctrl = vectors - 1;
+        let mut msix_body = vec![PCI_CAP_ID_MSIX, 0];
+        msix_body.extend_from_slice(&ctrl.to_le_bytes());
+        msix_body.extend_from_slice(&(MSIX_TABLE_OFFSET as u32).to_le_bytes());
+        msix_body.extend_from_slice(&(MSIX_PBA_OFFSET as u32).to_le_bytes());
+        let msix_cap = pci.add_capability(&msix_body, &[0, 0, 0, 0xc0]);
+        let vcap = |ty: u8, off: u64, len: u64, extra: &[u8]| {
+            let mut b = vec![PCI_CAP_ID_VNDR, 0, 16 + extra.len() as u8, ty, 0, 0, 0, 0];
+            b.extend_from_slice(&(off as u32).to_le_bytes());
+            b.extend_from_slice(&(len as u32).to_le_bytes());
+            b.extend_from_slice(extra);
+            b
+        };
+        pci.add_capability(&vcap(CAP_COMMON, COMMON_OFFSET, COMMON_LEN, &[]), &[]);
+        pci.add_capability(
+            &vcap(
+                CAP_NOTIFY,
+                NOTIFY_OFFSET,
+                u64::from(NOTIFY_MULTIPLIER) * nq as u64,
+                &NOTIFY_MULTIPLIER.to_le_bytes(),
+            ),
+            &[],
+        );
+        pci.add_capability(&vcap(CAP_ISR, ISR_OFFSET, 1, &[]), &[]);
+        pci.add_capability(&vcap(CAP_DEVICE, DEVICE_OFFSET, DEVICE_LEN, &[]), &[]);
+        // The PCI configuration access capability: bar, offset, length and data are writable.
+        let mut w = vec![0u8; 20];
+        w[4] = 0xff;
+        w[8..20].fill(0xff);
+        let pci_cfg_cap = pci.add_capability(&vcap(CAP_PCI_CFG, 0, 0, &[0; 4]), &w);
+        let notify_evts = (0..nq)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(VirtioPci {
+            pci,
+            msix_cap,
+            pci_cfg_cap,
+            queues: dev
+                .queue_max_sizes()
+                .into_iter()
+                .map(QueueSetup::new)
+                .collect(),
+            dev,
+            mem,
+            translate,
+            msix,
+            shared: Arc::new(Shared {
+                device_status: AtomicU8::new(0),
+                config_vector: AtomicU16::new(NO_VECTOR),
+            }),
+            device_feature_select: 0,
+            driver_feature_select: 0,
+            driver_features: 0,
+            queue_select: 0,
+            status: 0,
+            config_generation: 0,
+            notify_evts,
+            worker: None,
+        })
+    }
+
+    pub fn bar0(&self) -> u64 {
+        self.pci.bar_addr(0)
+    }
+
+    pub fn name(&self) -> String {
+        self.dev.name()
+    }
+
+    pub fn stats(&self) -> Arc<super::DeviceStats> {
+        self.dev.stats()
+    }
+
+    pub fn msix(&self) -> &Arc<Msix> {
+        &self.msix
+    }
+
+    /// (guest-physical address, eventfd) of each queue's notification register, for
+    /// `KVM_IOEVENTFD`.
+    pub fn notify_events(&self) -> Vec<(u64, &EventFd)> {
+        self.notify_evts
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                (
+                    self.bar0() + NOTIFY_OFFSET + u64::from(NOTIFY_MULTIPLIER) * i as u64,
+                    e,
+                )
+            })
+            .collect()
+    }
+
+    fn status(&self) -> u8 {
+        self.status | self.shared.device_status.load(Ordering::SeqCst)
+    }
+
+    /// Stops the worker and returns the device to its initial state.
+    pub fn reset(&mut self) {
+        self.stop_worker();
+        self.dev.reset();
+        self.driver_features = 0;
+        self.device_feature_select = 0;
+        self.driver_feature_select = 0;
+        self.queue_select = 0;
+        self.status = 0;
+        self.shared.device_status.store(0, Ordering::SeqCst);
+        self.shared.config_vector.store(NO_VECTOR, Ordering::SeqCst);
+        for q in &mut self.queues {
+            *q = QueueSetup::new(q.max);
+        }
+        self.msix.reset();
+    }
+
+    pub fn stop_worker(&mut self) {
+        if let Some((kill, h)) = self.worker.take() {
+            let _ = kill.write(1);
+            let _ = h.join();
+        }
+    }
+
+    fn needs_reset(&mut self, why: &str) {
+        log::warn!("{}: {why}: device needs reset", self.dev.name());
+        self.dev.stats().needs_reset.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .device_status
+            .fetch_or(VIRTIO_CONFIG_S_NEEDS_RESET as u8, Ordering::SeqCst);
+        self.msix
+            .trigger(self.shared.config_vector.load(Ordering::SeqCst), 2);
+    }
+
+    /// Validates the queues and starts the worker (on DRIVER_OK).
+    fn activate(&mut self) {
+        let event_idx = self.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let mut vqs = Vec::new();
+        for (i, s) in self.queues.iter().enumerate() {
+            let mut q = Queue::new(s.max).expect("max sizes are powers of two");
+            if s.ready {
+                let ok = q.try_set_size(s.size).is_ok()
+                    && q.try_set_desc_table_address(GuestAddress(s.desc)).is_ok()
+                    && q.try_set_avail_ring_address(GuestAddress(s.avail)).is_ok()
+                    && q.try_set_used_ring_address(GuestAddress(s.used)).is_ok();
+                q.set_event_idx(event_idx);
+                q.set_ready(true);
+                // The rings go through the translation hook like every buffer.
+                let rings_mapped = [
+                    (s.desc, 16 * u64::from(s.size)),
+                    (s.avail, 6 + 2 * u64::from(s.size)),
+                    (s.used, 6 + 8 * u64::from(s.size)),
+                ]
+                .iter()
+                .all(|&(a, l)| self.translate.translate(a, l) == Some(a));
+                if !ok || !rings_mapped || !q.is_valid(&self.mem) {
+                    let why = format!(
+                        "queue {i} is invalid (size {}, rings {:#x}/{:#x}/{:#x})",
+                        s.size, s.desc, s.avail, s.used
+                    );
+                    self.needs_reset(&why);
+                    return;
+                }
+            }
+            vqs.push(Vq {
+                queue: q,
+                index: i as u16,
+                mem: self.mem.clone(),
+                translate: self.translate.clone(),
+                msix: self.msix.clone(),
+                vector: s.vector,
+                bad_chains: 0,
+            });
+        }
+        let stats = self.dev.stats();
+        let handler = match self.dev.activate(Activation {
+            mem: self.mem.clone(),
+            queues: vqs,
+            features: self.driver_features,
+            stats: stats.clone(),
+        }) {
+            Ok(h) => h,
+            Err(e) => {
+                self.needs_reset(&format!("activation failed: {e}"));
+                return;
+            }
+        };
+        let evts = match self
+            .notify_evts
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<Result<Vec<_>, _>>()
+        {
+            Ok(e) => e,
+            Err(e) => return self.needs_reset(&format!("eventfd: {e}")),
+        };
+        let kill = match EventFd::new(libc::EFD_NONBLOCK) {
+            Ok(k) => k,
+            Err(e) => return self.needs_reset(&format!("eventfd: {e}")),
+        };
+        let kill2 = match kill.try_clone() {
+            Ok(k) => k,
+            Err(e) => return self.needs_reset(&format!("eventfd: {e}")),
+        };
+        stats.driver_ok.fetch_add(1, Ordering::Relaxed);
+        match worker::spawn(
+            self.dev.name(),
+            handler,
+            evts,
+            kill2,
+            stats,
+            self.shared.clone(),
+            self.msix.clone(),
+        ) {
+            Ok(h) => self.worker = Some((kill, h)),
+            Err(e) => self.needs_reset(&format!("cannot start the worker: {e}")),
+        }
+    }
+
+    fn write_status(&mut self, v: u8) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        let old = self.status;
+        let mut new = v;
+        let features_ok = VIRTIO_CONFIG_S_FEATURES_OK as u8;
+        if new & features_ok != 0
+            && old & features_ok == 0
+            && self.driver_features & (1 << VIRTIO_F_VERSION_1) == 0
+        {
+            // Modern-only device: a driver that did not accept VERSION_1 cannot use it.
+            new &= !features_ok;
+        }
+        self.status = new;
+        let driver_ok = VIRTIO_CONFIG_S_DRIVER_OK as u8;
+        if new & driver_ok != 0
+            && old & driver_ok == 0
+            && new & features_ok != 0
+            && self.worker.is_none()
+            && new & VIRTIO_CONFIG_S_FAILED as u8 == 0
+        {
+            self.activate();
+        }
+        let _ = (VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER);
+    }
+
+    fn common_read(&self, off: u64, data: &mut [u8]) {
+        let q = self.queues.get(self.queue_select as usize);
+        let features = self.dev.features();
+        let v: u64 = match off {
+            0x00 => u64::from(self.device_feature_select),
+            0x04 => match self.device_feature_select {
+                0 => features & 0xffff_ffff,
+                1 => features >> 32,
+                _ => 0,
+            },
+            0x08 => u64::from(self.driver_feature_select),
+            0x0c => match self.driver_feature_select {
+                0 => self.driver_features & 0xffff_ffff,
+                1 => self.driver_features >> 32,
+                _ => 0,
+            },
+            0x10 => u64::from(self.shared.config_vector.load(Ordering::SeqCst)),
+            0x12 => self.queues.len() as u64,
+            0x14 => u64::from(self.status()),
+            0x15 => u64::from(self.config_generation),
+            0x16 => u64::from(self.queue_select),
+            0x18 => q.map_or(0, |q| u64::from(q.size)),
+            0x1a => q.map_or(u64::from(NO_VECTOR), |q| u64::from(q.vector)),
+            0x1c => q.map_or(0, |q| u64::from(q.ready)),
+            0x1e => u64::from(self.queue_select),
+            0x20 => q.map_or(0, |q| q.desc & 0xffff_ffff),
+            0x24 => q.map_or(0, |q| q.desc >> 32),
+            0x28 => q.map_or(0, |q| q.avail & 0xffff_ffff),
+            0x2c => q.map_or(0, |q| q.avail >> 32),
+            0x30 => q.map_or(0, |q| q.used & 0xffff_ffff),
+            0x34 => q.map_or(0, |q| q.used >> 32),
+            _ => 0,
+        };
+        u64_to_data(v, data);
+    }
+
+    fn common_write(&mut self, off: u64, data: &[u8]) {
+        let v = data_to_u64(data);
+        let live = self.worker.is_some();
+        let nvec = self.msix.vectors();
+        let vector = |v: u64| {
+            let v = v as u16;
+            if v < nvec {
+                v
+            } else {
+                NO_VECTOR
+            }
+        };
+        let set_lo = |x: &mut u64, v: u64| *x = (*x & !0xffff_ffff) | (v & 0xffff_ffff);
+        let set_hi = |x: &mut u64, v: u64| *x = (*x & 0xffff_ffff) | (v << 32);
+        match off {
+            0x00 => self.device_feature_select = v as u32,
+            0x08 => self.driver_feature_select = v as u32,
+            0x0c => {
+                // Only before FEATURES_OK, and only bits the device offered.
+                if self.status & VIRTIO_CONFIG_S_FEATURES_OK as u8 == 0 {
+                    let offered = self.dev.features();
+                    match self.driver_feature_select {
+                        0 => set_lo(&mut self.driver_features, v & offered),
+                        1 => set_hi(&mut self.driver_features, (v << 32 & offered) >> 32),
+                        _ => {}
+                    }
+                }
+            }
+            0x10 => self.shared.config_vector.store(vector(v), Ordering::SeqCst),
+            0x14 => self.write_status(v as u8),
+            0x16 => self.queue_select = v as u16,
+            _ if live => log::debug!(
+                "{}: queue register {off:#x} written after DRIVER_OK: ignored",
+                self.dev.name()
+            ),
+            _ => {
+                let Some(q) = self.queues.get_mut(self.queue_select as usize) else {
+                    return;
+                };
+                match off {
+                    // Validated (power of two, <= max) at DRIVER_OK.
+                    0x18 => q.size = v as u16,
+                    0x1a => q.vector = vector(v),
+                    0x1c => q.ready = v & 1 != 0,
+                    0x20 => set_lo(&mut q.desc, v),
+                    0x24 => set_hi(&mut q.desc, v),
+                    0x28 => set_lo(&mut q.avail, v),
+                    0x2c => set_hi(&mut q.avail, v),
+                    0x30 => set_lo(&mut q.used, v),
+                    0x34 => set_hi(&mut q.used, v),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn bar_read(&mut self, off: u64, data: &mut [u8]) {
+        match off {
+            COMMON_OFFSET..0x100 => self.common_read(off - COMMON_OFFSET, data),
+            ISR_OFFSET => {
+                // Reading clears it.
+                let v = self.msix.isr.swap(0, Ordering::SeqCst);
+                u64_to_data(u64::from(v), data);
+            }
+            DEVICE_OFFSET..0x3000 => self.dev.read_config(off - DEVICE_OFFSET, data),
+            MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET => {
+                self.msix.table_read(off - MSIX_TABLE_OFFSET, data)
+            }
+            MSIX_PBA_OFFSET..BAR_SIZE => self.msix.pba_read((off - MSIX_PBA_OFFSET) / 8, data),
+            _ => data.fill(0),
+        }
+    }
+
+    fn bar_write(&mut self, off: u64, data: &[u8]) {
+        match off {
+            COMMON_OFFSET..0x100 => self.common_write(off - COMMON_OFFSET, data),
+            DEVICE_OFFSET..0x3000 => {
+                self.dev.write_config(off - DEVICE_OFFSET, data);
+            }
+            NOTIFY_OFFSET..MSIX_TABLE_OFFSET => {
+                // Reaches the VMM only without an ioeventfd.
+                let q = ((off - NOTIFY_OFFSET) / u64::from(NOTIFY_MULTIPLIER)) as usize;
+                if let Some(e) = self.notify_evts.get(q) {
+                    let _ = e.write(1);
+                }
+            }
+            MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET => {
+                self.msix.table_write(off - MSIX_TABLE_OFFSET, data)
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Drop for VirtioPci {
+    fn drop(&mut self) {
+        self.stop_worker();
+    }
+}
+
+impl BusDevice for VirtioPci {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.bar_read(offset, data)
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.bar_write(offset, data)
+    }
+}
+
+impl PciDevice for VirtioPci {
+    fn config_read(&mut self, offset: usize, data: &mut [u8]) {
+        let c = self.pci_cfg_cap;
+        if offset >= c + 16 && offset < c + 20 {
+            // pci_cfg_data: an access to BAR 0 at the capability's offset.
+            let off = u64::from(u32::from_le_bytes([
+                self.pci.byte(c + 8),
+                self.pci.byte(c + 9),
+                self.pci.byte(c + 10),
+                self.pci.byte(c + 11),
+            ]));
+            let len = self.pci.byte(c + 12) as usize;
+            if self.pci.byte(c + 4) == 0 && matches!(len, 1 | 2 | 4) && len <= data.len() {
+                let mut b = [0u8; 4];
+                self.bar_read(off, &mut b[..len]);
+                data.fill(0);
+                data[..len].copy_from_slice(&b[..len]);
+                return;
+            }
+        }
+        self.pci.read(offset, data)
+    }
+
+    fn config_write(&mut self, offset: usize, data: &[u8]) {
+        let c = self.pci_cfg_cap;
+        if offset >= c + 16 && offset < c + 20 {
+            let off = u64::from(u32::from_le_bytes([
+                self.pci.byte(c + 8),
+                self.pci.byte(c + 9),
+                self.pci.byte(c + 10),
+                self.pci.byte(c + 11),
+            ]));
+            let len = self.pci.byte(c + 12) as usize;
+            if self.pci.byte(c + 4) == 0 && matches!(len, 1 | 2 | 4) && len <= data.len() {
+                self.bar_write(off, &data[..len]);
+            }
+            return;
+        }
+        self.pci.write(offset, data);
+        let m = self.msix_cap;
+        if offset <= m + 3 && offset + data.len() > m + 2 {
+            let ctrl = u16::from_le_bytes([self.pci.byte(m + 2), self.pci.byte(m + 3)]);
+            self.msix.set_control(ctrl);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::irq::NoRoutes;
+    use crate::devices::virtio::queue::testing::*;
+    use crate::devices::virtio::queue::Identity;
+    use crate::devices::virtio::rng::Rng;
+    use std::time::{Duration, Instant};
+
+    fn rng_device(mem: &GuestMemoryMmap) -> VirtioPci {
+        VirtioPci::new(
+            Box::new(Rng::new()),
+            0xc000_0000,
+            mem.clone(),
+            Arc::new(Identity),
+            Arc::new(NoRoutes::default()),
+        )
+        .unwrap()
+    }
+
+    fn w(d: &mut VirtioPci, off: u64, v: u64, len: usize) {
+        d.write(off, &v.to_le_bytes()[..len]);
+    }
+
+    fn r(d: &mut VirtioPci, off: u64, len: usize) -> u64 {
+        let mut b = [0u8; 8];
+        d.read(off, &mut b[..len]);
+        u64::from_le_bytes(b)
+    }
+
+    fn set_up_queue(d: &mut VirtioPci, size: u16) {
+        w(d, 0x16, 0, 2);
+        w(d, 0x18, u64::from(size), 2);
+        w(d, 0x20, DESC, 4);
+        w(d, 0x24, 0, 4);
+        w(d, 0x28, AVAIL, 4);
+        w(d, 0x30, USED, 4);
+        w(d, 0x1a, 1, 2);
+        w(d, 0x1c, 1, 2);
+    }
+
+    fn negotiate(d: &mut VirtioPci, version_1: bool) -> u8 {
+        w(d, 0x14, 1, 1);
+        w(d, 0x14, 3, 1);
+        w(d, 0x00, 1, 4);
+        assert_eq!(r(d, 0x04, 4) & 1, 1, "VERSION_1 offered");
+        w(d, 0x08, 1, 4);
+        w(d, 0x0c, u64::from(version_1) | 0xfffe, 4);
+        w(d, 0x14, 0xb, 1);
+        r(d, 0x14, 1) as u8
+    }
+
+    #[test]
+    fn pci_header_and_capabilities() {
+        let mem = memory();
+        let mut d = rng_device(&mem);
+        let mut b = [0u8; 4];
+        d.config_read(0, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 0x1044_1af4);
+        d.config_read(0x10, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 0xc000_0000);
+        // Walk the capabilities: MSI-X then five virtio ones.
+        let mut p = {
+            let mut c = [0u8; 1];
+            d.config_read(0x34, &mut c);
+            c[0] as usize
+        };
+        let mut kinds = vec![];
+        while p != 0 {
+            let mut c = [0u8; 4];
+            d.config_read(p, &mut c);
+            kinds.push(if c[0] == PCI_CAP_ID_MSIX { 0 } else { c[3] });
+            p = c[1] as usize;
+        }
+        assert_eq!(kinds, vec![0, 1, 2, 3, 4, 5]);
+        // Enable MSI-X through the capability's control word.
+        d.config_write(0x40 + 2, &0x8000u16.to_le_bytes());
+        // The PCI configuration access capability reads the common configuration.
+        let c = d.pci_cfg_cap;
+        d.config_write(c + 4, &[0]);
+        d.config_write(c + 8, &0x12u32.to_le_bytes());
+        d.config_write(c + 12, &2u32.to_le_bytes());
+        let mut n = [0u8; 4];
+        d.config_read(c + 16, &mut n);
+        assert_eq!(u16::from_le_bytes([n[0], n[1]]), 1, "num_queues");
+    }
+
+    #[test]
+    fn features_without_version_1_are_refused() {
+        let mem = memory();
+        let mut d = rng_device(&mem);
+        assert_eq!(negotiate(&mut d, false) & 8, 0, "FEATURES_OK refused");
+        w(&mut d, 0x14, 0, 1);
+        assert_eq!(r(&mut d, 0x14, 1), 0, "reset");
+        assert_eq!(negotiate(&mut d, true) & 8, 8);
+        // Only offered features stick.
+        w(&mut d, 0x08, 1, 4);
+        assert_eq!(r(&mut d, 0x0c, 4), 1);
+    }
+
+    #[test]
+    fn bad_queue_size_needs_reset_then_the_device_works() {
+        let mem = memory();
+        let mut d = rng_device(&mem);
+        negotiate(&mut d, true);
+        set_up_queue(&mut d, 3);
+        w(&mut d, 0x14, 0xf, 1);
+        assert_ne!(r(&mut d, 0x14, 1) as u8 & 0x40, 0, "DEVICE_NEEDS_RESET");
+        assert!(d.worker.is_none());
+        // Reset and do it right; notify before DRIVER_OK (served once the device starts).
+        w(&mut d, 0x14, 0, 1);
+        assert_eq!(r(&mut d, 0x14, 1), 0);
+        negotiate(&mut d, true);
+        set_up_queue(&mut d, 8);
+        // Vector 7 does not exist: reads back NO_VECTOR.
+        w(&mut d, 0x1a, 7, 2);
+        assert_eq!(r(&mut d, 0x1a, 2), u64::from(NO_VECTOR));
+        let mut dq = DriverQueue::new(8);
+        dq.add(&mem, &[(0x8000, 32, true)]);
+        w(&mut d, NOTIFY_OFFSET, 0, 2);
+        w(&mut d, 0x14, 0xf, 1);
+        assert_eq!(r(&mut d, 0x14, 1), 0xf);
+        // Queue set-up is frozen after DRIVER_OK.
+        w(&mut d, 0x18, 2, 2);
+        assert_eq!(r(&mut d, 0x18, 2), 8);
+        let t = Instant::now();
+        while dq.used(&mem, 0).0 != 1 && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(dq.used(&mem, 0), (1, 0, 32));
+        // A second request through the notify register.
+        dq.add(&mem, &[(0x9000, 16, true)]);
+        w(&mut d, NOTIFY_OFFSET, 0, 2);
+        while dq.used(&mem, 1).0 != 2 && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(dq.used(&mem, 1), (2, 1, 16));
+        let s = d.stats();
+        assert_eq!(s.driver_ok.load(Ordering::Relaxed), 1);
+        assert_eq!(s.requests.load(Ordering::Relaxed), 2);
+        assert_eq!(s.needs_reset.load(Ordering::Relaxed), 1);
+        // Reset stops the worker.
+        w(&mut d, 0x14, 0, 1);
+        assert!(d.worker.is_none());
+    }
+}
