@@ -90,7 +90,7 @@ fn linux_mounts_its_root_from_virtio_blk_and_binds_virtio_rng() {
             "256M",
             "--verbose-boot",
             "--cmdline",
-            "root=/dev/vda rw rootdelay=1 panic=1 clearcpuid=tsc_deadline_timer",
+            "root=/dev/vda rw rootdelay=1 panic=1",
             "--timeout",
             &timeout,
             "--stats-json",

@@ -17,11 +17,15 @@ out=$(mktemp -d)
 # exitless's full command line (defaults + host extras), so QEMU gets exactly the same one.
 cmdline=$($bin run --kernel "$kernel" --verbose-boot --print-cmdline)
 
-watch_for_init() { # FILE PID START -> prints seconds or "never"
-    local f=$1 pid=$2 start=$3
+watch_for_init() { # FILE ERRFILE PID START -> prints seconds or "never"
+    local f=$1 err=$2 pid=$3 start=$4
     while kill -0 "$pid" 2>/dev/null; do
         if grep -aq "Run /init as init process" "$f"; then
             echo "$(( $(date +%s) - start ))"; return
+        fi
+        # QEMU pauses the VM (and never exits) when KVM's emulator fails.
+        if grep -aqi "emulation failure\|internal error" "$err"; then
+            echo "never (stopped: $(grep -ai -m1 'emulation failure\|internal error' "$err"))"; return
         fi
         sleep 1
     done
@@ -34,14 +38,14 @@ timeout "$limit" $bin run --kernel "$kernel" --initrd "$initrd" --mem $mem --cpu
     --no-default-cmdline --cmdline "$cmdline" --stats-json "$out/exitless.json" \
     >"$out/exitless.log" 2>"$out/exitless.err" &
 pid=$!
-t_exitless=$(watch_for_init "$out/exitless.log" $pid "$start")
+t_exitless=$(watch_for_init "$out/exitless.log" "$out/exitless.err" $pid "$start")
 kill -INT $pid 2>/dev/null || true; wait $pid 2>/dev/null || true
 
 start=$(date +%s)
 timeout "$limit" qemu-system-x86_64 -accel kvm -M q35 -m $mem -smp $cpus -nographic -no-reboot \
     -kernel "$kernel" -initrd "$initrd" -append "$cmdline" </dev/null >"$out/qemu.log" 2>"$out/qemu.err" &
 pid=$!
-t_qemu=$(watch_for_init "$out/qemu.log" $pid "$start")
+t_qemu=$(watch_for_init "$out/qemu.log" "$out/qemu.err" $pid "$start")
 kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true
 
 echo "exitless: Run /init after ${t_exitless} s"
