@@ -54,7 +54,11 @@ mod tests {
         let mut b = [0xff];
         d.read(4, &mut b);
         assert_eq!(b[0] & 0x02, 0, "input buffer empty: reboot=k need not wait");
-        assert_eq!(b[0] & 0x01, 0x01, "output buffer full: Linux's probe gives up fast");
+        assert_eq!(
+            b[0] & 0x01,
+            0x01,
+            "output buffer full: Linux's probe gives up fast"
+        );
         d.read(0, &mut b);
         assert_eq!(b, [0]);
     }
