@@ -40,10 +40,22 @@ if [ "${EXITLESS_SKIP_LINUX:-0}" != 1 ] && [ ! -f images/debian/vmlinuz ]; then
     tools/debian-guest.sh images/debian
 fi
 
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
 echo "== tests"
 # Everything but the real-kernel tests, in parallel.
-cargo test --release -- --test-threads=2 --skip linux_
+cargo test --release -- --test-threads=2 --skip linux_ 2>&1 | tee -a "$log"
 # Real kernels one at a time: on a host that emulates guest kernel code, the guest's timer tick
 # alone can take most of a core, and a second VM beside it starves both.
 echo "== real-kernel tests (one at a time)"
-cargo test --release linux_ -- --nocapture --test-threads=1
+cargo test --release linux_ -- --nocapture --test-threads=1 2>&1 | tee -a "$log"
+
+# One closing line over every test binary (cargo prints one result line per binary).
+awk '/^test result:/ {
+        for (i = 1; i < NF; i++) {
+            if ($(i + 1) ~ /^passed/) p += $i
+            if ($(i + 1) ~ /^failed/) f += $i
+            if ($(i + 1) ~ /^ignored/) s += $i
+        }
+    }
+    END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
