@@ -16,8 +16,9 @@ use common::*;
 
 const KERNEL: &str = "images/debian/vmlinuz";
 const INITRD: &str = "images/debian/initrd.img";
-/// Generous: ~6–10 minutes of emulated kernel code on a PVM host, seconds on hardware.
-const BOOT_TIMEOUT: &str = "1800";
+/// Generous: 13–25 minutes measured to "Run /init" on a PVM host (high variance: the guest's
+/// emulated timer tick competes with its own boot), seconds on hardware. CI's limit is 90 minutes.
+const BOOT_TIMEOUT: &str = "3000";
 
 fn image_present(test: &str) -> bool {
     let ok = std::path::Path::new(KERNEL).exists() && std::path::Path::new(INITRD).exists();
