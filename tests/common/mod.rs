@@ -141,3 +141,77 @@ pub fn exitless_cmd(args: &[&str]) -> Run {
         .expect("start exitless");
     finish(out, Path::new("/nonexistent"))
 }
+
+/// Runs `exitless run ARGS` like [`run_with_input`], but ends the VM (SIGINT: exitless still
+/// writes its report) when the guest console has been silent for `silence`. Returns the run and
+/// whether it was cut for silence.
+pub fn run_watched(args: &[&str], stdin: &[u8], silence: std::time::Duration) -> (Run, bool) {
+    use std::io::Read;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+
+    let dir = TempDir::new("watched");
+    let report = dir.path("report.json");
+    let mut child = Command::new(exitless())
+        .arg("run")
+        .args(args)
+        .arg("--stats-json")
+        .arg(&report)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start exitless");
+    {
+        let mut input = child.stdin.take().unwrap();
+        let _ = input.write_all(stdin);
+    }
+    let last_output = Arc::new(Mutex::new(Instant::now()));
+    let stdout_buf = Arc::new(Mutex::new(Vec::new()));
+    let mut out = child.stdout.take().unwrap();
+    let reader = {
+        let (last, buf) = (last_output.clone(), stdout_buf.clone());
+        std::thread::spawn(move || {
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = out.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                buf.lock().unwrap().extend_from_slice(&chunk[..n]);
+                *last.lock().unwrap() = Instant::now();
+            }
+        })
+    };
+    let mut err = child.stderr.take().unwrap();
+    let err_reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err.read_to_end(&mut s);
+        s
+    });
+    let cut = Arc::new(AtomicBool::new(false));
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait for exitless") {
+            break st;
+        }
+        if last_output.lock().unwrap().elapsed() > silence && !cut.swap(true, Ordering::SeqCst) {
+            // A signal to our own child: exitless stops the VM and still writes its report.
+            let _ = Command::new("kill")
+                .args(["-INT", &child.id().to_string()])
+                .status();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    let _ = reader.join();
+    let stderr = err_reader.join().unwrap_or_default();
+    let stdout = std::mem::take(&mut *stdout_buf.lock().unwrap());
+    let run = Run {
+        status: status.code(),
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        report: std::fs::read_to_string(&report)
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok()),
+    };
+    (run, cut.load(Ordering::SeqCst))
+}
