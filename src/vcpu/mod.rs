@@ -371,34 +371,41 @@ impl VcpuMemory<'_> {
     }
 }
 
-impl emulate::GuestAccess for VcpuMemory<'_> {
-    fn read(&mut self, gva: u64, buf: &mut [u8]) -> Result<(), emulate::AccessError> {
+impl VcpuMemory<'_> {
+    /// Splits `gva..gva+len` at page boundaries and calls `f(offset, len, gpa)` for each piece,
+    /// translating each page separately (contiguous virtual pages need not be contiguous).
+    fn per_page(
+        &self,
+        gva: u64,
+        len: usize,
+        mut f: impl FnMut(usize, usize, GuestAddress) -> bool,
+    ) -> Result<(), emulate::AccessError> {
         let mut done = 0;
-        while done < buf.len() {
+        while done < len {
             let va = gva.wrapping_add(done as u64);
-            let in_page = (0x1000 - (va & 0xfff)) as usize;
-            let n = in_page.min(buf.len() - done);
+            let n = ((0x1000 - (va & 0xfff)) as usize).min(len - done);
             let pa = self.gpa(va)?;
-            self.mem
-                .read_slice(&mut buf[done..done + n], GuestAddress(pa))
-                .map_err(|_| emulate::AccessError::Fault { gva: va })?;
+            if !f(done, n, GuestAddress(pa)) {
+                return Err(emulate::AccessError::Fault { gva: va });
+            }
             done += n;
         }
         Ok(())
     }
+}
+
+impl emulate::GuestAccess for VcpuMemory<'_> {
+    fn read(&mut self, gva: u64, buf: &mut [u8]) -> Result<(), emulate::AccessError> {
+        let mem = self.mem;
+        self.per_page(gva, buf.len(), |at, n, pa| {
+            mem.read_slice(&mut buf[at..at + n], pa).is_ok()
+        })
+    }
 
     fn write(&mut self, gva: u64, data: &[u8]) -> Result<(), emulate::AccessError> {
-        let mut done = 0;
-        while done < data.len() {
-            let va = gva.wrapping_add(done as u64);
-            let in_page = (0x1000 - (va & 0xfff)) as usize;
-            let n = in_page.min(data.len() - done);
-            let pa = self.gpa(va)?;
-            self.mem
-                .write_slice(&data[done..done + n], GuestAddress(pa))
-                .map_err(|_| emulate::AccessError::Fault { gva: va })?;
-            done += n;
-        }
-        Ok(())
+        let mem = self.mem;
+        self.per_page(gva, data.len(), |at, n, pa| {
+            mem.write_slice(&data[at..at + n], pa).is_ok()
+        })
     }
 }
