@@ -210,6 +210,7 @@ impl HostInfo {
             hide_cx16: pvm,
             hide_xsave: pvm,
             hide_kvm_steal_and_stable: pvm,
+            hide_kvm_hypercalls: pvm,
         }
     }
 
@@ -382,6 +383,7 @@ mod tests {
                 hide_cx16: true,
                 hide_xsave: true,
                 hide_kvm_steal_and_stable: true,
+                hide_kvm_hypercalls: true,
             }
         );
         let extras = pvm_host().linux_cmdline_extras();

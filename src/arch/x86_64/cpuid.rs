@@ -31,6 +31,11 @@ pub struct CpuidQuirks {
     /// Hide KVM steal time and the kvmclock "stable" bit (their static-key flips leave `int3`s the
     /// emulator cannot run on PVM hosts).
     pub hide_kvm_steal_and_stable: bool,
+    /// Hide the KVM paravirtual features whose guest side issues hypercalls from kernel mode (PV
+    /// unhalt/spinlock kicks, PV IPIs, PV TLB flush, PV sched-yield): a CPL0 `vmcall`/`vmmcall`
+    /// never completes on PVM hosts, so a guest that relies on one (a spinlock kick, an IPI) waits
+    /// for good. Without them the guest uses the in-kernel LAPIC's ordinary IPIs and plain spinlocks.
+    pub hide_kvm_hypercalls: bool,
 }
 
 /// CPUID bit numbers this module reads or writes.
@@ -52,7 +57,17 @@ pub mod bits {
     /// Leaf 0x4000_0001 EAX (KVM paravirtual features).
     pub const KVM_FEATURE_STEAL_TIME: u32 = 5;
     pub const KVM_FEATURE_CLOCKSOURCE_STABLE_BIT: u32 = 24;
+    pub const KVM_FEATURE_PV_UNHALT: u32 = 7;
+    pub const KVM_FEATURE_PV_TLB_FLUSH: u32 = 9;
+    pub const KVM_FEATURE_PV_SEND_IPI: u32 = 11;
+    pub const KVM_FEATURE_PV_SCHED_YIELD: u32 = 13;
 }
+
+/// Leaf 0x4000_0001 EAX bits hidden with [`CpuidQuirks::hide_kvm_hypercalls`].
+pub const KVM_HYPERCALL_FEATURES: u32 = 1 << bits::KVM_FEATURE_PV_UNHALT
+    | 1 << bits::KVM_FEATURE_PV_TLB_FLUSH
+    | 1 << bits::KVM_FEATURE_PV_SEND_IPI
+    | 1 << bits::KVM_FEATURE_PV_SCHED_YIELD;
 
 /// Leaf 1 ECX bits hidden with [`CpuidQuirks::hide_xsave`]: XSAVE itself and the VEX-encoded
 /// extensions whose state only XSAVE can switch.
@@ -242,9 +257,14 @@ fn filter_entry(e: &mut kvm_cpuid_entry2, topo: &Topology, vendor: Vendor, quirk
             _ => {}
         },
         0xb | 0x1f => *e = topo.ext_topology(e.function, e.index),
-        0x4000_0001 if quirks.hide_kvm_steal_and_stable => {
-            e.eax &= !(1 << bits::KVM_FEATURE_STEAL_TIME
-                | 1 << bits::KVM_FEATURE_CLOCKSOURCE_STABLE_BIT);
+        0x4000_0001 => {
+            if quirks.hide_kvm_steal_and_stable {
+                e.eax &= !(1 << bits::KVM_FEATURE_STEAL_TIME
+                    | 1 << bits::KVM_FEATURE_CLOCKSOURCE_STABLE_BIT);
+            }
+            if quirks.hide_kvm_hypercalls {
+                e.eax &= !KVM_HYPERCALL_FEATURES;
+            }
         }
         0x8000_0001 if quirks.hide_xsave => e.ecx &= !LEAF_8000_0001_ECX_XSAVE_MASK,
         0x8000_0008 if vendor == Vendor::Amd => {
@@ -419,6 +439,7 @@ mod tests {
         hide_cx16: true,
         hide_xsave: true,
         hide_kvm_steal_and_stable: true,
+        hide_kvm_hypercalls: true,
     };
 
     #[test]
@@ -660,6 +681,22 @@ mod tests {
     }
 
     #[test]
+    fn hypercall_quirk_clears_only_the_pv_features_that_make_hypercalls() {
+        let quirks = CpuidQuirks {
+            hide_kvm_hypercalls: true,
+            ..Default::default()
+        };
+        let c = filtered(&intel(), 0, 2, &quirks);
+        let f = get(&c, 0x4000_0001, 0).eax;
+        for bit in [7, 9, 11, 13] {
+            assert_eq!(f & (1 << bit), 0, "bit {bit}");
+        }
+        // kvmclock, PV EOI (an MSR, the exitless EOI path) and the rest stay.
+        assert_eq!(f, 0x0100_7efb & !(1 << 7 | 1 << 9 | 1 << 11 | 1 << 13));
+        assert_ne!(f & (1 << 6), 0, "PV EOI kept");
+    }
+
+    #[test]
     fn leaf6_zeroed_but_arat() {
         let c = filtered(&intel(), 0, 2, &ALL_QUIRKS);
         let l6 = get(&c, 6, 0);
@@ -711,6 +748,7 @@ mod tests {
             if has(&c, 0x4000_0001) {
                 let f = get(&c, 0x4000_0001, 0).eax;
                 assert_eq!(f & (1 << 5 | 1 << 24), 0);
+                assert_eq!(f & KVM_HYPERCALL_FEATURES, 0);
             }
             // KVM accepts the result.
             let vcpu = vm.create_vcpu(vcpu_id.into()).unwrap();
