@@ -108,9 +108,15 @@ pub struct RunArgs {
     /// A virtio-net device over a host tap: `tap=NAME[,mac=MAC]` (repeatable).
     #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
     pub net: Vec<String>,
-    /// A virtio-balloon device (statistics, free-page reporting).
-    #[arg(long)]
-    pub balloon: bool,
+    /// A virtio-balloon device (statistics, free-page reporting):
+    /// `[size=SIZE][,stats=SECONDS][,reporting=on|off][,deflate_on_oom=on|off]`.
+    #[arg(
+        long,
+        num_args = 0..=1,
+        default_missing_value = "",
+        value_name = "size=SIZE,stats=SECS,reporting=on|off,deflate_on_oom=on|off"
+    )]
+    pub balloon: Option<String>,
     /// A virtio-vsock device whose host side is a Unix socket: `cid=N,socket=PATH`.
     #[arg(long, value_name = "cid=N,socket=PATH")]
     pub vsock: Option<String>,
@@ -133,7 +139,12 @@ impl RunArgs {
                 .enumerate()
                 .map(|(i, n)| vc::parse_net(n, i))
                 .collect::<Result<_, _>>()?,
-            balloon: self.balloon,
+            balloon: self
+                .balloon
+                .as_deref()
+                .map(vc::parse_balloon)
+                .transpose()
+                .map_err(|e| format!("--balloon: {e}"))?,
             vsock: self.vsock.as_deref().map(vc::parse_vsock).transpose()?,
         })
     }
@@ -172,10 +183,7 @@ impl RunArgs {
             }
         }
         if !self.cmdline.is_empty() {
-            if !cmdline.is_empty() {
-                cmdline.push(' ');
-            }
-            cmdline.push_str(&self.cmdline);
+            cmdline = crate::config::append_cmdline(&cmdline, &self.cmdline);
         }
         let timeout = match self.timeout {
             Some(t) if !(t.is_finite() && t > 0.0) => {

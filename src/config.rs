@@ -19,6 +19,53 @@ pub enum KernelSource {
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 i8042.noaux i8042.nomux \
      i8042.nopnp i8042.dumbkbd cryptomgr.notests=1";
 
+/// `base` followed by the user's `extra`, except that `clearcpuid=` lists are merged: Linux keeps
+/// only the last `clearcpuid=` it sees, so a user's own list would silently drop the features the
+/// host needs hidden (see `host`). The union goes where the user put theirs.
+pub fn append_cmdline(base: &str, extra: &str) -> String {
+    const KEY: &str = "clearcpuid=";
+    let lists = |s: &str| -> Vec<String> {
+        s.split_whitespace()
+            .filter_map(|t| t.strip_prefix(KEY))
+            .flat_map(|v| v.split(','))
+            .filter(|v| !v.is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    let extra_has = extra.split_whitespace().any(|t| t.starts_with(KEY));
+    let mut out: Vec<String> = Vec::new();
+    if extra_has {
+        out.extend(
+            base.split_whitespace()
+                .filter(|t| !t.starts_with(KEY))
+                .map(str::to_string),
+        );
+        let mut union: Vec<String> = Vec::new();
+        for v in lists(base).into_iter().chain(lists(extra)) {
+            if !union.contains(&v) {
+                union.push(v);
+            }
+        }
+        let mut placed = false;
+        for t in extra.split_whitespace() {
+            if t.starts_with(KEY) {
+                if !placed {
+                    out.push(format!("{KEY}{}", union.join(",")));
+                    placed = true;
+                }
+            } else {
+                out.push(t.to_string());
+            }
+        }
+        return out.join(" ");
+    }
+    match (base.is_empty(), extra.is_empty()) {
+        (_, true) => base.to_string(),
+        (true, false) => extra.to_string(),
+        (false, false) => format!("{base} {extra}"),
+    }
+}
+
 /// A VM.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
@@ -99,6 +146,26 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn user_clearcpuid_is_merged_with_the_hosts() {
+        use super::append_cmdline;
+        assert_eq!(append_cmdline("a b", "c"), "a b c");
+        assert_eq!(append_cmdline("", "c d"), "c d");
+        assert_eq!(append_cmdline("a  b", ""), "a  b");
+        assert_eq!(
+            append_cmdline("a clearcpuid=smap,cx16 b", "x clearcpuid=pku,cx16 y"),
+            "a b x clearcpuid=smap,cx16,pku y"
+        );
+        assert_eq!(
+            append_cmdline("clearcpuid=smap", "clearcpuid=a clearcpuid=b"),
+            "clearcpuid=smap,a,b"
+        );
+        assert_eq!(
+            append_cmdline("clearcpuid=smap q", "r"),
+            "clearcpuid=smap q r"
+        );
+    }
+
     use super::*;
 
     #[test]
