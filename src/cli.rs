@@ -93,6 +93,10 @@ pub struct RunArgs {
     /// Add the kit's probe device (counted PIO/MMIO exits); on for kit guests.
     #[arg(long)]
     pub probe: bool,
+    /// Sample each vCPU's instruction pointer about 100 times a second and print the hottest
+    /// addresses at the end: where a slow or hung guest spends its time.
+    #[arg(long)]
+    pub sample_rips: bool,
     /// Boot a bzImage through its own decompressor instead of unpacking it in exitless.
     #[arg(long)]
     pub guest_decompress: bool,
@@ -105,7 +109,8 @@ pub struct RunArgs {
     /// A virtio-rng device fed from the host's getrandom.
     #[arg(long)]
     pub rng: bool,
-    /// A virtio-net device over a host tap: `tap=NAME[,mac=MAC]` (repeatable).
+    /// A virtio-net device over a host tap: `tap=NAME[,mac=MAC]` (repeatable). The tap must
+    /// exist (`ip tuntap add NAME mode tap [user USER]`); as root a missing one is created, down.
     #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
     pub net: Vec<String>,
     /// A virtio-balloon device (statistics, free-page reporting):
@@ -208,6 +213,7 @@ impl RunArgs {
             timeout,
             console_log: self.console_log.clone(),
             unpack_bzimage: !self.guest_decompress,
+            sample_rips: self.sample_rips,
             virtio: self.virtio_config()?,
         })
     }

@@ -92,6 +92,8 @@ pub struct VmConfig {
     /// Unpack a bzImage in the VMM and boot the kernel ELF inside it (skips the guest's
     /// decompressor, which is emulated on hosts without VMX/SVM).
     pub unpack_bzimage: bool,
+    /// Sample the vCPUs' RIPs periodically for the report (`--sample-rips`).
+    pub sample_rips: bool,
     /// Paravirtual devices on PCI (`--disk`, `--rng`, `--net`, `--balloon`, `--vsock`).
     pub virtio: crate::devices::virtio::config::VirtioConfig,
 }

@@ -105,6 +105,8 @@ pub struct VcpuStats {
     /// Guest RIP and CPL when the vCPU stopped.
     pub last_rip: Option<u64>,
     pub last_cpl: Option<u16>,
+    /// Guest RIPs seen by the sampler (`--sample-rips`), with their counts.
+    pub rip_samples: HashMap<u64, u64>,
 }
 
 impl Default for VcpuStats {
@@ -123,6 +125,7 @@ impl Default for VcpuStats {
             emulated: BTreeMap::new(),
             last_rip: None,
             last_cpl: None,
+            rip_samples: HashMap::new(),
         }
     }
 }
@@ -255,9 +258,38 @@ pub struct RunReport {
     pub devices: Vec<DeviceFact>,
     /// Where each vCPU was when it stopped ("0xffffffff81000000 cpl0").
     pub last_rip: Vec<String>,
+    /// The hottest guest RIPs of `--sample-rips` ("0xffffffff81000000" → samples), at most
+    /// [`PROFILE_TOP`], with the number of samples taken in all.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rip_profile: Vec<(String, u64)>,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub rip_samples: u64,
     /// KVM's own per-vCPU counters summed over vCPUs (exits handled inside the kernel too), when
     /// the host exposes binary statistics.
     pub kvm: BTreeMap<String, u64>,
+}
+
+/// How many of the hottest sampled RIPs the report keeps.
+pub const PROFILE_TOP: usize = 20;
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// The sampled RIPs of all vCPUs merged, hottest first (ties by address).
+fn rip_profile(vcpus: &[VcpuStats]) -> Vec<(String, u64)> {
+    let mut all: HashMap<u64, u64> = HashMap::new();
+    for v in vcpus {
+        for (rip, n) in &v.rip_samples {
+            *all.entry(*rip).or_default() += n;
+        }
+    }
+    let mut v: Vec<(u64, u64)> = all.into_iter().collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    v.into_iter()
+        .take(PROFILE_TOP)
+        .map(|(rip, n)| (format!("{rip:#x}"), n))
+        .collect()
 }
 
 impl RunReport {
@@ -329,6 +361,11 @@ impl RunReport {
                     _ => "unknown".into(),
                 })
                 .collect(),
+            rip_profile: rip_profile(vcpus),
+            rip_samples: vcpus
+                .iter()
+                .map(|v| v.rip_samples.values().sum::<u64>())
+                .sum(),
             kvm: BTreeMap::new(),
         }
     }
@@ -434,6 +471,17 @@ impl RunReport {
         }
         if self.status != 0 && !self.last_rip.is_empty() {
             let _ = writeln!(s, "  vCPUs stopped at: {}", self.last_rip.join(", "));
+        }
+        if self.rip_samples > 0 {
+            let _ = writeln!(
+                s,
+                "  guest RIP samples: {} (hottest first)",
+                self.rip_samples
+            );
+            for (rip, n) in &self.rip_profile {
+                let pct = 100.0 * *n as f64 / self.rip_samples as f64;
+                let _ = writeln!(s, "    {rip:<20} {n:>8} {pct:5.1}%");
+            }
         }
         if !self.kvm.is_empty() {
             let list: Vec<String> = self.kvm.iter().map(|(k, n)| format!("{k}={n}")).collect();

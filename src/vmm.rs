@@ -410,6 +410,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
         stop: stop.clone(),
         unclaimed: Arc::new(Mutex::new(HashSet::new())),
         complete_failed_emulation: true,
+        sample_rips: cfg.sample_rips,
     };
     let mut vcpus = Vec::new();
     for id in 0..cfg.cpus {
@@ -457,11 +458,23 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
         handles.push(h);
     }
     drop(end_tx);
+    let sampled: Vec<libc::pthread_t> = if cfg.sample_rips {
+        use std::os::unix::thread::JoinHandleExt;
+        handles.iter().map(|h| h.as_pthread_t()).collect()
+    } else {
+        Vec::new()
+    };
 
-    // Wait for the end.
+    // Wait for the end (kicking the vCPUs for a RIP sample every 10 ms with --sample-rips).
     let deadline = cfg.timeout.map(|t| started + t);
+    let tick = Duration::from_millis(if cfg.sample_rips { 10 } else { 50 });
     let end = loop {
-        match end_rx.recv_timeout(Duration::from_millis(50)) {
+        for &p in &sampled {
+            // SAFETY: the vCPU threads are joined only after this loop, so each pthread_t is
+            // valid; the kick handler does nothing but interrupt KVM_RUN.
+            unsafe { libc::pthread_kill(p, vcpu::kick_signal()) };
+        }
+        match end_rx.recv_timeout(tick) {
             Ok(e) => break e,
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 break VmEnd::Error("every vCPU stopped".into())
@@ -626,6 +639,7 @@ mod tests {
             timeout: None,
             console_log: None,
             unpack_bzimage: true,
+            sample_rips: false,
             virtio: Default::default(),
         };
         assert_eq!(exit_status(&VmEnd::PowerOff, &cfg), 0);

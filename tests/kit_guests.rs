@@ -197,3 +197,32 @@ fn kit_guests_can_be_extracted_for_qemu() {
     let demo = std::fs::read(dir.path("demo")).unwrap();
     assert_eq!(&demo[..4], b"\x7fELF");
 }
+
+#[test]
+fn sample_rips_profiles_where_the_guest_runs() {
+    if !kvm_available("sample-rips") {
+        return;
+    }
+    let r = run(&["--sample-rips"]);
+    assert_eq!(r.status, Some(0), "{}", r.describe());
+    let report = r.report.as_ref().unwrap();
+    let samples = report["rip_samples"].as_u64().unwrap_or(0);
+    assert!(samples > 0, "no samples: {}", r.describe());
+    let profile = report["rip_profile"].as_array().unwrap();
+    assert!(!profile.is_empty());
+    let mut total = 0;
+    for e in profile {
+        let rip = u64::from_str_radix(e[0].as_str().unwrap().trim_start_matches("0x"), 16).unwrap();
+        // The kit is linked at 1 MiB and is far smaller than 4 MiB.
+        assert!(
+            (0x10_0000..0x40_0000).contains(&rip),
+            "RIP {rip:#x} outside the guest"
+        );
+        total += e[1].as_u64().unwrap();
+    }
+    assert!(total <= samples);
+    assert!(r.stderr.contains("guest RIP samples"), "{}", r.describe());
+    // Without the flag there is no profile.
+    let plain = run(&[]);
+    assert!(plain.report.as_ref().unwrap().get("rip_samples").is_none());
+}

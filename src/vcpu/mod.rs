@@ -58,6 +58,8 @@ pub struct VcpuShared {
     pub unclaimed: Arc<Mutex<std::collections::HashSet<(bool, u64)>>>,
     /// Complete instructions KVM's emulator fails on (on by default).
     pub complete_failed_emulation: bool,
+    /// Record the guest RIP at every kick (`--sample-rips`: the VMM kicks periodically).
+    pub sample_rips: bool,
 }
 
 pub struct Vcpu {
@@ -151,6 +153,11 @@ impl Vcpu {
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     stats.count(ExitReason::Interrupted);
+                    if shared.sample_rips {
+                        if let Ok(r) = fd.get_regs() {
+                            *stats.rip_samples.entry(r.rip).or_default() += 1;
+                        }
+                    }
                     continue;
                 }
                 other => SlowExit::from(other),
