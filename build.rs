@@ -19,6 +19,10 @@ const GUESTS: &[&str] = &[
     "virtio-blk",
     "virtio-hostile",
     "virtio-rng",
+    "virtio-vsock",
+    "virtio-net",
+    "virtio-balloon",
+    "bench-io",
 ];
 
 fn main() {

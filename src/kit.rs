@@ -27,6 +27,10 @@ pub const GUESTS: &[(&str, &[u8])] = &[
     guest!("virtio-blk"),
     guest!("virtio-hostile"),
     guest!("virtio-rng"),
+    guest!("virtio-vsock"),
+    guest!("virtio-net"),
+    guest!("virtio-balloon"),
+    guest!("bench-io"),
 ];
 
 /// The guest booted when no kernel is given.

@@ -107,7 +107,14 @@ pub struct VcpuStats {
     pub last_cpl: Option<u16>,
     /// Guest RIPs seen by the sampler (`--sample-rips`), with their counts.
     pub rip_samples: HashMap<u64, u64>,
+    /// The same for the current and the previous [`RECENT_WINDOW`] (a hung guest's loop shows
+    /// there undiluted by the boot before it).
+    pub rip_recent: [HashMap<u64, u64>; 2],
+    rip_window_start: Option<std::time::Instant>,
 }
+
+/// Length of each window of recent RIP samples.
+pub const RECENT_WINDOW: Duration = Duration::from_secs(30);
 
 impl Default for VcpuStats {
     fn default() -> Self {
@@ -126,11 +133,25 @@ impl Default for VcpuStats {
             last_rip: None,
             last_cpl: None,
             rip_samples: HashMap::new(),
+            rip_recent: [HashMap::new(), HashMap::new()],
+            rip_window_start: None,
         }
     }
 }
 
 impl VcpuStats {
+    /// Records one sampled guest RIP.
+    pub fn sample_rip(&mut self, rip: u64) {
+        let now = std::time::Instant::now();
+        let start = *self.rip_window_start.get_or_insert(now);
+        if now.duration_since(start) >= RECENT_WINDOW {
+            self.rip_recent[1] = std::mem::take(&mut self.rip_recent[0]);
+            self.rip_window_start = Some(now);
+        }
+        *self.rip_samples.entry(rip).or_default() += 1;
+        *self.rip_recent[0].entry(rip).or_default() += 1;
+    }
+
     #[inline]
     pub fn count(&mut self, r: ExitReason) {
         self.counts[r as usize] += 1;
@@ -264,6 +285,9 @@ pub struct RunReport {
     pub rip_profile: Vec<(String, u64)>,
     #[serde(skip_serializing_if = "is_zero")]
     pub rip_samples: u64,
+    /// The same over the last 30–60 s of the run only.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rip_profile_recent: Vec<(String, u64)>,
     /// KVM's own per-vCPU counters summed over vCPUs (exits handled inside the kernel too), when
     /// the host exposes binary statistics.
     pub kvm: BTreeMap<String, u64>,
@@ -277,10 +301,10 @@ fn is_zero(n: &u64) -> bool {
 }
 
 /// The sampled RIPs of all vCPUs merged, hottest first (ties by address).
-fn rip_profile(vcpus: &[VcpuStats]) -> Vec<(String, u64)> {
+fn rip_profile<'a>(maps: impl Iterator<Item = &'a HashMap<u64, u64>>) -> Vec<(String, u64)> {
     let mut all: HashMap<u64, u64> = HashMap::new();
-    for v in vcpus {
-        for (rip, n) in &v.rip_samples {
+    for m in maps {
+        for (rip, n) in m {
             *all.entry(*rip).or_default() += n;
         }
     }
@@ -361,7 +385,8 @@ impl RunReport {
                     _ => "unknown".into(),
                 })
                 .collect(),
-            rip_profile: rip_profile(vcpus),
+            rip_profile: rip_profile(vcpus.iter().map(|v| &v.rip_samples)),
+            rip_profile_recent: rip_profile(vcpus.iter().flat_map(|v| v.rip_recent.iter())),
             rip_samples: vcpus
                 .iter()
                 .map(|v| v.rip_samples.values().sum::<u64>())
@@ -481,6 +506,14 @@ impl RunReport {
             for (rip, n) in &self.rip_profile {
                 let pct = 100.0 * *n as f64 / self.rip_samples as f64;
                 let _ = writeln!(s, "    {rip:<20} {n:>8} {pct:5.1}%");
+            }
+            let recent: u64 = self.rip_profile_recent.iter().map(|(_, n)| n).sum();
+            if self.wall_ns > RECENT_WINDOW.as_nanos() && recent > 0 {
+                let _ = writeln!(s, "  the same, last 30-60 s only (top {PROFILE_TOP}):");
+                for (rip, n) in &self.rip_profile_recent {
+                    let pct = 100.0 * *n as f64 / recent as f64;
+                    let _ = writeln!(s, "    {rip:<20} {n:>8} {pct:5.1}%");
+                }
             }
         }
         if !self.kvm.is_empty() {

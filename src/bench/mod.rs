@@ -5,8 +5,11 @@
 //! peer VMM's, runs as a child process that is killed when its time is up, so a misbehaving
 //! benchmark guest can never hang the benchmark). The benchmarks themselves:
 //! - [`exits`]: what one VM exit costs, by kind, side by side with QEMU (`bench exits`).
+//! - [`io`]: virtio block (and later network) throughput and exits per request, side by side
+//!   with QEMU (`bench io`).
 
 pub mod exits;
+pub mod io;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitCode, ExitStatus};
@@ -21,6 +24,38 @@ pub enum BenchCommand {
     /// handled in userspace or by an ioeventfd, LAPIC EOI/TPR, self-IPI, HLT + LAPIC timer, and
     /// the PIO/MMIO operations from CPL3.
     Exits(ExitsArgs),
+    /// virtio-blk throughput (sequential 64 KiB writes and reads, 32 in flight) and virtio-net
+    /// transmit throughput (to a tap in a network namespace) in the kit's `bench-io` guest, with
+    /// the exits per request they cost.
+    Io(IoArgs),
+}
+
+/// Arguments of `exitless bench io`.
+#[derive(Args, Debug, Clone)]
+pub struct IoArgs {
+    /// Print one JSON object on stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Also run the very same guest over the same image under this VMM and compare (needs
+    /// qemu-system-x86_64).
+    #[arg(long, value_enum)]
+    pub vs: Option<Peer>,
+    /// Time limit of each VM run, in seconds.
+    #[arg(long, default_value_t = 120.0)]
+    pub timeout: f64,
+    /// 32 MiB each way instead of 256 (a smoke test, not a measurement).
+    #[arg(long)]
+    pub quick: bool,
+    /// MiB written and read back per run (overrides --quick's and the default size).
+    #[arg(long)]
+    pub mib: Option<u64>,
+    /// Skip the network workload (it needs root for a network namespace with a tap).
+    #[arg(long)]
+    pub no_net: bool,
+    /// Boot the guest this many times per VMM (alternating) and keep, per workload and VMM, the
+    /// fastest round (the median is shown too).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub rounds: u32,
 }
 
 /// Arguments of `exitless bench exits`.
@@ -57,6 +92,7 @@ pub enum Peer {
 pub fn main(cmd: BenchCommand) -> ExitCode {
     let r = match cmd {
         BenchCommand::Exits(args) => exits::run(&args),
+        BenchCommand::Io(args) => io::run(&args),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -155,7 +155,7 @@ impl Vcpu {
                     stats.count(ExitReason::Interrupted);
                     if shared.sample_rips {
                         if let Ok(r) = fd.get_regs() {
-                            *stats.rip_samples.entry(r.rip).or_default() += 1;
+                            stats.sample_rip(r.rip);
                         }
                     }
                     continue;

@@ -603,7 +603,6 @@ mod tests {
             rsdp: GuestAddress(ACPI_START),
             pci_ecam: false,
             unpack_bzimage: true,
-            sample_rips: false,
         };
         let err = load(&mem(), &spec).unwrap_err();
         assert!(matches!(err, BootError::NotAKernel { .. }), "{err}");

@@ -1,5 +1,6 @@
 //! The virtio devices a VM is asked for, and the parsing of their command-line forms
-//! (`--disk path=IMG[,readonly=on][,id=NAME]`, `--rng`, `--net tap=NAME[,mac=MAC]`, `--balloon`,
+//! (`--disk path=IMG[,readonly=on][,id=NAME]`, `--rng`, `--net tap=NAME[,mac=MAC]`,
+//! `--balloon [size=SIZE][,stats=SECONDS][,reporting=on|off][,deflate_on_oom=on|off]`,
 //! `--vsock cid=N,socket=PATH`).
 
 use std::path::PathBuf;
@@ -9,7 +10,7 @@ pub struct VirtioConfig {
     pub disks: Vec<DiskConfig>,
     pub rng: bool,
     pub nets: Vec<NetConfig>,
-    pub balloon: bool,
+    pub balloon: Option<BalloonConfig>,
     pub vsock: Option<VsockConfig>,
 }
 
@@ -19,7 +20,7 @@ impl VirtioConfig {
         !self.disks.is_empty()
             || self.rng
             || !self.nets.is_empty()
-            || self.balloon
+            || self.balloon.is_some()
             || self.vsock.is_some()
     }
 }
@@ -36,6 +37,62 @@ pub struct DiskConfig {
 pub struct NetConfig {
     pub tap: String,
     pub mac: [u8; 6],
+}
+
+/// `--balloon [size=SIZE][,stats=SECONDS][,reporting=on|off][,deflate_on_oom=on|off]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BalloonConfig {
+    /// Target balloon size in bytes (a multiple of 4 KiB), set at start-up.
+    pub size: u64,
+    /// Statistics polling interval in seconds; 0 does not offer the statistics queue.
+    pub stats_interval: u32,
+    /// Offer VIRTIO_BALLOON_F_REPORTING (free-page reporting).
+    pub reporting: bool,
+    /// Offer VIRTIO_BALLOON_F_DEFLATE_ON_OOM.
+    pub deflate_on_oom: bool,
+}
+
+impl Default for BalloonConfig {
+    fn default() -> Self {
+        BalloonConfig {
+            size: 0,
+            stats_interval: 5,
+            reporting: true,
+            deflate_on_oom: false,
+        }
+    }
+}
+
+pub fn parse_balloon(s: &str) -> Result<BalloonConfig, String> {
+    let mut b = BalloonConfig::default();
+    for (k, v) in pairs(s, "size")? {
+        match k {
+            "size" => {
+                b.size = crate::config::parse_size(v).map_err(|e| format!("balloon size: {e}"))?;
+                if !b.size.is_multiple_of(4096) {
+                    return Err(format!("balloon size {v:?} is not a multiple of 4 KiB"));
+                }
+                if b.size >> 12 > u64::from(u32::MAX) {
+                    return Err(format!("balloon size {v:?} is too large"));
+                }
+            }
+            "stats" => {
+                b.stats_interval = v
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|&n| n <= 3600)
+                    .ok_or_else(|| format!("balloon stats interval {v:?} is not 0..=3600 seconds"))?
+            }
+            "reporting" => b.reporting = on_off(v)?,
+            "deflate_on_oom" => b.deflate_on_oom = on_off(v)?,
+            _ => {
+                return Err(format!(
+                    "unknown --balloon option {k:?} (size, stats, reporting, deflate_on_oom)"
+                ))
+            }
+        }
+    }
+    Ok(b)
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -115,8 +172,15 @@ pub fn parse_net(s: &str, index: usize) -> Result<NetConfig, String> {
             _ => return Err(format!("unknown --net option {k:?} (tap, mac)")),
         }
     }
-    if n.tap.is_empty() || n.tap.len() >= 16 {
+    if n.tap.is_empty() {
         return Err("--net needs tap=NAME (at most 15 characters)".into());
+    }
+    if n.tap.len() >= 16 {
+        return Err(format!(
+            "--net: tap name {:?} is {} bytes long; interface names have at most 15",
+            n.tap,
+            n.tap.len()
+        ));
     }
     Ok(n)
 }
@@ -165,5 +229,30 @@ mod tests {
         assert_eq!(v.cid, 3);
         assert!(parse_vsock("cid=2,socket=/x").is_err());
         assert!(parse_vsock("cid=5").is_err());
+    }
+
+    #[test]
+    fn parses_balloon_options() {
+        assert_eq!(parse_balloon("").unwrap(), BalloonConfig::default());
+        let b = parse_balloon("size=48M,stats=1,reporting=off,deflate_on_oom=on").unwrap();
+        assert_eq!(
+            b,
+            BalloonConfig {
+                size: 48 << 20,
+                stats_interval: 1,
+                reporting: false,
+                deflate_on_oom: true
+            }
+        );
+        assert_eq!(parse_balloon("1G").unwrap().size, 1 << 30);
+        assert_eq!(parse_balloon("stats=0").unwrap().stats_interval, 0);
+        assert!(parse_balloon("size=1000").unwrap().size == 1000 << 20);
+        assert!(parse_balloon("size=4097B").is_err(), "not page-sized");
+        assert!(parse_balloon("size=lots").is_err());
+        assert!(parse_balloon("stats=-1").is_err());
+        assert!(parse_balloon("stats=99999").is_err());
+        assert!(parse_balloon("reporting=maybe").is_err());
+        assert!(parse_balloon("size=1M,bogus=1").is_err());
+        assert!(parse_balloon("size=1M,stats").is_err());
     }
 }

@@ -30,12 +30,16 @@
 //! notifications before DRIVER_OK are counted by the eventfd and served once the device starts;
 //! writes to read-only configuration are ignored (counted as `config_writes_refused`).
 
+pub mod balloon;
 pub mod block;
 pub mod config;
 pub mod irq;
+pub mod net;
 pub mod queue;
 pub mod rng;
+pub mod tap;
 pub mod transport;
+pub mod vsock;
 mod worker;
 
 use std::collections::BTreeMap;
@@ -254,17 +258,17 @@ pub fn build(
     for (i, d) in cfg.disks.iter().enumerate() {
         devs.push(Box::new(block::Block::open(d, i)?));
     }
-    if !cfg.nets.is_empty() {
-        return Err("--net: virtio-net is not implemented yet".into());
+    for (i, n) in cfg.nets.iter().enumerate() {
+        devs.push(Box::new(net::Net::open(n, i)?));
     }
     if cfg.rng {
         devs.push(Box::new(rng::Rng::new()));
     }
-    if cfg.balloon {
-        return Err("--balloon: virtio-balloon is not implemented yet".into());
+    if let Some(b) = &cfg.balloon {
+        devs.push(Box::new(balloon::Balloon::new(b, mem)?));
     }
-    if cfg.vsock.is_some() {
-        return Err("--vsock: virtio-vsock is not implemented yet".into());
+    if let Some(v) = &cfg.vsock {
+        devs.push(Box::new(vsock::Vsock::new(v)?));
     }
 
     if !vm.check_extension(Cap::IrqRouting) {

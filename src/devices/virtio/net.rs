@@ -1,0 +1,920 @@
+//! virtio-net over a tap device (virtio 1.x §5.1): one receive and one transmit queue, the MAC
+//! address and link status in configuration, mergeable receive buffers, and checksum/segmentation
+//! offloads offered as far as the tap supports them and set on the tap (`TUNSETOFFLOAD`) from
+//! what the driver accepted.
+//!
+//! Owns the tap (`super::tap`, opened at start-up so that a missing tap is a start-up error) and
+//! the frame path. Every frame carries the 12-byte `virtio_net_hdr_v1` on both sides, so the tap
+//! and the driver share one header format and the device copies it as is, only filling
+//! `num_buffers` (and clearing the checksum flags when the driver did not accept
+//! `VIRTIO_NET_F_GUEST_CSUM`).
+//!
+//! # Receive
+//! The worker polls the tap through an epoll set of the handler's own (the tap is its only
+//! member, and that set is the descriptor the worker waits on), so the handler can stop polling
+//! the tap when the receive ring is empty: the frame it has read stays pending, notifications
+//! are re-enabled, and the receive queue's notification (new buffers) resumes polling. Nothing
+//! spins and exitless drops no frame for lack of buffers (meanwhile the tap's own queue fills,
+//! and the kernel drops beyond its `txqueuelen`: `ip -s link` shows those as TX drops); frames
+//! are dropped here (`rx_dropped`) only when they cannot fit at all: longer than a single chain
+//! without `MRG_RXBUF`, or longer than all the buffers of the ring together. A frame's used
+//! elements are published with one index update, so the driver never sees part of a merged frame.
+//!
+//! # Transmit
+//! Each chain (header + frame, device-readable only) goes to the tap in one `writev` straight
+//! from guest memory (a copy only when a buffer straddles two memory regions).
+//!
+//! # Bad input
+//! A chain with the wrong direction (writable buffers on transmit, readable ones on receive), one
+//! too short for the header, or one that fails `queue`'s checks is returned with length 0 and
+//! counted in `bad_chains`; a transmit chain longer than the largest frame is refused the same
+//! way. A frame the tap refuses (a bad GSO header from the driver, the tap down) is counted in
+//! `tx_dropped`. None of these stop the device.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
+
+use virtio_bindings::virtio_net::*;
+use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use super::config::NetConfig;
+use super::queue::{Chain, Cursor, Vq};
+use super::tap::{Tap, VNET_HDR_LEN};
+use super::{common_features, Activation, DeviceStats, QueueHandler, VirtioDevice};
+
+const QUEUE_SIZE: u16 = 256;
+const RX: usize = 0;
+const TX: usize = 1;
+/// The largest frame with its header: 64 KiB of GSO payload plus Ethernet and VLAN headers
+/// (what Linux's virtio-net driver sizes its big receive buffers for).
+pub const MAX_FRAME: usize = VNET_HDR_LEN + 65550;
+
+/// The offload features (`VIRTIO_NET_F_*` bits) this device may offer.
+const OFFLOAD_FEATURES: u64 = (1 << VIRTIO_NET_F_CSUM)
+    | (1 << VIRTIO_NET_F_GUEST_CSUM)
+    | (1 << VIRTIO_NET_F_GUEST_TSO4)
+    | (1 << VIRTIO_NET_F_GUEST_TSO6)
+    | (1 << VIRTIO_NET_F_GUEST_ECN)
+    | (1 << VIRTIO_NET_F_GUEST_UFO)
+    | (1 << VIRTIO_NET_F_HOST_TSO4)
+    | (1 << VIRTIO_NET_F_HOST_TSO6)
+    | (1 << VIRTIO_NET_F_HOST_ECN)
+    | (1 << VIRTIO_NET_F_HOST_UFO);
+
+const fn bit(b: u32) -> u64 {
+    1 << b
+}
+
+/// The offload features to offer given the tap's `TUN_F_*` support. Guest-side offloads are
+/// frames the tap hands us partially checksummed or unsegmented, which TUNSETOFFLOAD must allow;
+/// host-side ones are frames we write that way, which a tap with a vnet header takes whenever the
+/// kernel knows the GSO type (the same support the TUN_F_ bits show). The dependencies of virtio
+/// §5.1.3.1 hold: nothing without the checksum offload, ECN only with TSO.
+pub fn offered_offloads(tun: u32) -> u64 {
+    if tun & libc::TUN_F_CSUM == 0 {
+        return 0;
+    }
+    let mut f = bit(VIRTIO_NET_F_CSUM) | bit(VIRTIO_NET_F_GUEST_CSUM);
+    if tun & libc::TUN_F_TSO4 != 0 {
+        f |= bit(VIRTIO_NET_F_GUEST_TSO4) | bit(VIRTIO_NET_F_HOST_TSO4);
+    }
+    if tun & libc::TUN_F_TSO6 != 0 {
+        f |= bit(VIRTIO_NET_F_GUEST_TSO6) | bit(VIRTIO_NET_F_HOST_TSO6);
+    }
+    if tun & libc::TUN_F_TSO_ECN != 0 && tun & (libc::TUN_F_TSO4 | libc::TUN_F_TSO6) != 0 {
+        f |= bit(VIRTIO_NET_F_GUEST_ECN) | bit(VIRTIO_NET_F_HOST_ECN);
+    }
+    if tun & libc::TUN_F_UFO != 0 {
+        f |= bit(VIRTIO_NET_F_GUEST_UFO) | bit(VIRTIO_NET_F_HOST_UFO);
+    }
+    f
+}
+
+/// The `TUN_F_*` flags for what the driver accepted: the tap may hand the guest only what the
+/// driver can take. A driver that accepted a segmentation offload without the checksum offload
+/// it depends on gets none (the kernel would refuse the set anyway).
+pub fn tap_offloads(features: u64) -> u32 {
+    let has = |b: u32| features & bit(b) != 0;
+    if !has(VIRTIO_NET_F_GUEST_CSUM) {
+        return 0;
+    }
+    let mut t = libc::TUN_F_CSUM;
+    if has(VIRTIO_NET_F_GUEST_TSO4) {
+        t |= libc::TUN_F_TSO4;
+    }
+    if has(VIRTIO_NET_F_GUEST_TSO6) {
+        t |= libc::TUN_F_TSO6;
+    }
+    if has(VIRTIO_NET_F_GUEST_ECN) && t & (libc::TUN_F_TSO4 | libc::TUN_F_TSO6) != 0 {
+        t |= libc::TUN_F_TSO_ECN;
+    }
+    if has(VIRTIO_NET_F_GUEST_UFO) {
+        t |= libc::TUN_F_UFO;
+    }
+    t
+}
+
+pub struct Net {
+    index: usize,
+    tap: Arc<Tap>,
+    mac: [u8; 6],
+    stats: Arc<DeviceStats>,
+}
+
+impl Net {
+    /// Opens the tap; a missing tap or a lack of permission is a start-up error naming it.
+    pub fn open(cfg: &NetConfig, index: usize) -> Result<Self, String> {
+        let tap = Tap::open(&cfg.tap)?;
+        let stats = Arc::new(DeviceStats::default());
+        stats.set_extra(
+            "tap_offloads_supported",
+            u64::from(tap.supported_offloads()),
+        );
+        Ok(Net {
+            index,
+            tap: Arc::new(tap),
+            mac: cfg.mac,
+            stats,
+        })
+    }
+
+    fn config_bytes(&self) -> [u8; 12] {
+        let mut c = [0u8; 12];
+        c[..6].copy_from_slice(&self.mac);
+        c[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        c[8..10].copy_from_slice(&1u16.to_le_bytes());
+        c
+    }
+}
+
+impl VirtioDevice for Net {
+    fn name(&self) -> String {
+        format!("virtio-net{}", self.index)
+    }
+    fn kind(&self) -> &'static str {
+        "virtio-net"
+    }
+    fn device_type(&self) -> u32 {
+        1
+    }
+    fn pci_class(&self) -> u32 {
+        0x02_00_00
+    }
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE, QUEUE_SIZE]
+    }
+    fn features(&self) -> u64 {
+        common_features()
+            | bit(VIRTIO_NET_F_MAC)
+            | bit(VIRTIO_NET_F_STATUS)
+            | bit(VIRTIO_NET_F_MRG_RXBUF)
+            | offered_offloads(self.tap.supported_offloads())
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let c = self.config_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = c.get(offset as usize + i).copied().unwrap_or(0);
+        }
+    }
+    fn activate(&mut self, a: Activation) -> Result<Box<dyn QueueHandler>, String> {
+        let tun = tap_offloads(a.features);
+        self.tap
+            .set_offloads(tun)
+            .map_err(|e| format!("tap {}: TUNSETOFFLOAD {tun:#x}: {e}", self.tap.name()))?;
+        a.stats
+            .set_extra("offload_features", a.features & OFFLOAD_FEATURES);
+        a.stats.set_extra("tap_offloads", u64::from(tun));
+        a.stats.set_extra(
+            "mrg_rxbuf",
+            u64::from(a.features & bit(VIRTIO_NET_F_MRG_RXBUF) != 0),
+        );
+        for k in [
+            "rx_frames",
+            "rx_bytes",
+            "rx_dropped",
+            "tx_frames",
+            "tx_bytes",
+            "tx_dropped",
+        ] {
+            a.stats.add_extra(k, 0);
+        }
+        let mut queues = a.queues.into_iter();
+        let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
+            return Err("virtio-net needs a receive and a transmit queue".into());
+        };
+        Ok(Box::new(NetHandler::new(
+            rx,
+            tx,
+            self.tap.clone(),
+            a.features,
+            a.stats,
+        )?))
+    }
+    fn stats(&self) -> Arc<DeviceStats> {
+        self.stats.clone()
+    }
+}
+
+enum Delivery {
+    Done,
+    Dropped,
+    NoBuffers,
+}
+
+pub struct NetHandler {
+    rx: Vq,
+    tx: Vq,
+    tap: Arc<Tap>,
+    mrg: bool,
+    guest_csum: bool,
+    stats: Arc<DeviceStats>,
+    /// The handler's own epoll set: the tap alone, polled only while receive buffers exist.
+    epoll: Epoll,
+    polling: bool,
+    /// The frame read from the tap (header first) and its length; 0 when none is pending.
+    frame: Vec<u8>,
+    pending: usize,
+    /// Receive chains taken from the ring but not yet used (a frame did not fit them yet).
+    held: VecDeque<Chain>,
+    used: Vec<(u16, u32)>,
+    copy: Vec<u8>,
+    rx_frames: u64,
+    rx_bytes: u64,
+    rx_dropped: u64,
+    tx_frames: u64,
+    tx_bytes: u64,
+    tx_dropped: u64,
+    warned_down: bool,
+}
+
+impl NetHandler {
+    pub fn new(
+        rx: Vq,
+        tx: Vq,
+        tap: Arc<Tap>,
+        features: u64,
+        stats: Arc<DeviceStats>,
+    ) -> Result<Self, String> {
+        let epoll = Epoll::new().map_err(|e| format!("epoll: {e}"))?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                tap.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, 0),
+            )
+            .map_err(|e| format!("epoll: {e}"))?;
+        Ok(NetHandler {
+            rx,
+            tx,
+            tap,
+            mrg: features & bit(VIRTIO_NET_F_MRG_RXBUF) != 0,
+            guest_csum: features & bit(VIRTIO_NET_F_GUEST_CSUM) != 0,
+            stats,
+            epoll,
+            polling: true,
+            frame: vec![0; MAX_FRAME],
+            pending: 0,
+            held: VecDeque::new(),
+            used: Vec::new(),
+            copy: Vec::new(),
+            rx_frames: 0,
+            rx_bytes: 0,
+            rx_dropped: 0,
+            tx_frames: 0,
+            tx_bytes: 0,
+            tx_dropped: 0,
+            warned_down: false,
+        })
+    }
+
+    fn set_polling(&mut self, on: bool) {
+        if self.polling == on {
+            return;
+        }
+        let events = if on { EventSet::IN } else { EventSet::empty() };
+        match self.epoll.ctl(
+            ControlOperation::Modify,
+            self.tap.as_raw_fd(),
+            EpollEvent::new(events, 0),
+        ) {
+            Ok(()) => self.polling = on,
+            Err(e) => log::warn!("virtio-net: epoll on the tap: {e}"),
+        }
+    }
+
+    /// The next usable receive chain: held ones first; invalid ones (wrong direction, too short
+    /// for the header) are returned to the driver with length 0 on the way.
+    fn next_rx_chain(&mut self) -> Option<Chain> {
+        if let Some(c) = self.held.pop_front() {
+            return Some(c);
+        }
+        loop {
+            let (head, res) = self.rx.pop()?;
+            match res {
+                Ok(c) if c.readable.is_empty() && c.writable_len() >= VNET_HDR_LEN as u64 => {
+                    return Some(c)
+                }
+                _ => {
+                    self.stats.add(&self.stats.bad_chains, 1);
+                    self.used.push((head, 0));
+                }
+            }
+        }
+    }
+
+    /// Puts the pending frame into receive buffers.
+    fn deliver(&mut self) -> Delivery {
+        let len = self.pending;
+        if !self.guest_csum {
+            // virtio §5.1.6.3.1: flags are zero unless the driver accepted GUEST_CSUM.
+            self.frame[0] = 0;
+        }
+        let mut chains = Vec::new();
+        let mut room = 0u64;
+        while room < len as u64 {
+            let Some(c) = self.next_rx_chain() else {
+                let whole_ring = chains.len() >= usize::from(self.rx.queue.size());
+                for c in chains.into_iter().rev() {
+                    self.held.push_front(c);
+                }
+                return if whole_ring {
+                    Delivery::Dropped
+                } else {
+                    Delivery::NoBuffers
+                };
+            };
+            room += c.writable_len();
+            chains.push(c);
+            if !self.mrg && room < len as u64 {
+                // Without mergeable buffers a frame takes exactly one chain: this one is too
+                // small for it (the driver's buffers are smaller than the frames it allowed).
+                self.held.extend(chains);
+                return Delivery::Dropped;
+            }
+        }
+        let n = chains.len() as u16;
+        self.frame[10..12].copy_from_slice(&n.to_le_bytes());
+        let mut at = 0usize;
+        for c in &chains {
+            let take = (c.writable_len() as usize).min(len - at);
+            let mut w = Cursor::new(&self.rx.mem, &c.writable);
+            if !w.write(&self.frame[at..at + take]) {
+                // Validated at pop; only a hot-unplugged region could get here.
+                self.stats.add(&self.stats.errors, 1);
+            }
+            at += take;
+            self.used.push((c.head, take as u32));
+        }
+        self.stats.add(&self.stats.bytes_to_guest, len as u64);
+        self.stats.add(&self.stats.requests, 1);
+        self.rx_frames += 1;
+        self.rx_bytes += (len - VNET_HDR_LEN) as u64;
+        Delivery::Done
+    }
+
+    /// Moves frames from the tap to the receive ring while both have some.
+    fn receive(&mut self) {
+        loop {
+            if self.pending == 0 {
+                if !self.polling {
+                    break;
+                }
+                match self.tap.read(&mut self.frame) {
+                    Ok(n) if n <= VNET_HDR_LEN => self.rx_dropped += 1,
+                    Ok(n) => self.pending = n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        log::debug!("virtio-net: read from tap {}: {e}", self.tap.name());
+                        break;
+                    }
+                }
+                continue;
+            }
+            match self.deliver() {
+                Delivery::Done => self.pending = 0,
+                Delivery::Dropped => {
+                    self.pending = 0;
+                    self.rx_dropped += 1;
+                }
+                Delivery::NoBuffers => {
+                    // Ask for a notification when buffers arrive; if some came meanwhile, go on.
+                    if self.rx.enable_notification() {
+                        continue;
+                    }
+                    self.set_polling(false);
+                    break;
+                }
+            }
+        }
+        publish(&mut self.rx, &mut self.used);
+        self.update_stats();
+    }
+
+    /// Writes one transmit chain to the tap.
+    fn transmit(&mut self, c: &Chain) {
+        let len = c.readable_len() as usize;
+        let mem = &self.tx.mem;
+        let mut iov = Vec::with_capacity(c.readable.len());
+        for s in &c.readable {
+            match mem.get_slice(GuestAddress(s.addr), s.len as usize) {
+                Ok(v) => iov.push(libc::iovec {
+                    iov_base: v.ptr_guard().as_ptr() as *mut libc::c_void,
+                    iov_len: s.len as usize,
+                }),
+                Err(_) => {
+                    iov.clear();
+                    break;
+                }
+            }
+        }
+        if iov.len() != c.readable.len() {
+            // A buffer straddles two memory regions: copy.
+            self.copy.resize(len, 0);
+            if !Cursor::new(mem, &c.readable).read(&mut self.copy) {
+                self.tx_dropped += 1;
+                return;
+            }
+            iov = vec![libc::iovec {
+                iov_base: self.copy.as_mut_ptr().cast(),
+                iov_len: len,
+            }];
+        }
+        // SAFETY: each iovec is a range of guest memory checked at pop and mapped for the VM's
+        // lifetime (which outlives this worker), or our own copy buffer.
+        match unsafe { self.tap.writev(&iov) } {
+            Ok(_) => {
+                self.tx_frames += 1;
+                self.tx_bytes += (len - VNET_HDR_LEN) as u64;
+                self.stats.add(&self.stats.bytes_from_guest, len as u64);
+                self.stats.add(&self.stats.requests, 1);
+            }
+            Err(e) => {
+                if e.raw_os_error() == Some(libc::EIO) && !self.warned_down {
+                    self.warned_down = true;
+                    log::warn!(
+                        "virtio-net: tap {} is down: the guest's frames are dropped",
+                        self.tap.name()
+                    );
+                } else {
+                    log::debug!("virtio-net: write to tap {}: {e}", self.tap.name());
+                }
+                self.tx_dropped += 1;
+            }
+        }
+    }
+
+    fn send(&mut self) {
+        let mut used = Vec::new();
+        loop {
+            self.tx.disable_notification();
+            while let Some((head, res)) = self.tx.pop() {
+                match res {
+                    Ok(c)
+                        if c.writable.is_empty()
+                            && (VNET_HDR_LEN as u64..=MAX_FRAME as u64)
+                                .contains(&c.readable_len()) =>
+                    {
+                        self.transmit(&c)
+                    }
+                    _ => {
+                        self.stats.add(&self.stats.bad_chains, 1);
+                        self.stats.add(&self.stats.errors, 1);
+                    }
+                }
+                used.push((head, 0));
+            }
+            publish(&mut self.tx, &mut used);
+            if !self.tx.enable_notification() {
+                break;
+            }
+        }
+        self.update_stats();
+    }
+
+    fn update_stats(&self) {
+        let s = &self.stats;
+        for (k, v) in [
+            ("rx_frames", self.rx_frames),
+            ("rx_bytes", self.rx_bytes),
+            ("rx_dropped", self.rx_dropped),
+            ("tx_frames", self.tx_frames),
+            ("tx_bytes", self.tx_bytes),
+            ("tx_dropped", self.tx_dropped),
+        ] {
+            s.set_extra(k, v);
+        }
+    }
+}
+
+/// Returns `used` (head, length) to the driver with a single used-index update, so that the
+/// elements of a merged frame appear together, then interrupts if the driver asked for it
+/// (`used_event` with EVENT_IDX, else the avail ring's NO_INTERRUPT flag).
+fn publish(vq: &mut Vq, used: &mut Vec<(u16, u32)>) {
+    if used.is_empty() {
+        return;
+    }
+    let q = &mut vq.queue;
+    let size = q.size();
+    let ring = q.used_ring();
+    let old = q.next_used();
+    let mut new = old;
+    for &(id, len) in used.iter() {
+        if id >= size {
+            continue;
+        }
+        let at = ring + 4 + 8 * u64::from(new % size);
+        let ok = vq
+            .mem
+            .write_obj(u32::from(id).to_le(), GuestAddress(at))
+            .is_ok()
+            && vq.mem.write_obj(len.to_le(), GuestAddress(at + 4)).is_ok();
+        if !ok {
+            log::warn!("virtqueue {}: used ring not writable", vq.index);
+            used.clear();
+            return;
+        }
+        new = new.wrapping_add(1);
+    }
+    used.clear();
+    if vq
+        .mem
+        .store(new.to_le(), GuestAddress(ring + 2), Ordering::Release)
+        .is_err()
+    {
+        return;
+    }
+    q.set_next_used(new);
+    fence(Ordering::SeqCst);
+    let avail = q.avail_ring();
+    let notify = if q.event_idx_enabled() {
+        let at = GuestAddress(avail + 4 + 2 * u64::from(size));
+        match vq.mem.load::<u16>(at, Ordering::Acquire) {
+            Ok(e) => new.wrapping_sub(u16::from_le(e)).wrapping_sub(1) < new.wrapping_sub(old),
+            Err(_) => true,
+        }
+    } else {
+        match vq.mem.load::<u16>(GuestAddress(avail), Ordering::Acquire) {
+            Ok(f) => u16::from_le(f) & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0,
+            Err(_) => true,
+        }
+    };
+    if notify {
+        vq.msix.trigger(vq.vector, 1);
+    }
+}
+
+impl QueueHandler for NetHandler {
+    fn process(&mut self, q: usize) -> Result<(), String> {
+        match q {
+            RX => {
+                // New receive buffers: poll the tap again and deliver a pending frame.
+                self.set_polling(true);
+                self.receive();
+            }
+            TX => self.send(),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn extra_fds(&self) -> Vec<RawFd> {
+        vec![self.epoll.as_raw_fd()]
+    }
+
+    fn fd_ready(&mut self, _i: usize) -> Result<(), String> {
+        // Consume the inner set's readiness (level-triggered: it reports again while the tap
+        // has frames and is polled).
+        let mut ev = [EpollEvent::default(); 1];
+        let _ = self.epoll.wait(0, &mut ev);
+        self.receive();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::irq::{Msix, NoRoutes};
+    use crate::devices::virtio::queue::testing::*;
+    use crate::devices::virtio::queue::Identity;
+    use std::fs::File;
+    use std::os::fd::FromRawFd;
+    use vm_memory::GuestMemoryMmap;
+
+    /// A datagram socket pair standing in for the tap: one frame per read and write.
+    fn pair() -> (Arc<Tap>, File) {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` is a live array of two descriptors for the kernel to fill; checked.
+        let r = unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+                fds.as_mut_ptr(),
+            )
+        };
+        assert_eq!(r, 0);
+        // SAFETY: both descriptors are fresh and owned by nothing else.
+        let (a, b) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+        (Arc::new(Tap::from_file(a, "test")), b)
+    }
+
+    fn vq(mem: &GuestMemoryMmap, dq: &DriverQueue, index: u16, event_idx: bool) -> Vq {
+        Vq {
+            queue: dq.device_queue(mem, event_idx),
+            index,
+            mem: mem.clone(),
+            translate: Arc::new(Identity),
+            msix: Arc::new(Msix::new(3, Arc::new(NoRoutes::default())).unwrap()),
+            vector: index,
+            bad_chains: 0,
+        }
+    }
+
+    struct Rig {
+        rxm: GuestMemoryMmap,
+        txm: GuestMemoryMmap,
+        rxq: DriverQueue,
+        txq: DriverQueue,
+        h: NetHandler,
+        peer: File,
+        stats: Arc<DeviceStats>,
+    }
+
+    fn rig(features: u64) -> Rig {
+        rig_with(features, false)
+    }
+
+    fn rig_with(features: u64, event_idx: bool) -> Rig {
+        // Each queue in its own memory so both can use the test driver's fixed ring addresses.
+        let (rxm, txm) = (memory(), memory());
+        let (rxq, txq) = (DriverQueue::new(8), DriverQueue::new(8));
+        let (tap, peer) = pair();
+        let stats = Arc::new(DeviceStats::default());
+        let h = NetHandler::new(
+            vq(&rxm, &rxq, 0, event_idx),
+            vq(&txm, &txq, 1, event_idx),
+            tap,
+            features,
+            stats.clone(),
+        )
+        .unwrap();
+        Rig {
+            rxm,
+            txm,
+            rxq,
+            txq,
+            h,
+            peer,
+            stats,
+        }
+    }
+
+    fn send_to_device(peer: &File, frame: &[u8]) {
+        use std::io::Write;
+        (&*peer).write_all(frame).unwrap();
+    }
+
+    fn recv_from_device(peer: &File) -> Option<Vec<u8>> {
+        use std::io::Read;
+        let mut b = vec![0u8; MAX_FRAME];
+        match (&*peer).read(&mut b) {
+            Ok(n) => Some(b[..n].to_vec()),
+            Err(_) => None,
+        }
+    }
+
+    fn extra(s: &DeviceStats, k: &str) -> u64 {
+        s.extra.lock().unwrap().get(k).copied().unwrap_or(0)
+    }
+
+    fn frame(n: usize, fill: u8) -> Vec<u8> {
+        let mut f = vec![0u8; VNET_HDR_LEN];
+        f.extend(std::iter::repeat_n(fill, n));
+        f
+    }
+
+    #[test]
+    fn transmits_chains_and_refuses_hostile_ones() {
+        let mut r = rig(0);
+        let f = frame(60, 0xab);
+        r.txm.write_slice(&f[..20], GuestAddress(0x8000)).unwrap();
+        r.txm.write_slice(&f[20..], GuestAddress(0x9000)).unwrap();
+        r.txq
+            .add(&r.txm, &[(0x8000, 20, false), (0x9000, 52, false)]);
+        // Wrong direction, too short for the header, outside memory.
+        r.txq.add(&r.txm, &[(0x8000, 72, true)]);
+        r.txq.add(&r.txm, &[(0x8000, 8, false)]);
+        r.txq.add(&r.txm, &[(0x7fff_0000_0000, 64, false)]);
+        r.h.process(TX).unwrap();
+        assert_eq!(recv_from_device(&r.peer).unwrap(), f);
+        assert!(recv_from_device(&r.peer).is_none(), "one frame only");
+        assert_eq!(r.txq.used(&r.txm, 0).0, 4, "every chain returned");
+        assert_eq!(r.stats.bad_chains.load(Ordering::Relaxed), 3);
+        assert_eq!(extra(&r.stats, "tx_frames"), 1);
+        assert_eq!(extra(&r.stats, "tx_bytes"), 60);
+    }
+
+    #[test]
+    fn receives_frames_and_keeps_them_until_buffers_arrive() {
+        let mut r = rig(0);
+        let f = frame(100, 0x11);
+        send_to_device(&r.peer, &f);
+        // No buffers yet: the frame is read and kept, the tap is no longer polled.
+        r.h.fd_ready(0).unwrap();
+        assert_eq!(r.h.pending, f.len());
+        assert!(!r.h.polling);
+        // Hostile buffers: readable, too short for the header. Then a good one.
+        r.rxq.add(&r.rxm, &[(0x8000, 64, false)]);
+        r.rxq.add(&r.rxm, &[(0x8000, 4, true)]);
+        r.rxq.add(&r.rxm, &[(0xa000, 2048, true)]);
+        r.h.process(RX).unwrap();
+        assert!(r.h.polling);
+        assert_eq!(r.h.pending, 0);
+        let (idx, id, len) = r.rxq.used(&r.rxm, 2);
+        assert_eq!((idx, id, len), (3, 2, f.len() as u32));
+        assert_eq!(r.rxq.used(&r.rxm, 0).2, 0);
+        let mut got = vec![0u8; f.len()];
+        r.rxm.read_slice(&mut got, GuestAddress(0xa000)).unwrap();
+        assert_eq!(&got[VNET_HDR_LEN..], &f[VNET_HDR_LEN..]);
+        assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1, "num_buffers");
+        assert_eq!(r.stats.bad_chains.load(Ordering::Relaxed), 2);
+        assert_eq!(extra(&r.stats, "rx_frames"), 1);
+        assert_eq!(extra(&r.stats, "rx_dropped"), 0);
+    }
+
+    #[test]
+    fn merges_buffers_or_drops_what_cannot_fit() {
+        let mut r = rig(bit(VIRTIO_NET_F_MRG_RXBUF));
+        let big = frame(3000, 0x22);
+        for i in 0..2 {
+            r.rxq.add(&r.rxm, &[(0x10000 + 0x1000 * i, 2048, true)]);
+        }
+        send_to_device(&r.peer, &big);
+        r.h.fd_ready(0).unwrap();
+        let (idx, id0, len0) = r.rxq.used(&r.rxm, 0);
+        assert_eq!((idx, id0, len0), (2, 0, 2048));
+        assert_eq!(r.rxq.used(&r.rxm, 1).2 as usize, big.len() - 2048);
+        let mut hdr = [0u8; VNET_HDR_LEN];
+        r.rxm.read_slice(&mut hdr, GuestAddress(0x10000)).unwrap();
+        assert_eq!(u16::from_le_bytes([hdr[10], hdr[11]]), 2);
+
+        // Without MRG_RXBUF a frame larger than a chain is dropped, and the chain is kept for
+        // the next frame that fits.
+        let mut r = rig(0);
+        r.rxq.add(&r.rxm, &[(0x10000, 1024, true)]);
+        send_to_device(&r.peer, &big);
+        send_to_device(&r.peer, &frame(64, 0x33));
+        r.h.fd_ready(0).unwrap();
+        assert_eq!(extra(&r.stats, "rx_dropped"), 1);
+        assert_eq!(extra(&r.stats, "rx_frames"), 1);
+        assert_eq!(r.rxq.used(&r.rxm, 0), (1, 0, 76));
+    }
+
+    fn interrupts(vq: &Vq) -> u64 {
+        vq.msix.delivered.load(Ordering::Relaxed) + vq.msix.held.load(Ordering::Relaxed)
+    }
+
+    #[test]
+    fn interrupts_only_when_the_driver_wants_them() {
+        // EVENT_IDX: used_event 1 asks for an interrupt once the second element is used.
+        let mut r = rig_with(0, true);
+        r.rxm
+            .write_obj(1u16, GuestAddress(AVAIL + 4 + 2 * 8))
+            .unwrap();
+        for i in 0..3 {
+            r.rxq.add(&r.rxm, &[(0x10000 + 0x1000 * i, 2048, true)]);
+        }
+        send_to_device(&r.peer, &frame(64, 1));
+        r.h.fd_ready(0).unwrap();
+        assert_eq!(interrupts(&r.h.rx), 0, "used_event not reached");
+        send_to_device(&r.peer, &frame(64, 2));
+        r.h.fd_ready(0).unwrap();
+        assert_eq!(interrupts(&r.h.rx), 1);
+        send_to_device(&r.peer, &frame(64, 3));
+        r.h.fd_ready(0).unwrap();
+        assert_eq!(interrupts(&r.h.rx), 1, "used_event passed");
+        assert_eq!(r.rxq.used(&r.rxm, 0).0, 3);
+        // A fourth frame finds the ring empty: it is kept, the tap is no longer polled, and the
+        // device asks to be notified at the next buffer (avail_event).
+        send_to_device(&r.peer, &frame(64, 4));
+        r.h.fd_ready(0).unwrap();
+        assert!(r.h.pending > 0 && !r.h.polling);
+        let avail_event: u16 = r.rxm.read_obj(GuestAddress(USED + 4 + 8 * 8)).unwrap();
+        assert_eq!(avail_event, 3);
+
+        // No EVENT_IDX: VRING_AVAIL_F_NO_INTERRUPT suppresses the transmit interrupt.
+        let mut r = rig(0);
+        r.txm.write_obj(1u16, GuestAddress(AVAIL)).unwrap();
+        r.txm
+            .write_slice(&frame(60, 0), GuestAddress(0x8000))
+            .unwrap();
+        r.txq.add(&r.txm, &[(0x8000, 72, false)]);
+        r.h.process(TX).unwrap();
+        assert_eq!(interrupts(&r.h.tx), 0);
+        r.txm.write_obj(0u16, GuestAddress(AVAIL)).unwrap();
+        r.txq.add(&r.txm, &[(0x8000, 72, false)]);
+        r.h.process(TX).unwrap();
+        assert_eq!(interrupts(&r.h.tx), 1);
+        assert_eq!(extra(&r.stats, "tx_frames"), 2);
+    }
+
+    /// A real tap, in a network namespace private to this test's thread (root only).
+    #[test]
+    fn opens_a_tap_and_sets_the_offloads_the_driver_accepted() {
+        let t = std::thread::spawn(|| {
+            // SAFETY: unshare affects only this thread, which ends with the test.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                eprintln!(
+                    "skipped: no private network namespace: {}",
+                    io::Error::last_os_error()
+                );
+                return;
+            }
+            let cfg = NetConfig {
+                tap: "xl-unit0".into(),
+                mac: [2, 0, 0, 0, 0, 7],
+            };
+            let mut net = match Net::open(&cfg, 0) {
+                Ok(n) => n,
+                Err(e) => {
+                    eprintln!("skipped: {e}");
+                    return;
+                }
+            };
+            let supported = net.tap.supported_offloads();
+            assert_ne!(supported & libc::TUN_F_CSUM, 0, "{supported:#x}");
+            let offered = net.features();
+            assert_ne!(offered & bit(VIRTIO_NET_F_MRG_RXBUF), 0);
+            assert_eq!(offered & OFFLOAD_FEATURES, offered_offloads(supported));
+            let mut c = [0u8; 8];
+            net.read_config(0, &mut c);
+            assert_eq!(&c[..6], &cfg.mac);
+            assert_eq!(u16::from_le_bytes([c[6], c[7]]), 1, "link up");
+            // The kernel refuses segmentation without the checksum offload.
+            assert!(net.tap.set_offloads(libc::TUN_F_TSO4).is_err());
+
+            let (m1, m2) = (memory(), memory());
+            let (d1, d2) = (DriverQueue::new(8), DriverQueue::new(8));
+            let accepted = offered
+                & (bit(VIRTIO_NET_F_GUEST_CSUM)
+                    | bit(VIRTIO_NET_F_GUEST_TSO4)
+                    | bit(VIRTIO_NET_F_CSUM)
+                    | bit(VIRTIO_NET_F_MRG_RXBUF));
+            let stats = net.stats();
+            let h = net.activate(Activation {
+                mem: m1.clone(),
+                queues: vec![vq(&m1, &d1, 0, false), vq(&m2, &d2, 1, false)],
+                features: accepted,
+                stats: stats.clone(),
+            });
+            assert!(h.is_ok());
+            assert_eq!(
+                extra(&stats, "tap_offloads"),
+                u64::from(libc::TUN_F_CSUM | (supported & libc::TUN_F_TSO4))
+            );
+            assert_eq!(
+                extra(&stats, "offload_features"),
+                accepted & OFFLOAD_FEATURES
+            );
+            // Activation with a single queue is refused (the device needs reset), not a crash.
+            assert!(net
+                .activate(Activation {
+                    mem: m1.clone(),
+                    queues: vec![vq(&m1, &d1, 0, false)],
+                    features: 0,
+                    stats,
+                })
+                .is_err());
+        });
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn offloads_follow_the_tap_and_the_driver() {
+        assert_eq!(offered_offloads(0), 0);
+        let all = offered_offloads(crate::devices::virtio::tap::ALL_OFFLOADS);
+        assert_eq!(all, OFFLOAD_FEATURES);
+        let no_ufo = offered_offloads(libc::TUN_F_CSUM | libc::TUN_F_TSO4);
+        assert_eq!(no_ufo & bit(VIRTIO_NET_F_GUEST_UFO), 0);
+        assert_eq!(no_ufo & bit(VIRTIO_NET_F_GUEST_ECN), 0);
+        assert_eq!(tap_offloads(0), 0);
+        // TSO without the checksum offload it depends on: nothing.
+        assert_eq!(tap_offloads(bit(VIRTIO_NET_F_GUEST_TSO4)), 0);
+        assert_eq!(
+            tap_offloads(
+                bit(VIRTIO_NET_F_GUEST_CSUM)
+                    | bit(VIRTIO_NET_F_GUEST_TSO4)
+                    | bit(VIRTIO_NET_F_GUEST_ECN)
+            ),
+            libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO_ECN
+        );
+    }
+}

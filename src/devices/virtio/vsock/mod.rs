@@ -1,0 +1,437 @@
+//! virtio-vsock (virtio 1.x §5.10, device type 19) in userspace, with a hybrid Unix-socket host
+//! side like Firecracker's (`/dev/vhost-vsock` is not needed): stream sockets only, rx/tx/event
+//! queues, configuration = the guest's CID.
+//!
+//! Owns the listening Unix socket `PATH` (bound at start-up, so a bad path is a start-up error;
+//! removed when the device goes away) and, while the driver has the device running, the handler
+//! that moves packets between the queues and [`muxer::Muxer`], which holds the connections and
+//! their state machine (see there for the host conventions, flow control and bad input).
+//!
+//! The worker waits on the queues' ioeventfds and on one more descriptor, the muxer's own epoll
+//! set (listener plus every host stream): connections come and go inside that set, so the worker's
+//! interface (`QueueHandler::extra_fds`, fixed at start) did not have to change.
+//!
+//! Queue 0 (rx) receives the device's packets: control packets first, then host data, each in one
+//! buffer (header + payload). Queue 1 (tx) carries the guest's packets; each chain is consumed
+//! and returned with length 0. Queue 2 (event) is left alone: the device has no events to send
+//! (only VIRTIO_VSOCK_EVENT_TRANSPORT_RESET exists, for migration).
+
+pub mod muxer;
+pub mod packet;
+
+use std::os::fd::RawFd;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::config::VsockConfig;
+use super::queue::{Chain, Cursor, Vq};
+use super::{common_features, Activation, DeviceStats, QueueHandler, VirtioDevice};
+use muxer::Muxer;
+use packet::{Hdr, HDR_LEN, MAX_PKT_LEN};
+
+const QUEUE_SIZE: u16 = 256;
+const RX: usize = 0;
+const TX: usize = 1;
+
+pub struct Vsock {
+    cid: u64,
+    path: PathBuf,
+    listener: UnixListener,
+    stats: Arc<DeviceStats>,
+}
+
+impl Vsock {
+    /// Binds the host-side socket. A stale socket file at `PATH` (nobody listening) is replaced;
+    /// a live one, anything else there, or a missing directory is a start-up error naming the path.
+    pub fn new(cfg: &VsockConfig) -> Result<Self, String> {
+        let path = cfg.socket.clone();
+        if cfg.cid < 3 || cfg.cid > u64::from(u32::MAX) {
+            return Err(format!(
+                "vsock cid {} is reserved or too large (3..2^32)",
+                cfg.cid
+            ));
+        }
+        if let Ok(m) = std::fs::symlink_metadata(&path) {
+            if !m.file_type().is_socket() {
+                return Err(format!(
+                    "cannot listen on vsock socket {}: exists and is not a socket",
+                    path.display()
+                ));
+            }
+            if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+                return Err(format!(
+                    "cannot listen on vsock socket {}: another process listens there",
+                    path.display()
+                ));
+            }
+            let _ = std::fs::remove_file(&path);
+        }
+        let listener = UnixListener::bind(&path)
+            .map_err(|e| format!("cannot listen on vsock socket {}: {e}", path.display()))?;
+        let stats = Arc::new(DeviceStats::default());
+        for k in muxer::FACTS {
+            stats.set_extra(k, 0);
+        }
+        Ok(Vsock {
+            cid: cfg.cid,
+            path,
+            listener,
+            stats,
+        })
+    }
+}
+
+impl Drop for Vsock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn name(&self) -> String {
+        "virtio-vsock".into()
+    }
+    fn kind(&self) -> &'static str {
+        "virtio-vsock"
+    }
+    fn device_type(&self) -> u32 {
+        19
+    }
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE; 3]
+    }
+    fn features(&self) -> u64 {
+        // Stream sockets only: VIRTIO_VSOCK_F_SEQPACKET is not offered.
+        common_features()
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let c = self.cid.to_le_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = c.get(offset as usize + i).copied().unwrap_or(0);
+        }
+    }
+    fn activate(&mut self, a: Activation) -> Result<Box<dyn QueueHandler>, String> {
+        let mut qs = a.queues.into_iter();
+        let (Some(rx), Some(tx)) = (qs.next(), qs.next()) else {
+            return Err("virtio-vsock needs rx and tx queues".into());
+        };
+        let listener = self
+            .listener
+            .try_clone()
+            .map_err(|e| format!("vsock listener: {e}"))?;
+        let mux = Muxer::new(self.cid, &self.path, listener, a.stats.clone())
+            .map_err(|e| format!("vsock: {e}"))?;
+        Ok(Box::new(VsockHandler {
+            rx,
+            tx,
+            mux,
+            rx_spare: None,
+            rx_ready: true,
+            cid: self.cid,
+            stats: a.stats,
+        }))
+    }
+    fn stats(&self) -> Arc<DeviceStats> {
+        self.stats.clone()
+    }
+}
+
+/// The worker's side: queues ↔ muxer.
+pub struct VsockHandler {
+    rx: Vq,
+    tx: Vq,
+    mux: Muxer,
+    /// An rx buffer taken from the ring but not used yet.
+    rx_spare: Option<(u16, Chain)>,
+    /// False once the device found the rx ring empty; true again on its notification.
+    rx_ready: bool,
+    cid: u64,
+    stats: Arc<DeviceStats>,
+}
+
+impl VsockHandler {
+    /// Serves the tx queue until it is empty, or until too many answers wait for rx buffers (the
+    /// rest stays in the ring; `pump` comes back to it).
+    fn serve_tx(&mut self) {
+        loop {
+            self.tx.disable_notification();
+            while self.mux.ctrl_backlog() < muxer::MAX_CTRL {
+                let Some((head, res)) = self.tx.pop() else {
+                    break;
+                };
+                self.stats.add(&self.stats.requests, 1);
+                match res {
+                    Ok(chain) => self.tx_packet(&chain),
+                    Err(e) => {
+                        log::debug!("virtio-vsock: tx chain: {e}");
+                        self.stats.add(&self.stats.bad_chains, 1);
+                    }
+                }
+                self.tx.complete(head, 0);
+            }
+            if self.mux.ctrl_backlog() >= muxer::MAX_CTRL || !self.tx.enable_notification() {
+                return;
+            }
+        }
+    }
+
+    fn tx_packet(&mut self, chain: &Chain) {
+        let mut r = Cursor::new(&self.tx.mem, &chain.readable);
+        let mut hb = [0u8; HDR_LEN];
+        if !r.read(&mut hb) {
+            self.stats.add_extra("dropped", 1);
+            return;
+        }
+        let h = Hdr::parse(&hb);
+        let avail = r.remaining();
+        let mut payload = Vec::new();
+        if h.check(self.cid, avail).is_ok() && h.len > 0 {
+            payload.resize(h.len as usize, 0);
+            if !r.read(&mut payload) {
+                self.stats.add_extra("dropped", 1);
+                return;
+            }
+        }
+        self.mux.guest_packet(&h, avail, &payload);
+    }
+
+    /// The next usable rx buffer (bad chains are returned empty and counted).
+    fn rx_buffer(&mut self) -> Option<(u16, Chain)> {
+        if let Some(b) = self.rx_spare.take() {
+            return Some(b);
+        }
+        loop {
+            let (head, res) = self.rx.pop()?;
+            match res {
+                Ok(c) if c.writable_len() >= HDR_LEN as u64 => return Some((head, c)),
+                Ok(_) | Err(_) => {
+                    self.stats.add(&self.stats.bad_chains, 1);
+                    self.rx.complete(head, 0);
+                }
+            }
+        }
+    }
+
+    /// Moves everything that can move: host news, host data and control packets into rx
+    /// buffers, and the tx queue if it was left waiting for rx room.
+    fn pump(&mut self) {
+        loop {
+            self.mux.fill();
+            let mut delivered = false;
+            while self.mux.has_to_guest() {
+                let Some((head, chain)) = self.rx_buffer() else {
+                    self.rx_ready = false;
+                    break;
+                };
+                let room = (chain.writable_len() - HDR_LEN as u64).min(u64::from(MAX_PKT_LEN));
+                let Some((h, data)) = self.mux.next_to_guest(room as usize) else {
+                    self.rx_spare = Some((head, chain));
+                    break;
+                };
+                let mut w = Cursor::new(&self.rx.mem, &chain.writable);
+                if w.write(&h.encode()) && w.write(&data) {
+                    self.rx.complete(head, (HDR_LEN + data.len()) as u32);
+                } else {
+                    self.stats.add(&self.stats.errors, 1);
+                    self.rx.complete(head, 0);
+                }
+                delivered = true;
+            }
+            let tx_waiting = self.mux.ctrl_backlog() < muxer::MAX_CTRL / 2;
+            if tx_waiting {
+                let before = self.mux.ctrl_backlog();
+                self.serve_tx();
+                if self.mux.ctrl_backlog() != before {
+                    continue;
+                }
+            }
+            if !delivered {
+                break;
+            }
+        }
+        self.mux.update_interest(self.rx_ready);
+    }
+}
+
+impl QueueHandler for VsockHandler {
+    fn process(&mut self, q: usize) -> Result<(), String> {
+        match q {
+            RX => self.rx_ready = true,
+            TX => self.serve_tx(),
+            _ => {}
+        }
+        self.pump();
+        Ok(())
+    }
+    fn extra_fds(&self) -> Vec<RawFd> {
+        vec![self.mux.epoll_fd()]
+    }
+    fn fd_ready(&mut self, _i: usize) -> Result<(), String> {
+        self.mux.host_events();
+        self.pump();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::packet::*;
+    use super::*;
+    use crate::devices::virtio::irq::{Msix, NoRoutes};
+    use crate::devices::virtio::queue::testing::*;
+    use crate::devices::virtio::queue::Identity;
+    use std::sync::atomic::Ordering;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    fn vq(mem: &GuestMemoryMmap, dq: &DriverQueue, index: u16) -> Vq {
+        Vq {
+            queue: dq.device_queue(mem, false),
+            index,
+            mem: mem.clone(),
+            translate: Arc::new(Identity),
+            msix: Arc::new(Msix::new(3, Arc::new(NoRoutes::default())).unwrap()),
+            vector: 0,
+            bad_chains: 0,
+        }
+    }
+
+    fn guest_hdr(op: u16, src_port: u32, dst_port: u32, len: u32) -> Hdr {
+        Hdr {
+            src_cid: 3,
+            dst_cid: HOST_CID,
+            src_port,
+            dst_port,
+            len,
+            ty: TYPE_STREAM,
+            op,
+            flags: 0,
+            buf_alloc: 4096,
+            fwd_cnt: 0,
+        }
+    }
+
+    /// Two memories: the testing driver queue sits at fixed addresses, one queue per memory.
+    #[test]
+    fn queues_carry_packets_and_hostile_chains_are_survived() {
+        let dir = std::env::temp_dir().join(format!("exitless-vsock-dev-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let host = UnixListener::bind(dir.join("v.sock_5678")).unwrap();
+        let mut dev = Vsock::new(&VsockConfig {
+            cid: 3,
+            socket: dir.join("v.sock"),
+        })
+        .unwrap();
+        let mut cfg = [0u8; 8];
+        dev.read_config(0, &mut cfg);
+        assert_eq!(u64::from_le_bytes(cfg), 3);
+        let (rx_mem, tx_mem) = (memory(), memory());
+        let (mut rxq, mut txq) = (DriverQueue::new(16), DriverQueue::new(16));
+        let mut h = dev
+            .activate(Activation {
+                mem: rx_mem.clone(),
+                queues: vec![vq(&rx_mem, &rxq, 0), vq(&tx_mem, &txq, 1)],
+                features: 0,
+                stats: dev.stats(),
+            })
+            .unwrap();
+        // Hostile tx chains: a short header, a length beyond the buffer, a buffer outside
+        // memory, a writable-only chain.
+        tx_mem
+            .write_slice(&[0u8; 20], GuestAddress(0x8000))
+            .unwrap();
+        txq.add(&tx_mem, &[(0x8000, 20, false)]);
+        let big = guest_hdr(OP_RW, 1, 5678, 1000);
+        tx_mem
+            .write_slice(&big.encode(), GuestAddress(0x9000))
+            .unwrap();
+        txq.add(&tx_mem, &[(0x9000, 44 + 10, false)]);
+        txq.add(&tx_mem, &[(0x7fff_0000_0000, 64, false)]);
+        txq.add(&tx_mem, &[(0xa000, 64, true)]);
+        // Then a good REQUEST split over two descriptors.
+        let req = guest_hdr(OP_REQUEST, 1025, 5678, 0).encode();
+        tx_mem
+            .write_slice(&req[..10], GuestAddress(0xb000))
+            .unwrap();
+        tx_mem
+            .write_slice(&req[10..], GuestAddress(0xc000))
+            .unwrap();
+        txq.add(&tx_mem, &[(0xb000, 10, false), (0xc000, 34, false)]);
+        h.process(TX).unwrap();
+        assert_eq!(txq.used(&tx_mem, 0).0, 5, "every tx chain is returned");
+        let s = dev.stats();
+        assert_eq!(s.extra.lock().unwrap()["dropped"], 3);
+        assert_eq!(s.bad_chains.load(Ordering::Relaxed), 1);
+        // No rx buffers yet: the RESPONSE waits. A too-small buffer is returned empty.
+        rxq.add(&rx_mem, &[(0x10000, 16, true)]);
+        rxq.add(&rx_mem, &[(0x11000, 4096, true)]);
+        h.process(RX).unwrap();
+        assert_eq!(rxq.used(&rx_mem, 0), (2, 0, 0));
+        let (_, id, len) = rxq.used(&rx_mem, 1);
+        assert_eq!((id, len), (1, 44));
+        let mut b = [0u8; HDR_LEN];
+        rx_mem.read_slice(&mut b, GuestAddress(0x11000)).unwrap();
+        let resp = Hdr::parse(&b);
+        assert_eq!(resp.op, OP_RESPONSE);
+        assert_eq!(
+            (resp.src_port, resp.dst_port, resp.dst_cid),
+            (5678, 1025, 3)
+        );
+        // Host data flows into the next rx buffer when the host stream is readable.
+        let (mut s2, _) = host.accept().unwrap();
+        use std::io::Write;
+        s2.write_all(b"hi there").unwrap();
+        rxq.add(&rx_mem, &[(0x12000, 4096, true)]);
+        h.process(RX).unwrap();
+        for _ in 0..100 {
+            if rxq.used(&rx_mem, 2).0 == 3 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            h.fd_ready(0).unwrap();
+        }
+        let (idx, _, len) = rxq.used(&rx_mem, 2);
+        assert_eq!((idx, len), (3, 44 + 8));
+        let mut d = [0u8; 8];
+        rx_mem
+            .read_slice(&mut d, GuestAddress(0x12000 + 44))
+            .unwrap();
+        assert_eq!(&d, b"hi there");
+        drop(h);
+        drop(dev);
+        assert!(
+            !dir.join("v.sock").exists(),
+            "socket removed with the device"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn bad_socket_paths_are_start_up_errors() {
+        let e = Vsock::new(&VsockConfig {
+            cid: 3,
+            socket: "/nonexistent/exitless/v.sock".into(),
+        })
+        .err()
+        .unwrap();
+        assert!(e.starts_with("cannot listen on vsock socket /nonexistent/exitless/v.sock"));
+        let file = std::env::temp_dir().join(format!("exitless-vsock-file-{}", std::process::id()));
+        std::fs::write(&file, b"keep me").unwrap();
+        let e = Vsock::new(&VsockConfig {
+            cid: 3,
+            socket: file.clone(),
+        })
+        .err()
+        .unwrap();
+        assert!(e.contains("not a socket"), "{e}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+        let _ = std::fs::remove_file(&file);
+        assert!(Vsock::new(&VsockConfig {
+            cid: 2,
+            socket: "/tmp/x".into(),
+        })
+        .is_err());
+    }
+}
