@@ -12,17 +12,34 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// The host client: connects (retrying until the VMM listens), asks for guest port 1234,
-/// sends a line and returns (the `OK ...` line, the guest's reply, bytes after it until EOF).
-fn host_client(sock: PathBuf) -> Result<(String, String, usize), String> {
+/// Connects to the VMM's socket, retrying until it listens.
+fn connect(sock: &PathBuf) -> Result<UnixStream, String> {
     let deadline = Instant::now() + Duration::from_secs(60);
-    let mut s = loop {
-        match UnixStream::connect(&sock) {
-            Ok(s) => break s,
+    loop {
+        match UnixStream::connect(sock) {
+            Ok(s) => return Ok(s),
             Err(e) if Instant::now() > deadline => return Err(format!("connect: {e}")),
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
-    };
+    }
+}
+
+/// First a client with a bad line, which must get `ERROR ...` and EOF; then the real client, which
+/// asks for guest port 1234, sends a line and returns (the `OK ...` line, the guest's reply, bytes
+/// after it until EOF).
+fn host_client(sock: PathBuf) -> Result<(String, String, usize), String> {
+    let mut bad = connect(&sock)?;
+    bad.set_read_timeout(Some(Duration::from_secs(90)))
+        .map_err(|e| e.to_string())?;
+    bad.write_all(b"CONNECT to-the-moon\n")
+        .map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    bad.read_to_string(&mut answer)
+        .map_err(|e| format!("bad client: {e}"))?;
+    if !answer.starts_with("ERROR") {
+        return Err(format!("bad CONNECT line answered {answer:?}"));
+    }
+    let mut s = connect(&sock)?;
     s.set_read_timeout(Some(Duration::from_secs(90)))
         .map_err(|e| e.to_string())?;
     s.write_all(b"CONNECT 1234\n").map_err(|e| e.to_string())?;
@@ -106,11 +123,19 @@ fn kit_virtio_vsock_both_directions() {
     // and "hello from the guest\n" came from it.
     assert_eq!(f("bytes_to_guest"), 12 + 31, "{d}");
     assert_eq!(f("bytes_from_guest"), 12 + 21, "{d}");
-    // One RST answering each of the guest's two SHUTDOWNs.
-    assert_eq!(f("rst_sent"), 2, "{d}");
-    assert_eq!(f("dropped"), 0, "{d}");
-    assert_eq!(f("bad_packets"), 0, "{d}");
+    assert_eq!(f("needs_reset"), 0, "{d}");
+    assert!(
+        run.stdout
+            .contains("kit: vsock hostile packets: 2 RST, spoofed CID dropped"),
+        "{d}"
+    );
+    // One RST answering each of the guest's two SHUTDOWNs, and one for each of its two bad
+    // packets (an unknown op, data for no connection); the spoofed packet dropped.
+    assert_eq!(f("rst_sent"), 4, "{d}");
+    assert_eq!(f("dropped"), 1, "{d}");
+    assert_eq!(f("bad_packets"), 2, "{d}");
     assert_eq!(f("credit_violations"), 0, "{d}");
+    assert_eq!(f("host_bad_connect"), 1, "{d}");
     // The socket is removed when the VMM ends.
     assert!(!sock.exists());
 }

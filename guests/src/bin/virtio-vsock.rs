@@ -2,9 +2,12 @@
 //! 1. listens on guest port 1234: accepts the host's connection (REQUEST → RESPONSE), reads a line,
 //!    answers it uppercased, shuts down and waits for the device's RST;
 //! 2. connects to host port 5678, sends `hello from the guest\n`, expects
-//!    `host saw: hello from the guest\n` back, shuts down and waits for the RST.
+//!    `host saw: hello from the guest\n` back, shuts down and waits for the RST;
+//! 3. sends a packet with a spoofed source CID (must be dropped), one with an unknown op and data
+//!    for no connection (each must be answered with RST).
 //!
-//! Prints `kit: vsock host->guest ...` and `kit: vsock guest->host ...`, then PASS.
+//! Prints `kit: vsock host->guest ...`, `kit: vsock guest->host ...`, `kit: vsock hostile ...`,
+//! then PASS.
 #![no_std]
 #![no_main]
 
@@ -21,7 +24,8 @@ const RXBUF: u64 = 0x50_0000;
 const RXBUF_SIZE: u32 = 0x1000;
 const RXBUFS: u16 = 8;
 const TXBUF: u64 = 0x58_0000;
-const SPINS: u64 = 20_000_000;
+/// Polls of a used ring before giving up (5-15 us each where CPL0 is emulated: 10-20 s).
+const SPINS: u64 = 1_500_000;
 const HDR: u64 = 44;
 
 const OP_REQUEST: u16 = 1;
@@ -34,6 +38,7 @@ const OP_CREDIT_UPDATE: u16 = 6;
 const GUEST_PORT: u32 = 1234;
 const HOST_PORT: u32 = 5678;
 const LOCAL_PORT: u32 = 1025;
+const HOSTILE_PORT: u32 = 2000;
 const MESSAGE: &[u8] = b"hello from the guest\n";
 const EXPECTED: &[u8] = b"host saw: hello from the guest\n";
 const BUF_ALLOC: u32 = 64 << 10;
@@ -58,7 +63,20 @@ struct Vsock {
 
 impl Vsock {
     fn send(&mut self, op: u16, src_port: u32, dst_port: u32, flags: u32, payload: &[u8]) {
-        w64(TXBUF, self.cid);
+        self.send_as(self.cid, op, src_port, dst_port, flags, payload)
+    }
+
+    /// Like `send` with any source CID (hostile packets).
+    fn send_as(
+        &mut self,
+        src_cid: u64,
+        op: u16,
+        src_port: u32,
+        dst_port: u32,
+        flags: u32,
+        payload: &[u8],
+    ) {
+        w64(TXBUF, src_cid);
         w64(TXBUF + 8, 2);
         w32(TXBUF + 16, src_port);
         w32(TXBUF + 20, dst_port);
@@ -249,6 +267,22 @@ fn main(boot: &'static kit::BootInfo) -> ! {
         kit::arch::text(MESSAGE),
         kit::arch::text(&reply[..n])
     );
+    // 3. Hostile packets: a spoofed source CID (dropped), an unknown op and data for no
+    //    connection (each answered with RST).
+    v.send_as(cid + 1, OP_REQUEST, HOSTILE_PORT, HOST_PORT, 0, &[]);
+    v.send(99, HOSTILE_PORT, 4444, 0, &[]);
+    v.send(OP_RW, HOSTILE_PORT, 4444, 0, b"nobody");
+    let mut rsts = 0;
+    while rsts < 2 {
+        let (id, p) = v.recv("RST for the hostile packets");
+        v.recycle(id);
+        match (p.dst_port, p.op) {
+            (HOSTILE_PORT, OP_RST) => rsts += 1,
+            (HOSTILE_PORT, op) => kit::fail(NAME, format_args!("hostile packet answered op {op}")),
+            _ => {}
+        }
+    }
+    println!("kit: vsock hostile packets: 2 RST, spoofed CID dropped");
     kit::pass(NAME);
     kit::poweroff()
 }

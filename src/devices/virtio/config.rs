@@ -77,11 +77,13 @@ pub fn parse_balloon(s: &str) -> Result<BalloonConfig, String> {
                 }
             }
             "stats" => {
-                b.stats_interval = v
-                    .parse::<u32>()
-                    .ok()
-                    .filter(|&n| n <= 3600)
-                    .ok_or_else(|| format!("balloon stats interval {v:?} is not 0..=3600 seconds"))?
+                b.stats_interval =
+                    v.parse::<u32>()
+                        .ok()
+                        .filter(|&n| n <= 3600)
+                        .ok_or_else(|| {
+                            format!("balloon stats interval {v:?} is not 0..=3600 seconds")
+                        })?
             }
             "reporting" => b.reporting = on_off(v)?,
             "deflate_on_oom" => b.deflate_on_oom = on_off(v)?,

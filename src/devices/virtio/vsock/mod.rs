@@ -203,7 +203,14 @@ impl VsockHandler {
             return Some(b);
         }
         loop {
-            let (head, res) = self.rx.pop()?;
+            let Some((head, res)) = self.rx.pop() else {
+                // Ask for a notification when the driver adds buffers (with EVENT_IDX it only
+                // notifies past the index we publish here); buffers that raced in are used now.
+                if self.rx.enable_notification() {
+                    continue;
+                }
+                return None;
+            };
             match res {
                 Ok(c) if c.writable_len() >= HDR_LEN as u64 => return Some((head, c)),
                 Ok(_) | Err(_) => {
