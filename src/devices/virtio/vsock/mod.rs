@@ -435,6 +435,21 @@ mod tests {
         assert!(e.contains("not a socket"), "{e}");
         assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
         let _ = std::fs::remove_file(&file);
+        // A live socket is not taken over; a stale one is replaced.
+        let dir = std::env::temp_dir().join(format!("exitless-vsock-live-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let live = UnixListener::bind(dir.join("v.sock")).unwrap();
+        let cfg = VsockConfig {
+            cid: 3,
+            socket: dir.join("v.sock"),
+        };
+        let e = Vsock::new(&cfg).err().unwrap();
+        assert!(e.contains("another process listens there"), "{e}");
+        drop(live);
+        assert!(dir.join("v.sock").exists());
+        assert!(Vsock::new(&cfg).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
         assert!(Vsock::new(&VsockConfig {
             cid: 2,
             socket: "/tmp/x".into(),

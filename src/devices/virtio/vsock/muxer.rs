@@ -428,6 +428,10 @@ impl Muxer {
             }
             OP_RW => {
                 let c = self.conns.get_mut(&id).expect("found");
+                if matches!(c.state, State::Closing(_)) {
+                    // Data in flight when the host went away: nobody can take it.
+                    return;
+                }
                 if !state_ok(c) || c.guest_no_send {
                     self.count("bad_packets");
                     self.remove(id, true);
