@@ -576,6 +576,9 @@ fn linux_debian_shell_drives_every_virtio_device() {
     );
     let d = r.describe();
     assert_eq!(r.status, Some(0), "{d}");
+    assert!(r.stdout.contains("exitless-guest: nproc=2"), "{d}");
+    // The init loaded every virtio module it ships (it names any insmod that failed).
+    assert!(!r.stdout.contains("exitless-guest: insmod"), "{d}");
     let res = results(&r.stdout);
     let get = |k: &str| {
         res.get(k)
