@@ -1083,6 +1083,31 @@ mod tests {
     }
 
     #[test]
+    fn large_host_writes_are_split_to_fit_rx_buffers_and_keep_order() {
+        let mut f = fixture("split");
+        let l = UnixListener::bind(f.dir.join("v.sock_5678")).unwrap();
+        let mut req = from_guest(OP_REQUEST, 9, 5678, 0);
+        req.buf_alloc = 1 << 20;
+        send_guest(&mut f.mux, req, b"");
+        assert_eq!(pump(&mut f.mux)[0].0.op, OP_RESPONSE);
+        let (mut s, _) = l.accept().unwrap();
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        s.write_all(&data).unwrap();
+        let mut got = Vec::new();
+        for _ in 0..20 {
+            for (h, d) in pump(&mut f.mux) {
+                assert_eq!(h.op, OP_RW);
+                assert!(d.len() <= 4096 - HDR_LEN && h.len as usize == d.len());
+                got.extend(d);
+            }
+            if got.len() == data.len() {
+                break;
+            }
+        }
+        assert_eq!(got, data);
+    }
+
+    #[test]
     fn bad_connect_lines_close_the_client() {
         let mut f = fixture("line");
         let mut a = UnixStream::connect(f.dir.join("v.sock")).unwrap();
