@@ -596,7 +596,15 @@ impl Muxer {
                     self.insert(Conn::new(s, State::ConnectLine(Vec::new()), 0, 0));
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(_) => return,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    // E.g. EMFILE: the client stays queued and the listener stays readable, so
+                    // without a pause the worker would spin on it. Retry at most 100 times a second.
+                    log::warn!("vsock: accepting a host connection: {e}");
+                    self.count("accept_errors");
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                    return;
+                }
             }
         }
     }
