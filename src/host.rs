@@ -48,12 +48,19 @@ const PVM_MSR_TSC_KHZ: u32 = 0x4b56_4d13;
 /// - `clearcpuid=erms,fsrm`: with them Linux clears and copies pages with `rep stosb`/`rep movsb`,
 ///   which the emulator runs byte by byte (~0.65 µs a byte: 2.7 ms per page cleared); without
 ///   them it uses `rep stosq`/`movsq`, ~8x cheaper;
-/// - `nowatchdog`: emulated kernel code is slow enough to trip the soft-lockup detector.
+/// - `nowatchdog`: emulated kernel code is slow enough to trip the soft-lockup detector;
+/// - `lapic=notscdeadline`: with the TSC-deadline timer the LAPIC clockevent is one-shot only, and
+///   Linux emulates a periodic tick on it by catching up one missed tick at a time
+///   (`tick_handle_periodic`). When an emulated tick costs more than a tick period (a loaded
+///   host, or a stretch with interrupts off such as console output), that loop never ends: the
+///   guest does nothing but timekeeping (seen with `--sample-rips` in HZ_PERIODIC kernels and in
+///   stalled boots of the Debian kernel). A periodic-capable LAPIC timer just drops missed ticks.
 ///
 /// `noxsave` is parsed by the x86 early code, so Linux also reports it as an "unknown parameter
 /// passed to user space" (harmless: init sees an extra argument).
 const PVM_LINUX_CMDLINE: &str =
-    "noxsave clearcpuid=smap,popcnt,ssse3,clflushopt,cx16,abm,erms,fsrm nofsgsbase nowatchdog";
+    "noxsave clearcpuid=smap,popcnt,ssse3,clflushopt,cx16,abm,erms,fsrm nofsgsbase nowatchdog \
+     lapic=notscdeadline";
 
 /// How PVM was recognised.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -7,6 +7,7 @@
 //! - [`devices`]: device models by tier (`legacy` = emulated platform devices) and the I/O buses;
 //! - [`stats`]: exit counters and the end-of-run summary;
 //! - [`host`]: what the host KVM is and what it cannot run;
+//! - [`kvm_stats`]: KVM's own per-vCPU exit counters (binary statistics);
 //! - [`vmm`]: builds a VM from a [`config::VmConfig`] and runs it to the end;
 //! - [`kit`]: the embedded test-kit guests;
 //! - [`bench`]: benchmarks of the exit path on this host (`exitless bench exits`);
@@ -19,6 +20,7 @@ pub mod config;
 pub mod devices;
 pub mod host;
 pub mod kit;
+pub mod kvm_stats;
 pub mod memory;
 pub mod stats;
 pub mod terminal;

@@ -413,6 +413,9 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
         sample_rips: cfg.sample_rips,
     };
     let mut vcpus = Vec::new();
+    // KVM's own counters of each vCPU (None where the host has no binary statistics); the
+    // descriptors stay open after the vCPU threads end, for the report.
+    let mut kvm_stats_fds = Vec::new();
     for id in 0..cfg.cpus {
         let fd = vm
             .create_vcpu(id as u64)
@@ -436,6 +439,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
             fd.set_fpu(&boot::boot_fpu())
                 .map_err(kvm_err("setting the FPU"))?;
         }
+        kvm_stats_fds.extend(crate::kvm_stats::VcpuStatsFd::open(&fd));
         vcpus.push(Vcpu::new(id, fd, shared.clone()));
     }
 
@@ -513,7 +517,9 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
 
     let status = exit_status(&end, cfg);
     let mut report = RunReport::new(describe_end(&end), status, wall, &stats, counters.facts());
-    report.kvm = BTreeMap::new();
+    // Read after every vCPU thread has been joined: the counters are final.
+    report.kvm = crate::kvm_stats::sum(&kvm_stats_fds);
+    drop(kvm_stats_fds);
     let console_tail = console_watch
         .lock()
         .unwrap_or_else(|p| p.into_inner())

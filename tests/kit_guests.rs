@@ -226,3 +226,48 @@ fn sample_rips_profiles_where_the_guest_runs() {
     let plain = run(&[]);
     assert!(plain.report.as_ref().unwrap().get("rip_samples").is_none());
 }
+
+/// Whether this host's KVM gives binary statistics (`KVM_GET_STATS_FD`) on a vCPU.
+fn host_has_kvm_stats() -> Result<(), String> {
+    let kvm = kvm_ioctls::Kvm::new().map_err(|e| format!("/dev/kvm: {e}"))?;
+    let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
+    let vcpu = vm
+        .create_vcpu(0)
+        .map_err(|e| format!("KVM_CREATE_VCPU: {e}"))?;
+    let fd = exitless::kvm_stats::VcpuStatsFd::open(&vcpu)
+        .ok_or("KVM_GET_STATS_FD is not supported (or its layout did not parse)")?;
+    if !fd.read().contains_key("exits") {
+        return Err("the host's KVM statistics have no `exits` counter".into());
+    }
+    Ok(())
+}
+
+#[test]
+fn the_report_has_kvm_s_own_exit_counters() {
+    if !kvm_available("kvm-stats") {
+        return;
+    }
+    if let Err(why) = host_has_kvm_stats() {
+        eprintln!("skipped the_report_has_kvm_s_own_exit_counters: {why}");
+        return;
+    }
+    let r = run(&[]);
+    assert_eq!(r.status, Some(0), "{}", r.describe());
+    let report = r.report.as_ref().unwrap();
+    let kvm = report["kvm"].as_object().expect("report.kvm");
+    let exits = kvm.get("exits").and_then(|v| v.as_u64());
+    let userspace = report["total_exits"].as_u64().unwrap();
+    assert!(userspace > 0, "{}", r.describe());
+    // KVM counts every exit, those it completes in the kernel (ioeventfd, LAPIC, HLT, ...) as
+    // well as those that reach exitless: never fewer than exitless's own total.
+    assert!(
+        exits.is_some_and(|e| e >= userspace),
+        "kvm exits {exits:?} < userspace exits {userspace}: {kvm:?}"
+    );
+    // The demo halts waiting for its LAPIC timer and writes the console.
+    assert!(
+        kvm.get("halt_exits").and_then(|v| v.as_u64()) > Some(0),
+        "{kvm:?}"
+    );
+    assert!(r.stderr.contains("in-kernel (KVM): "), "{}", r.describe());
+}

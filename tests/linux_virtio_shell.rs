@@ -38,6 +38,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use common::netns::Netns;
 use common::*;
 
 const KERNEL: &str = "images/debian/vmlinuz";
@@ -92,66 +93,6 @@ fn guest_userspace_blocked() -> Option<String> {
 }
 
 // ---- the network namespace (as in virtio_net.rs) ---------------------------------------------
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-/// A network namespace, deleted on drop (the tap inside goes with it).
-struct Netns(String);
-
-impl Netns {
-    fn create() -> Result<Netns, String> {
-        let name = format!("exitless-shell-{}", std::process::id());
-        let _ = ip(&["netns", "del", &name]);
-        ip(&["netns", "add", &name])?;
-        Ok(Netns(name))
-    }
-
-    fn ip(&self, args: &[&str]) -> Result<(), String> {
-        let mut a = vec!["netns", "exec", &self.0, "ip"];
-        a.extend_from_slice(args);
-        ip(&a)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        if let Err(e) = ip(&["netns", "del", &self.0]) {
-            eprintln!("could not delete network namespace {}: {e}", self.0);
-        }
-    }
-}
-
-/// The namespace with a configured tap, or the reason it cannot be made here.
-fn netns_with_tap() -> Result<Netns, String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err("not root: network namespaces and taps need CAP_NET_ADMIN".into());
-    }
-    if !Path::new("/dev/net/tun").exists() {
-        return Err("no /dev/net/tun".into());
-    }
-    let ns = Netns::create()?;
-    ns.ip(&["tuntap", "add", "dev", TAP, "mode", "tap"])?;
-    ns.ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", TAP])?;
-    ns.ip(&["link", "set", TAP, "up"])?;
-    ns.ip(&["link", "set", "lo", "up"])?;
-    Ok(ns)
-}
 
 // ---- the guest's shell over the serial console -----------------------------------------------
 
@@ -414,7 +355,7 @@ fn linux_debian_shell_drives_every_virtio_device() {
     if !kvm_available(TEST) || !image_present(TEST) {
         return;
     }
-    let ns = match netns_with_tap() {
+    let ns = match Netns::with_tap("shell", TAP, HOST_IP) {
         Ok(ns) => Some(ns),
         Err(why) => {
             eprintln!("{TEST}: the virtio-net part is left out: {why}");

@@ -4,6 +4,9 @@
 //! network namespaces are not usable (not root). Also: a bad tap name is a one-line start-up
 //! error.
 
+mod common;
+
+use common::netns::Netns;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
@@ -22,66 +25,6 @@ fn kvm_usable() -> bool {
             false
         }
     }
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-/// A network namespace, deleted on drop (the tap inside goes with it).
-struct Netns(String);
-
-impl Netns {
-    fn create() -> Result<Netns, String> {
-        let name = format!("exitless-test-{}", std::process::id());
-        let _ = ip(&["netns", "del", &name]);
-        ip(&["netns", "add", &name])?;
-        Ok(Netns(name))
-    }
-
-    fn ip(&self, args: &[&str]) -> Result<(), String> {
-        let mut a = vec!["netns", "exec", &self.0, "ip"];
-        a.extend_from_slice(args);
-        ip(&a)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        if let Err(e) = ip(&["netns", "del", &self.0]) {
-            eprintln!("could not delete network namespace {}: {e}", self.0);
-        }
-    }
-}
-
-/// The namespace with a configured tap, or the reason it cannot be made here.
-fn netns_with_tap() -> Result<Netns, String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err("not root: network namespaces and taps need CAP_NET_ADMIN".into());
-    }
-    if !std::path::Path::new("/dev/net/tun").exists() {
-        return Err("no /dev/net/tun".into());
-    }
-    let ns = Netns::create()?;
-    ns.ip(&["tuntap", "add", "dev", TAP, "mode", "tap"])?;
-    ns.ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", TAP])?;
-    ns.ip(&["link", "set", TAP, "up"])?;
-    ns.ip(&["link", "set", "lo", "up"])?;
-    Ok(ns)
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -104,7 +47,7 @@ fn kit_virtio_net_arps_and_pings_the_host_through_a_tap() {
     if !kvm_usable() {
         return;
     }
-    let ns = match netns_with_tap() {
+    let ns = match Netns::with_tap("test", TAP, HOST_IP) {
         Ok(ns) => ns,
         Err(why) => {
             eprintln!("skipped: {why}");

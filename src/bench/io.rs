@@ -11,6 +11,8 @@
 //!    exit counters written as JSON (`--stats-json`); one extra run with `mib=0` (set-up and flush
 //!    only) is the baseline whose counters are subtracted, so that the exits per request count only
 //!    what the workloads caused (console output is left out of both: its exits are per byte);
+//!    the report's `kvm` section (KVM's own per-vCPU counters, where the host has binary
+//!    statistics) gives all exits, in-kernel ones included, as QEMU's `query-stats` does;
 //! 4. QEMU's runs: the same ELF under `qemu-system-x86_64 -M q35 -accel kvm` with
 //!    `virtio-blk-pci,disable-legacy=on` over the same image (writeback cache, thread pool: the
 //!    host page cache on both sides, as exitless's `pwrite`/`pread`). debugfs (`/sys/kernel/debug/
@@ -252,6 +254,9 @@ pub struct Counters {
     pub console_exits: u64,
     pub mmio_exits: u64,
     pub exits: BTreeMap<String, u64>,
+    /// KVM's count of every exit (in-kernel ones included), summed over vCPUs; None where the
+    /// host has no binary statistics (the report's `kvm` section is empty).
+    pub kvm_exits: Option<u64>,
     /// The benchmarked device's facts (`requests`, `notifications`, `interrupts`, ...).
     pub blk: BTreeMap<String, u64>,
 }
@@ -297,6 +302,7 @@ impl Counters {
                 .as_u64()
                 .ok_or("exitless's report has no total_exits")?,
             console_exits,
+            kvm_exits: map("kvm").get("exits").copied(),
             mmio_exits: exits.get("mmio_read").copied().unwrap_or(0)
                 + exits.get("mmio_write").copied().unwrap_or(0),
             exits,
@@ -318,6 +324,9 @@ pub struct WorkloadExits {
     pub mmio_exits: i64,
     pub notifications: i64,
     pub interrupts: i64,
+    /// Every exit KVM counted beyond the baseline, in-kernel ones included, console port exits
+    /// taken out; None without KVM statistics (in the run or the baseline).
+    pub all: Option<i64>,
     /// Exits by reason beyond the baseline (console ports included: they are per byte).
     pub by_reason: BTreeMap<String, i64>,
 }
@@ -344,6 +353,10 @@ impl WorkloadExits {
             mmio_exits: d(run.mmio_exits, base.mmio_exits),
             notifications: d(run.fact("notifications"), base.fact("notifications")),
             interrupts: d(run.fact("interrupts"), base.fact("interrupts")),
+            all: match (run.kvm_exits, base.kvm_exits) {
+                (Some(r), Some(b)) => Some(d(r, b) - d(run.console_exits, base.console_exits)),
+                _ => None,
+            },
             by_reason,
         }
     }
@@ -411,6 +424,9 @@ pub struct Row {
     pub exits_per_request: f64,
     pub mmio_per_request: f64,
     pub peer_exits_per_request: Option<f64>,
+    /// All exits per request, in-kernel ones included (KVM's statistics, where readable).
+    pub all_exits_per_request: Option<f64>,
+    pub peer_all_exits_per_request: Option<f64>,
 }
 
 impl Row {
@@ -437,6 +453,8 @@ pub fn rows(ours: &[GuestRun], peer: &[GuestRun], hz: u64) -> Vec<Row> {
                 exits_per_request: 0.0,
                 mmio_per_request: 0.0,
                 peer_exits_per_request: None,
+                all_exits_per_request: None,
+                peer_all_exits_per_request: None,
             })
         })
         .collect()
@@ -458,9 +476,12 @@ impl Phase {
         for r in &mut rows {
             r.exits_per_request = self.exits.per_request(self.exits.exits);
             r.mmio_per_request = self.exits.per_request(self.exits.mmio_exits);
-            r.peer_exits_per_request = match &self.peer_exits {
-                Some(Ok(e)) if r.peer.is_some() => Some(e.per_request(e.userspace)),
-                _ => None,
+            r.all_exits_per_request = self.exits.all.map(|n| self.exits.per_request(n));
+            (r.peer_exits_per_request, r.peer_all_exits_per_request) = match &self.peer_exits {
+                Some(Ok(e)) if r.peer.is_some() => {
+                    (Some(e.per_request(e.userspace)), Some(e.per_request(e.all)))
+                }
+                _ => (None, None),
             };
         }
         rows
@@ -495,6 +516,10 @@ fn exits_json(e: &WorkloadExits) -> Value {
         "source": "exitless's exit counters, run minus baseline run, console ports excluded",
         "device_requests": e.device_requests,
         "exits_to_userspace": e.exits,
+        "exits_all": e.all,
+        "exits_all_source": e.all.map(|_| "KVM's per-vCPU binary statistics (KVM_GET_STATS_FD), \
+                                           run minus baseline run, console port exits taken out"),
+        "all_exits_per_request": e.all.map(|n| round3(e.per_request(n))),
         "mmio_exits": e.mmio_exits,
         "exits_per_request": round3(e.per_request(e.exits)),
         "mmio_exits_per_request": round3(e.per_request(e.mmio_exits)),
@@ -519,6 +544,7 @@ pub fn to_json(
             let mut o = r.ours.to_json();
             o["exits_per_request"] = json!(round3(r.exits_per_request));
             o["mmio_exits_per_request"] = json!(round3(r.mmio_per_request));
+            o["all_exits_per_request"] = json!(r.all_exits_per_request.map(round3));
             json!({
                 "workload": r.workload,
                 "requests": r.requests,
@@ -527,6 +553,7 @@ pub fn to_json(
                 "qemu": r.peer.as_ref().map(|p| {
                     let mut q = p.to_json();
                     q["exits_per_request"] = json!(r.peer_exits_per_request.map(round3));
+                    q["all_exits_per_request"] = json!(r.peer_all_exits_per_request.map(round3));
                     q
                 }),
                 "ratio": r.ratio().map(round3),
@@ -574,12 +601,20 @@ fn exits_line(what: &str, e: &WorkloadExits) -> String {
         .collect();
     format!(
         "exitless, {what} (exit counters, run minus a set-up-only baseline run, console ports \
-         excluded): {} exits to userspace ({} MMIO) over {} requests; the device took {} \
+         excluded): {} exits to userspace ({} MMIO) over {} requests; {}; the device took {} \
          notifications (ioeventfd) and raised {} interrupts; all changes by reason, console \
          included: {}\n",
         e.exits.max(0),
         e.mmio_exits.max(0),
         e.device_requests,
+        match e.all {
+            Some(n) => format!(
+                "{} exits in all, in-kernel ones included ({:.3} per request; KVM's statistics)",
+                n.max(0),
+                e.per_request(n)
+            ),
+            None => "all exits unknown (this host's KVM has no binary statistics)".into(),
+        },
         e.notifications,
         e.interrupts,
         if reasons.is_empty() {
@@ -597,8 +632,7 @@ fn peer_exits_line(what: &str, p: &PeerExitsSeen) -> String {
         Some(Ok(e)) => format!(
             "qemu, {what} (KVM statistics through QMP query-stats, run minus baseline run, 2 \
              console port exits per printed byte taken out): {} exits to userspace ({} MMIO, {}) \
-             over {} requests; {} exits in all, in-kernel ones included ({:.3} per request; \
-             exitless's in-kernel exits are not counted)\n",
+             over {} requests; {} exits in all, in-kernel ones included ({:.3} per request)\n",
             e.userspace.max(0),
             e.mmio,
             e.io.map(|n| format!("{n} port I/O"))
@@ -616,17 +650,26 @@ pub fn table(rows: &[Row], block: &Phase, net: &Result<Phase, String>, header: &
     let _ = writeln!(t, "{header}");
     let _ = writeln!(
         t,
-        "{:<10} {:>8} {:>14} {:>14} {:>6} {:>19} {:>19}",
-        "", "", "exitless MB/s", "qemu MB/s", "", "exits/req (user)", "kicks/req"
+        "{:<10} {:>8} {:>14} {:>14} {:>6} {:>19} {:>19} {:>19}",
+        "",
+        "",
+        "exitless MB/s",
+        "qemu MB/s",
+        "",
+        "exits/req (user)",
+        "exits/req (all)",
+        "kicks/req"
     );
     let _ = writeln!(
         t,
-        "{:<10} {:>8} {:>14} {:>14} {:>6} {:>9} {:>9} {:>9} {:>9}",
+        "{:<10} {:>8} {:>14} {:>14} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
         "workload",
         "requests",
         "best (median)",
         "best (median)",
         "ratio",
+        "exitless",
+        "qemu",
         "exitless",
         "qemu",
         "exitless",
@@ -636,7 +679,7 @@ pub fn table(rows: &[Row], block: &Phase, net: &Result<Phase, String>, header: &
         let side = |s: &Side| format!("{:.0} ({:.0})", s.best_mb_s, s.median_mb_s);
         let _ = writeln!(
             t,
-            "{:<10} {:>8} {:>14} {:>14} {:>6} {:>9.3} {:>9} {:>9.3} {:>9}",
+            "{:<10} {:>8} {:>14} {:>14} {:>6} {:>9.3} {:>9} {:>9} {:>9} {:>9.3} {:>9}",
             r.workload,
             r.requests,
             side(&r.ours),
@@ -644,6 +687,8 @@ pub fn table(rows: &[Row], block: &Phase, net: &Result<Phase, String>, header: &
             opt(r.ratio(), 2),
             r.exits_per_request,
             opt(r.peer_exits_per_request, 3),
+            opt(r.all_exits_per_request, 3),
+            opt(r.peer_all_exits_per_request, 3),
             r.ours.kicks_per_request,
             opt(r.peer.as_ref().map(|p| p.kicks_per_request), 3),
         );
@@ -1416,6 +1461,52 @@ mod tests {
         assert_eq!(e.notifications, 10);
         assert!((e.per_request(e.mmio_exits) - 10.0 / 1024.0).abs() < 1e-9);
         assert!(Counters::from_report(&json!({"total_exits": 1}), "virtio-blk").is_err());
+    }
+
+    #[test]
+    fn all_exits_come_from_the_report_s_kvm_counters_without_the_console() {
+        let with_kvm = |total: u64, console: u64, kvm: u64, requests: u64| {
+            Counters::from_report(
+                &json!({
+                    "total_exits": total,
+                    "exits": {"io_out": console},
+                    "pio_ports": {"0x3f8": console},
+                    "kvm": {"exits": kvm, "halt_exits": 3, "io_exits": 0},
+                    "devices": [{"device": "virtio-blk0", "facts": {"requests": requests}}],
+                }),
+                "virtio-blk",
+            )
+            .unwrap()
+        };
+        let base = with_kvm(1000, 900, 5000, 1);
+        let run = with_kvm(1300, 1100, 5700, 1025);
+        assert_eq!(run.kvm_exits, Some(5700));
+        let e = WorkloadExits::new(&run, &base);
+        // 700 more exits in all, 200 of them the console's.
+        assert_eq!(e.all, Some(500));
+        assert!((e.per_request(e.all.unwrap()) - 500.0 / 1024.0).abs() < 1e-9);
+        // A host without statistics: unknown, not zero.
+        let plain = report(1300, 1100, 0, 1025, 0);
+        assert_eq!(plain.kvm_exits, None);
+        assert_eq!(WorkloadExits::new(&plain, &base).all, None);
+        let block = Phase {
+            ours: vec![parse(&console(1)).unwrap()],
+            peer: vec![],
+            exits: e,
+            peer_exits: None,
+        };
+        let rows = block.rows("blk", 1);
+        assert_eq!(rows[0].all_exits_per_request, Some(500.0 / 1024.0));
+        let skipped = Err("--no-net".to_string());
+        let j = to_json(&rows, &block, &skipped, 1, None);
+        assert_eq!(j["exitless_block"]["exits_all"], 500);
+        assert_eq!(
+            j["workloads"][0]["exitless"]["all_exits_per_request"],
+            0.488
+        );
+        let t = table(&rows, &block, &skipped, "H");
+        assert!(t.contains("500 exits in all"), "{t}");
+        assert!(t.contains("exits/req (all)"), "{t}");
     }
 
     #[test]
