@@ -411,6 +411,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
         unclaimed: Arc::new(Mutex::new(HashSet::new())),
         complete_failed_emulation: true,
         sample_rips: cfg.sample_rips,
+        complete_stuck_hypercalls: host.is_pvm(),
     };
     let mut vcpus = Vec::new();
     // KVM's own counters of each vCPU (None where the host has no binary statistics); the
@@ -462,14 +463,16 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
         handles.push(h);
     }
     drop(end_tx);
-    let sampled: Vec<libc::pthread_t> = if cfg.sample_rips {
+    // Periodic kicks: RIP samples, and on PVM hosts the chance to complete a stuck hypercall.
+    let sampled: Vec<libc::pthread_t> = if cfg.sample_rips || host.is_pvm() {
         use std::os::unix::thread::JoinHandleExt;
         handles.iter().map(|h| h.as_pthread_t()).collect()
     } else {
         Vec::new()
     };
 
-    // Wait for the end (kicking the vCPUs for a RIP sample every 10 ms with --sample-rips).
+    // Wait for the end (kicking the vCPUs every 10 ms with --sample-rips, else every 50 ms where
+    // they are kicked at all).
     let deadline = cfg.timeout.map(|t| started + t);
     let tick = Duration::from_millis(if cfg.sample_rips { 10 } else { 50 });
     let end = loop {

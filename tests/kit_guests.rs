@@ -271,3 +271,34 @@ fn the_report_has_kvm_s_own_exit_counters() {
     );
     assert!(r.stderr.contains("in-kernel (KVM): "), "{}", r.describe());
 }
+
+#[test]
+fn a_kernel_mode_hypercall_always_completes() {
+    if !kvm_available("hypercall") {
+        return;
+    }
+    let r = run_guest("bench", &["--cmdline", "quick hypercall=cpl0-once"]);
+    assert_eq!(r.status, Some(0), "{}", r.describe());
+    assert!(
+        r.stdout.contains("kit: bench note hypercall returned"),
+        "{}",
+        r.describe()
+    );
+    let pvm = exitless_cmd(&["host"]).stdout.contains("PVM");
+    if pvm {
+        // KVM's emulator never completes it here; exitless does, as KVM answers an unknown one.
+        assert!(
+            r.stdout
+                .contains("hypercall returned 0xfffffffffffffc18 at cpl0"),
+            "{}",
+            r.describe()
+        );
+        let report = r.report.as_ref().unwrap();
+        assert_eq!(
+            report["emulated"]["hypercall (ENOSYS)"],
+            1,
+            "{}",
+            r.describe()
+        );
+    }
+}

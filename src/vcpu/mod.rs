@@ -60,6 +60,36 @@ pub struct VcpuShared {
     pub complete_failed_emulation: bool,
     /// Record the guest RIP at every kick (`--sample-rips`: the VMM kicks periodically).
     pub sample_rips: bool,
+    /// At every kick, complete a kernel-mode `vmcall`/`vmmcall` the vCPU is stuck on (PVM hosts,
+    /// where KVM's emulator re-executes it forever; the VMM kicks periodically there).
+    pub complete_stuck_hypercalls: bool,
+}
+
+/// `-KVM_ENOSYS`, what KVM itself answers to a hypercall it does not know.
+const KVM_ENOSYS: i64 = 1000;
+
+/// If the vCPU stopped at a CPL0 `vmcall`/`vmmcall`, completes it as KVM does an unknown
+/// hypercall: RAX = -KVM_ENOSYS and RIP past the instruction. Every Linux caller handles ENOSYS
+/// (e.g. `ptp_kvm`'s clock-pairing probe, which otherwise hangs the boot of a kernel that has it
+/// built in). Returns whether it completed one.
+fn complete_stuck_hypercall(fd: &VcpuFd, mem: &GuestMemoryMmap) -> bool {
+    let (Ok(mut regs), Ok(sregs)) = (fd.get_regs(), fd.get_sregs()) else {
+        return false;
+    };
+    if sregs.cs.selector & 3 != 0 {
+        return false;
+    }
+    let mut insn = [0u8; 3];
+    let mut access = VcpuMemory { fd, mem };
+    if emulate::GuestAccess::read(&mut access, regs.rip, &mut insn).is_err() {
+        return false;
+    }
+    if insn != [0x0f, 0x01, 0xc1] && insn != [0x0f, 0x01, 0xd9] {
+        return false;
+    }
+    regs.rax = (-KVM_ENOSYS) as u64;
+    regs.rip = regs.rip.wrapping_add(3);
+    fd.set_regs(&regs).is_ok()
 }
 
 pub struct Vcpu {
@@ -157,6 +187,10 @@ impl Vcpu {
                         if let Ok(r) = fd.get_regs() {
                             stats.sample_rip(r.rip);
                         }
+                    }
+                    if shared.complete_stuck_hypercalls && complete_stuck_hypercall(fd, &shared.mem)
+                    {
+                        *stats.emulated.entry("hypercall (ENOSYS)").or_default() += 1;
                     }
                     continue;
                 }
