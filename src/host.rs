@@ -253,6 +253,10 @@ impl HostInfo {
 /// space before a hang or shutdown.
 fn init_died_on_first_syscall(what: &GuestFailureHint) -> bool {
     let text = what.console_tail;
+    // The kernel found no init to run at all (e.g. an empty root file system): not our case.
+    if text.contains("No working init found") {
+        return false;
+    }
     if let Some(at) = text.rfind("Attempted to kill init") {
         // "exitcode=0x…" is the wait status: a zero signal number means init called exit(2), so
         // its system calls worked and something else is wrong.
@@ -479,12 +483,17 @@ mod tests {
             )),
             None
         );
-        // A missing init is a different problem.
+        // A missing init is a different problem, even after the kernel tried candidates.
         assert_eq!(
             pvm.explain_guest_failure(&hint(
                 "Kernel panic - not syncing: No working init found.\n",
                 GuestFailureKind::Hung
             )),
+            None
+        );
+        let tried = format!("{HANDOVER}Kernel panic - not syncing: No working init found.\n");
+        assert_eq!(
+            pvm.explain_guest_failure(&hint(&tried, GuestFailureKind::Shutdown)),
             None
         );
         // An emulation failure after the hand-over is reported by the emulator path, not here.
