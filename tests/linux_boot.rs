@@ -102,6 +102,19 @@ fn linux_stock_debian_kernel_reaches_init_with_two_cpus() {
         let tail: Vec<&str> = r.stdout.lines().rev().take(3).collect();
         eprintln!("stalled (last console lines, newest first: {tail:?}); trying again");
     };
+    // The guest's own timestamp of the hand-over, and exitless's summary: the numbers behind the
+    // README's boot time and the closing notes.
+    if let Some(line) = r.stdout.lines().find(|l| l.contains("as init process")) {
+        eprintln!("stock kernel: {}", line.trim());
+    }
+    for l in r.stderr.lines().filter(|l| {
+        l.starts_with("exitless: ")
+            || l.starts_with("  io_")
+            || l.starts_with("  completed")
+            || l.starts_with("  in-kernel")
+    }) {
+        eprintln!("stock kernel summary: {l}");
+    }
     let out = &r.stdout;
     let find = |s: &str| out.contains(s);
     assert!(
