@@ -25,7 +25,10 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::{find_program, wait_with_limit, ExitsArgs, Finished, Peer, TempDir};
+use super::{
+    clip, find_program, host_tsc_hz, read_lossy, round1, round3, tail, wait_with_limit, ExitsArgs,
+    Finished, Peer, TempDir,
+};
 
 /// The guest protocol version this parser understands (`kit: bench start version=...`).
 pub const PROTOCOL_VERSION: u64 = 1;
@@ -218,19 +221,6 @@ impl GuestRun {
             Some(Outcome::Measured(m)) => Some(m),
             _ => None,
         }
-    }
-}
-
-fn clip(s: &str) -> String {
-    const MAX: usize = 160;
-    let s: String = s
-        .chars()
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect();
-    if s.chars().count() > MAX {
-        format!("{}...", s.chars().take(MAX).collect::<String>())
-    } else {
-        s
     }
 }
 
@@ -638,14 +628,6 @@ impl Row {
     }
 }
 
-fn round1(x: f64) -> f64 {
-    (x * 10.0).round() / 10.0
-}
-
-fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
-}
-
 /// Builds the rows: exitless's numbers, the exit seen, and the peer's median where there is one.
 pub fn rows(
     ours: &GuestRun,
@@ -849,21 +831,6 @@ fn guest_cmdline(quick: bool, cpl3_hypercall: bool) -> String {
     v.join(" ")
 }
 
-fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..]
-        .iter()
-        .map(|l| format!("  | {}", clip(l)))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-fn read_lossy(p: &Path) -> String {
-    std::fs::read(p)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default()
-}
-
 /// Boots the bench guest with exitless (this binary, `run`) and returns its console and report.
 fn run_exitless(
     dir: &Path,
@@ -1006,16 +973,6 @@ fn run_qemu(dir: &Path, guest: &str, cmdline: &str, timeout: Duration) -> Result
             Ok(text)
         }
     }
-}
-
-/// KVM's TSC frequency on this host, if it tells.
-fn host_tsc_hz(kvm: &kvm_ioctls::Kvm, host: &crate::host::HostInfo) -> Option<u64> {
-    if let Some(khz) = host.pvm.as_ref().and_then(|p| p.tsc_khz) {
-        return Some(khz * 1000);
-    }
-    let vm = kvm.create_vm().ok()?;
-    let vcpu = vm.create_vcpu(0).ok()?;
-    vcpu.get_tsc_khz().ok().map(|k| k as u64 * 1000)
 }
 
 /// `exitless bench exits`.

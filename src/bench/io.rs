@@ -38,7 +38,10 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::{find_program, wait_with_limit, Finished, IoArgs, Peer, TempDir};
+use super::{
+    clip, find_program, host_tsc_hz, read_lossy, round1, round3, tail, wait_with_limit, Finished,
+    IoArgs, Peer, TempDir,
+};
 
 /// The guest protocol version this parser understands (`kit: io start version=...`).
 pub const PROTOCOL_VERSION: u64 = 1;
@@ -109,19 +112,6 @@ impl GuestRun {
     /// Requests of every block workload plus the flush (what the device serves beyond set-up).
     pub fn requests(&self) -> u64 {
         self.workloads.iter().map(|w| w.requests).sum::<u64>()
-    }
-}
-
-fn clip(s: &str) -> String {
-    const MAX: usize = 160;
-    let s: String = s
-        .chars()
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect();
-    if s.chars().count() > MAX {
-        format!("{}...", s.chars().take(MAX).collect::<String>())
-    } else {
-        s
     }
 }
 
@@ -402,14 +392,6 @@ impl Side {
             "rounds": self.rounds,
         })
     }
-}
-
-fn round1(x: f64) -> f64 {
-    (x * 10.0).round() / 10.0
-}
-
-fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
 }
 
 /// A table row: one workload on both VMMs.
@@ -708,21 +690,6 @@ pub fn table(rows: &[Row], block: &Phase, net: &Result<Phase, String>, header: &
         t.push_str(&peer_exits_line("network workload", &n.peer_exits));
     }
     t
-}
-
-fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..]
-        .iter()
-        .map(|l| format!("  | {}", clip(l)))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-fn read_lossy(p: &Path) -> String {
-    std::fs::read(p)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default()
 }
 
 /// (Re)creates the scratch image: `bytes` long, sparse, empty.
@@ -1088,16 +1055,6 @@ impl PeerExits {
     pub fn per_request(&self, n: i64) -> f64 {
         n.max(0) as f64 / self.requests.max(1) as f64
     }
-}
-
-/// KVM's TSC frequency on this host, if it tells.
-fn host_tsc_hz(kvm: &kvm_ioctls::Kvm, host: &crate::host::HostInfo) -> Option<u64> {
-    if let Some(khz) = host.pvm.as_ref().and_then(|p| p.tsc_khz) {
-        return Some(khz * 1000);
-    }
-    let vm = kvm.create_vm().ok()?;
-    let vcpu = vm.create_vcpu(0).ok()?;
-    vcpu.get_tsc_khz().ok().map(|k| k as u64 * 1000)
 }
 
 /// A network namespace with a tap that is up, deleted (with the tap) on drop.

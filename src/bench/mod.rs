@@ -172,6 +172,54 @@ pub fn find_program(program: &str) -> Option<PathBuf> {
         })
 }
 
+// Helpers both benchmarks use: console text, rounding, and the host TSC rate.
+
+pub fn clip(s: &str) -> String {
+    const MAX: usize = 160;
+    let s: String = s
+        .chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    if s.chars().count() > MAX {
+        format!("{}...", s.chars().take(MAX).collect::<String>())
+    } else {
+        s
+    }
+}
+
+pub fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+pub fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..]
+        .iter()
+        .map(|l| format!("  | {}", clip(l)))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+pub fn read_lossy(p: &Path) -> String {
+    std::fs::read(p)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+/// KVM's TSC frequency on this host, if it tells.
+pub fn host_tsc_hz(kvm: &kvm_ioctls::Kvm, host: &crate::host::HostInfo) -> Option<u64> {
+    if let Some(khz) = host.pvm.as_ref().and_then(|p| p.tsc_khz) {
+        return Some(khz * 1000);
+    }
+    let vm = kvm.create_vm().ok()?;
+    let vcpu = vm.create_vcpu(0).ok()?;
+    vcpu.get_tsc_khz().ok().map(|k| k as u64 * 1000)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
