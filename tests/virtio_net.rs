@@ -13,20 +13,6 @@ use std::process::{Command, Output, Stdio};
 const HOST_IP: &str = "192.168.127.1";
 const TAP: &str = "exitless-tap0";
 
-fn kvm_usable() -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("skipped: cannot open /dev/kvm: {e}");
-            false
-        }
-    }
-}
-
 fn scratch(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("exitless-net-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -44,7 +30,7 @@ fn show(out: &Output) {
 
 #[test]
 fn kit_virtio_net_arps_and_pings_the_host_through_a_tap() {
-    if !kvm_usable() {
+    if !common::kvm_available("virtio-net") {
         return;
     }
     let ns = match Netns::with_tap("test", TAP, HOST_IP) {
@@ -115,7 +101,7 @@ fn bad_tap_names_are_one_line_startup_errors() {
         ("tap=a/b", "a/b"),
     ] {
         // A name the parser takes but the kernel would not is refused when the VM is built.
-        if arg == "tap=a/b" && !kvm_usable() {
+        if arg == "tap=a/b" && !common::kvm_available("virtio-net tap=a/b") {
             continue;
         }
         let out = Command::new(env!("CARGO_BIN_EXE_exitless"))
