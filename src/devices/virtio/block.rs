@@ -13,14 +13,20 @@
 //! read that meets the end of the file is an IOERR). A buffer that crosses a memory-region
 //! boundary is split into one iovec per region rather than copied; the bounce buffer is left for
 //! guest memory that cannot be described by iovecs at all (counted as the `bounced` fact).
-//! Requests are served in batches: every available chain is completed (the used index moves
-//! at once, for a polling driver), and whether to interrupt is decided once per batch of up to
-//! `BATCH` requests.
+//! Requests are served in batches of up to `BATCH`, in ring order: a run of reads (or of writes)
+//! over adjacent sectors is merged into one system call of up to `MERGE_BYTES` (as QEMU's
+//! virtio-blk merges requests; counted as the `merged` fact), and is retried request by request
+//! if the merged call fails, so an error lands on the request it belongs to. Anything else (a
+//! flush, a gap, a change of direction) ends the run, so a flush still follows every write
+//! before it. Every request of a batch is in the used ring before the interrupt decision, made
+//! once per batch.
 //!
-//! One worker thread, no pool: with the copies gone the worker spends ~85% of a read workload
-//! inside the kernel's page-cache copy (`perf`, `bench io`), so a pool would only help with a
-//! free core, and on the 2-core hosts this runs on the other core is the vCPU polling for
-//! completions; a pool also gives up the device's ordering for nothing on a single queue.
+//! One worker thread, no pool: the worker spends most of a read workload inside the kernel's
+//! page-cache copy (`perf`, `bench io`), so a pool only helps with a free core. Measured on a
+//! 2-core host with the other core busy (a vCPU polling for completions): two threads copying
+//! from the page cache moved no more than one (~9 GB/s either way), while merging 64 KiB requests
+//! into 512 KiB calls gained ~15%. A pool would also give up the device's ordering on a single
+//! queue.
 
 use std::fs::File;
 use std::io;
@@ -44,6 +50,11 @@ const CHUNK: usize = 1 << 20;
 /// Most requests completed before the interrupt decision: bounds the latency an
 /// interrupt-driven driver sees while a long run of requests is served.
 const BATCH: usize = 32;
+/// Most data bytes one merged run of adjacent requests moves in one system call: large enough
+/// that the page-cache copy, not the per-call cost, dominates (`preadv` of 512 KiB runs ~15%
+/// faster than eight of 64 KiB here), small enough that the first request of a run is not held
+/// back for long.
+const MERGE_BYTES: u64 = 1 << 20;
 
 pub struct Block {
     index: usize,
@@ -145,6 +156,7 @@ impl VirtioDevice for Block {
             id: self.id,
             stats: a.stats,
             buf: Vec::new(),
+            run: Vec::new(),
         }))
     }
     fn stats(&self) -> Arc<DeviceStats> {
@@ -160,6 +172,8 @@ pub struct BlockHandler {
     id: [u8; 20],
     stats: Arc<DeviceStats>,
     buf: Vec<u8>,
+    /// The run being gathered by [`Self::serve_batch`], kept for its allocation.
+    run: Vec<Rw>,
 }
 
 impl BlockHandler {
@@ -326,35 +340,146 @@ impl BlockHandler {
         true
     }
 
-    /// Serves the next available request and puts it in the used ring (the used index moves at
-    /// once, for a driver that polls); the interrupt is left to [`Self::signal`].
-    fn serve_one(&mut self) -> bool {
-        let Some((head, res)) = self.vq.pop() else {
-            return false;
+    /// Where a chain that is a plain read or write points: `(write, byte position in the image,
+    /// data bytes)`, when every check passed (header readable, status writable, length and range
+    /// fit, not a write to a read-only disk). Anything else, failures included, is served one at a
+    /// time by [`Self::request`].
+    fn rw_of(&self, chain: &Chain, mem: &GuestMemoryMmap) -> Option<(bool, u64, u64)> {
+        let mut hdr = [0u8; 16];
+        if !Cursor::new(mem, &chain.readable).read(&mut hdr) {
+            return None;
+        }
+        let ty = u32::from_le_bytes(hdr[0..4].try_into().unwrap());
+        let sector = u64::from_le_bytes(hdr[8..16].try_into().unwrap());
+        let (write, len) = match ty {
+            VIRTIO_BLK_T_IN => (false, chain.writable_len() - 1),
+            VIRTIO_BLK_T_OUT if !self.readonly => (true, chain.readable_len() - 16),
+            _ => return None,
         };
-        self.stats.add(&self.stats.requests, 1);
+        (len > 0 && self.in_range(sector, len)).then_some((write, sector * SECTOR, len))
+    }
+
+    /// Takes up to `BATCH` available requests, serving them in ring order: runs of reads (or of
+    /// writes) over adjacent sectors are merged into one `preadv`/`pwritev`, everything else is
+    /// served alone (after the run before it, so a flush still follows the writes before it).
+    /// Every request is in the used ring when this returns. Returns how many were taken.
+    fn serve_batch(&mut self) -> usize {
         let mem = self.vq.mem.clone();
-        let chain = match res {
-            Ok(c) if c.writable_len() >= 1 && c.readable_len() >= 16 => c,
-            other => {
-                // Malformed or hostile: nothing can be trusted, not even where the status goes.
-                if other.is_err() {
-                    self.stats.add(&self.stats.bad_chains, 1);
+        let mut run = std::mem::take(&mut self.run);
+        let mut taken = 0;
+        while taken < BATCH {
+            let Some((head, res)) = self.vq.pop() else {
+                break;
+            };
+            taken += 1;
+            self.stats.add(&self.stats.requests, 1);
+            let chain = match res {
+                Ok(c) if c.writable_len() >= 1 && c.readable_len() >= 16 => c,
+                other => {
+                    // Malformed or hostile: nothing can be trusted, not even where the status goes.
+                    if other.is_err() {
+                        self.stats.add(&self.stats.bad_chains, 1);
+                    }
+                    self.stats.add(&self.stats.errors, 1);
+                    self.add_used(head, 0);
+                    continue;
                 }
-                self.stats.add(&self.stats.errors, 1);
-                self.add_used(head, 0);
-                return true;
+            };
+            if let Some((write, pos, len)) = self.rw_of(&chain, &mem) {
+                let adjacent = run.last().is_some_and(|r: &Rw| {
+                    r.write == write && r.pos + r.len == pos && run_bytes(&run) + len <= MERGE_BYTES
+                });
+                if !adjacent {
+                    self.serve_run(&mut run, &mem);
+                }
+                run.push(Rw {
+                    head,
+                    chain,
+                    write,
+                    pos,
+                    len,
+                });
+                continue;
             }
+            self.serve_run(&mut run, &mem);
+            let (status, written) = self.request(&chain, &mem);
+            self.finish(head, &chain, &mem, status, written);
+        }
+        self.serve_run(&mut run, &mem);
+        self.run = run;
+        taken
+    }
+
+    /// Serves a run of adjacent reads or writes (see [`Self::serve_batch`]) and empties it: one
+    /// system call for the whole run, or, if that fails or the run is a single request, one per
+    /// request, so a failure is reported on the request it belongs to.
+    fn serve_run(&mut self, run: &mut Vec<Rw>, mem: &GuestMemoryMmap) {
+        let Some(first) = run.first() else {
+            return;
         };
-        let (status, written) = self.request(&chain, &mem);
+        let (write, pos) = (first.write, first.pos);
+        let merged = run.len() > 1 && {
+            let mut iov = Vec::new();
+            let mut guards = Vec::new();
+            let mut whole = true;
+            for r in run.iter() {
+                let (segs, skip) = r.data();
+                match guest_iovecs(mem, segs, skip, r.len) {
+                    Some(g) => {
+                        iov.extend_from_slice(&g.iov);
+                        guards.push(g);
+                    }
+                    None => {
+                        whole = false;
+                        break;
+                    }
+                }
+            }
+            whole && iov.len() <= IOV_MAX && rw_all(&self.file, &mut iov, pos, write).is_ok()
+        };
+        if merged {
+            self.stats.add_extra("merged", run.len() as u64 - 1);
+        }
+        for r in run.drain(..) {
+            let ok = merged || {
+                let (segs, skip) = r.data();
+                self.transfer(mem, segs, skip, r.len, r.pos, !r.write)
+            };
+            let (status, written) = match (ok, r.write) {
+                (false, _) => (VIRTIO_BLK_S_IOERR as u8, 0),
+                (true, true) => {
+                    self.stats.add(&self.stats.bytes_from_guest, r.len);
+                    self.stats.add_extra("writes", 1);
+                    (VIRTIO_BLK_S_OK as u8, 0)
+                }
+                (true, false) => {
+                    self.stats.add(&self.stats.bytes_to_guest, r.len);
+                    self.stats.add_extra("reads", 1);
+                    (VIRTIO_BLK_S_OK as u8, r.len)
+                }
+            };
+            self.finish(r.head, &r.chain, mem, status, written);
+        }
+    }
+
+    /// Writes a served request's status byte (the chain's last writable byte) and puts it in the
+    /// used ring (the used index moves at once, for a driver that polls); the interrupt is left
+    /// to [`Self::signal`]. The chain has room for the status (checked when it was taken).
+    fn finish(
+        &mut self,
+        head: u16,
+        chain: &Chain,
+        mem: &GuestMemoryMmap,
+        status: u8,
+        written: u64,
+    ) {
         if status != VIRTIO_BLK_S_OK as u8 {
             self.stats.add(&self.stats.errors, 1);
         }
-        let mut w = Cursor::new(&mem, &chain.writable);
+        let mut w = Cursor::new(mem, &chain.writable);
         let ok = w.skip(chain.writable_len() - 1) && w.write(&[status]);
         let len = if ok { written + 1 } else { 0 };
         self.add_used(head, len as u32);
-        true
     }
 
     fn add_used(&mut self, head: u16, len: u32) {
@@ -374,21 +499,40 @@ impl BlockHandler {
     }
 }
 
+/// A read or write that passed its checks, waiting in a run of adjacent ones
+/// (see [`BlockHandler::serve_batch`]).
+struct Rw {
+    head: u16,
+    chain: Chain,
+    write: bool,
+    /// Byte position in the image.
+    pos: u64,
+    /// Data bytes.
+    len: u64,
+}
+
+impl Rw {
+    /// The data buffers and how many of their first bytes are not data (a write's header).
+    fn data(&self) -> (&[Seg], u64) {
+        if self.write {
+            (&self.chain.readable, 16)
+        } else {
+            (&self.chain.writable, 0)
+        }
+    }
+}
+
+fn run_bytes(run: &[Rw]) -> u64 {
+    run.iter().map(|r| r.len).sum()
+}
+
 impl QueueHandler for BlockHandler {
     /// Serves every available request, with one interrupt decision per batch of up to `BATCH`
     /// (not per request), then re-enables notifications and goes on if more arrived meanwhile.
     fn process(&mut self, _q: usize) -> Result<(), String> {
         loop {
             self.vq.disable_notification();
-            let mut done = 0;
-            while self.serve_one() {
-                done += 1;
-                if done == BATCH {
-                    self.signal();
-                    done = 0;
-                }
-            }
-            if done > 0 {
+            while self.serve_batch() > 0 {
                 self.signal();
             }
             if !self.vq.enable_notification() {
@@ -559,6 +703,7 @@ mod tests {
             id: b.id,
             stats: b.stats(),
             buf: Vec::new(),
+            run: Vec::new(),
         }
     }
 
@@ -668,6 +813,191 @@ mod tests {
     /// Byte `i` of the patterned image.
     fn pattern(i: usize) -> u8 {
         (i % 251) as u8
+    }
+
+    fn extra(b: &Block, k: &str) -> u64 {
+        b.stats().extra.lock().unwrap().get(k).copied().unwrap_or(0)
+    }
+
+    /// A data request of `len` bytes at `sector`: header at `hdr`, data at `data`, status at
+    /// `status`.
+    fn rw(
+        dq: &mut DriverQueue,
+        mem: &GuestMemoryMmap,
+        ty: u32,
+        sector: u64,
+        at: (u64, u64, u64),
+        len: u32,
+    ) {
+        let (hdr, data, status) = at;
+        header(mem, hdr, ty, sector);
+        dq.add(
+            mem,
+            &[
+                (hdr, 16, false),
+                (data, len, ty == VIRTIO_BLK_T_IN),
+                (status, 1, true),
+            ],
+        );
+    }
+
+    #[test]
+    fn adjacent_requests_are_merged_and_a_flush_or_a_gap_ends_the_run() {
+        let (path, mut b) = disk(false);
+        let img: Vec<u8> = (0..64 * 1024).map(pattern).collect();
+        std::fs::write(&path.0, &img).unwrap();
+        let mem = memory();
+        let mut dq = DriverQueue::new(32);
+        let mut h = handler(&mut b, &mem, &dq);
+        // Three adjacent 1 KiB reads (sectors 0, 2, 4) into scattered buffers: one run.
+        for i in 0..3u64 {
+            rw(
+                &mut dq,
+                &mem,
+                VIRTIO_BLK_T_IN,
+                2 * i,
+                (0x10000 + 0x100 * i, 0x20000 + 0x1100 * i, 0x12000 + i),
+                1024,
+            );
+        }
+        // A gap (sector 10): a run of its own. Then two adjacent writes, a flush, one more
+        // adjacent write: the flush ends the run.
+        rw(
+            &mut dq,
+            &mem,
+            VIRTIO_BLK_T_IN,
+            10,
+            (0x10300, 0x24000, 0x12003),
+            512,
+        );
+        mem.write_slice(&[0x11u8; 512], GuestAddress(0x30000))
+            .unwrap();
+        mem.write_slice(&[0x22u8; 512], GuestAddress(0x31000))
+            .unwrap();
+        mem.write_slice(&[0x33u8; 512], GuestAddress(0x32000))
+            .unwrap();
+        rw(
+            &mut dq,
+            &mem,
+            VIRTIO_BLK_T_OUT,
+            20,
+            (0x10400, 0x30000, 0x12004),
+            512,
+        );
+        rw(
+            &mut dq,
+            &mem,
+            VIRTIO_BLK_T_OUT,
+            21,
+            (0x10500, 0x31000, 0x12005),
+            512,
+        );
+        header(&mem, 0x10600, VIRTIO_BLK_T_FLUSH, 0);
+        dq.add(&mem, &[(0x10600, 16, false), (0x12006, 1, true)]);
+        rw(
+            &mut dq,
+            &mem,
+            VIRTIO_BLK_T_OUT,
+            22,
+            (0x10700, 0x32000, 0x12007),
+            512,
+        );
+        // A read of what the writes before it in the ring wrote: served after them.
+        rw(
+            &mut dq,
+            &mem,
+            VIRTIO_BLK_T_IN,
+            20,
+            (0x10800, 0x33000, 0x12008),
+            1536,
+        );
+        h.process(0).unwrap();
+
+        for i in 0..9u64 {
+            let st: u8 = mem.read_obj(GuestAddress(0x12000 + i)).unwrap();
+            assert_eq!(st, VIRTIO_BLK_S_OK as u8, "request {i}");
+        }
+        for i in 0..3usize {
+            let mut got = vec![0u8; 1024];
+            mem.read_slice(&mut got, GuestAddress(0x20000 + 0x1100 * i as u64))
+                .unwrap();
+            assert_eq!(got, &img[1024 * i..1024 * (i + 1)], "read {i}");
+        }
+        let mut got = vec![0u8; 512];
+        mem.read_slice(&mut got, GuestAddress(0x24000)).unwrap();
+        assert_eq!(got, &img[5120..5632]);
+        let mut back = vec![0u8; 1536];
+        mem.read_slice(&mut back, GuestAddress(0x33000)).unwrap();
+        assert!(back[..512].iter().all(|&x| x == 0x11));
+        assert!(back[512..1024].iter().all(|&x| x == 0x22));
+        assert!(back[1024..].iter().all(|&x| x == 0x33));
+        let file = std::fs::read(&path.0).unwrap();
+        assert!(file[20 * 512..21 * 512].iter().all(|&x| x == 0x11));
+        assert!(file[22 * 512..23 * 512].iter().all(|&x| x == 0x33));
+        // Used ring in ring order, each read with its own length.
+        assert_eq!(dq.used(&mem, 0).2, 1025);
+        assert_eq!(dq.used(&mem, 3).2, 513);
+        assert_eq!(dq.used(&mem, 4).2, 1);
+        assert_eq!(dq.used(&mem, 8).2, 1537);
+        // Merged: reads 1 and 2 into read 0, the second write into the first.
+        assert_eq!(extra(&b, "merged"), 3);
+        assert_eq!(extra(&b, "reads"), 5);
+        assert_eq!(extra(&b, "writes"), 3);
+    }
+
+    #[test]
+    fn a_merged_run_that_fails_is_retried_request_by_request() {
+        let (path, mut b) = disk(false);
+        let img: Vec<u8> = (0..64 * 1024).map(pattern).collect();
+        std::fs::write(&path.0, &img).unwrap();
+        let mem = memory();
+        let mut dq = DriverQueue::new(16);
+        let mut h = handler(&mut b, &mem, &dq);
+        // The image shrinks under the device to 3 sectors: a run of reads over sectors 0..4
+        // fails as a whole; the first two requests are still served, the last one fails.
+        std::fs::File::options()
+            .write(true)
+            .open(&path.0)
+            .unwrap()
+            .set_len(1536)
+            .unwrap();
+        rw(
+            &mut dq,
+            &mem,
+            VIRTIO_BLK_T_IN,
+            0,
+            (0x10000, 0x20000, 0x12000),
+            512,
+        );
+        rw(
+            &mut dq,
+            &mem,
+            VIRTIO_BLK_T_IN,
+            1,
+            (0x10100, 0x21000, 0x12001),
+            1024,
+        );
+        rw(
+            &mut dq,
+            &mem,
+            VIRTIO_BLK_T_IN,
+            3,
+            (0x10200, 0x22000, 0x12002),
+            512,
+        );
+        h.process(0).unwrap();
+        let st = |i: u64| mem.read_obj::<u8>(GuestAddress(0x12000 + i)).unwrap();
+        assert_eq!(st(0), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(st(1), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(st(2), VIRTIO_BLK_S_IOERR as u8);
+        let mut got = vec![0u8; 1024];
+        mem.read_slice(&mut got, GuestAddress(0x21000)).unwrap();
+        assert_eq!(got, &img[512..1536]);
+        assert_eq!(extra(&b, "merged"), 0);
+        assert_eq!(
+            b.stats().errors.load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
     }
 
     #[test]
