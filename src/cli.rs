@@ -125,6 +125,11 @@ pub struct RunArgs {
     /// A virtio-vsock device whose host side is a Unix socket: `cid=N,socket=PATH`.
     #[arg(long, value_name = "cid=N,socket=PATH")]
     pub vsock: Option<String>,
+    /// The longest time a device worker spins on its request queues (block requests, network
+    /// transmit) after a burst, so that a driver that keeps them fed needs no notification (no
+    /// exit). Adaptive: it only grows while the driver comes back that fast. 0 turns it off.
+    #[arg(long, default_value_t = 32, value_name = "MICROSECONDS")]
+    pub queue_poll_us: u64,
 }
 
 impl RunArgs {
@@ -151,6 +156,7 @@ impl RunArgs {
                 .transpose()
                 .map_err(|e| format!("--balloon: {e}"))?,
             vsock: self.vsock.as_deref().map(vc::parse_vsock).transpose()?,
+            queue_poll_us: self.queue_poll_us,
         })
     }
 }

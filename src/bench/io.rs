@@ -39,8 +39,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::{
-    clip, find_program, host_tsc_hz, read_lossy, round1, round3, tail, wait_with_limit, Finished,
-    IoArgs, Peer, TempDir,
+    clip, find_program, host_tsc_hz, read_lossy, round1, round3, round5, tail, wait_with_limit,
+    Finished, IoArgs, Peer, TempDir,
 };
 
 /// The guest protocol version this parser understands (`kit: io start version=...`).
@@ -388,7 +388,7 @@ impl Side {
         json!({
             "mb_s": round1(self.best_mb_s),
             "median_mb_s": round1(self.median_mb_s),
-            "kicks_per_request": round3(self.kicks_per_request),
+            "kicks_per_request": round5(self.kicks_per_request),
             "rounds": self.rounds,
         })
     }
@@ -486,9 +486,9 @@ fn peer_exits_json(p: &PeerExitsSeen) -> Value {
             "mmio_exits": e.mmio,
             "io_exits": e.io,
             "io_exits_counted": e.io.is_some(),
-            "exits_per_request": round3(e.per_request(e.userspace)),
-            "mmio_exits_per_request": round3(e.per_request(e.mmio)),
-            "all_exits_per_request": round3(e.per_request(e.all)),
+            "exits_per_request": round5(e.per_request(e.userspace)),
+            "mmio_exits_per_request": round5(e.per_request(e.mmio)),
+            "all_exits_per_request": round5(e.per_request(e.all)),
         }),
     }
 }
@@ -501,10 +501,10 @@ fn exits_json(e: &WorkloadExits) -> Value {
         "exits_all": e.all,
         "exits_all_source": e.all.map(|_| "KVM's per-vCPU binary statistics (KVM_GET_STATS_FD), \
                                            run minus baseline run, console port exits taken out"),
-        "all_exits_per_request": e.all.map(|n| round3(e.per_request(n))),
+        "all_exits_per_request": e.all.map(|n| round5(e.per_request(n))),
         "mmio_exits": e.mmio_exits,
-        "exits_per_request": round3(e.per_request(e.exits)),
-        "mmio_exits_per_request": round3(e.per_request(e.mmio_exits)),
+        "exits_per_request": round5(e.per_request(e.exits)),
+        "mmio_exits_per_request": round5(e.per_request(e.mmio_exits)),
         "notifications": e.notifications,
         "interrupts": e.interrupts,
         "exits_by_reason": e.by_reason,
@@ -524,9 +524,9 @@ pub fn to_json(
         .iter()
         .map(|r| {
             let mut o = r.ours.to_json();
-            o["exits_per_request"] = json!(round3(r.exits_per_request));
-            o["mmio_exits_per_request"] = json!(round3(r.mmio_per_request));
-            o["all_exits_per_request"] = json!(r.all_exits_per_request.map(round3));
+            o["exits_per_request"] = json!(round5(r.exits_per_request));
+            o["mmio_exits_per_request"] = json!(round5(r.mmio_per_request));
+            o["all_exits_per_request"] = json!(r.all_exits_per_request.map(round5));
             json!({
                 "workload": r.workload,
                 "requests": r.requests,
@@ -534,8 +534,8 @@ pub fn to_json(
                 "exitless": o,
                 "qemu": r.peer.as_ref().map(|p| {
                     let mut q = p.to_json();
-                    q["exits_per_request"] = json!(r.peer_exits_per_request.map(round3));
-                    q["all_exits_per_request"] = json!(r.peer_all_exits_per_request.map(round3));
+                    q["exits_per_request"] = json!(r.peer_exits_per_request.map(round5));
+                    q["all_exits_per_request"] = json!(r.peer_all_exits_per_request.map(round5));
                     q
                 }),
                 "ratio": r.ratio().map(round3),
@@ -661,18 +661,18 @@ pub fn table(rows: &[Row], block: &Phase, net: &Result<Phase, String>, header: &
         let side = |s: &Side| format!("{:.0} ({:.0})", s.best_mb_s, s.median_mb_s);
         let _ = writeln!(
             t,
-            "{:<10} {:>8} {:>14} {:>14} {:>6} {:>9.3} {:>9} {:>9} {:>9} {:>9.3} {:>9}",
+            "{:<10} {:>8} {:>14} {:>14} {:>6} {:>9.4} {:>9} {:>9} {:>9} {:>9.4} {:>9}",
             r.workload,
             r.requests,
             side(&r.ours),
             r.peer.as_ref().map(side).unwrap_or_else(|| "-".into()),
             opt(r.ratio(), 2),
             r.exits_per_request,
-            opt(r.peer_exits_per_request, 3),
-            opt(r.all_exits_per_request, 3),
-            opt(r.peer_all_exits_per_request, 3),
+            opt(r.peer_exits_per_request, 4),
+            opt(r.all_exits_per_request, 4),
+            opt(r.peer_all_exits_per_request, 4),
             r.ours.kicks_per_request,
-            opt(r.peer.as_ref().map(|p| p.kicks_per_request), 3),
+            opt(r.peer.as_ref().map(|p| p.kicks_per_request), 4),
         );
     }
     for (w, why) in &block.ours[0].unsupported {
@@ -1459,7 +1459,7 @@ mod tests {
         assert_eq!(j["exitless_block"]["exits_all"], 500);
         assert_eq!(
             j["workloads"][0]["exitless"]["all_exits_per_request"],
-            0.488
+            0.48828
         );
         let t = table(&rows, &block, &skipped, "H");
         assert!(t.contains("500 exits in all"), "{t}");

@@ -195,6 +195,11 @@ pub fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
+/// For rates per request, where a few exits over 100k requests must not round to 0.
+pub fn round5(x: f64) -> f64 {
+    (x * 100_000.0).round() / 100_000.0
+}
+
 pub fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..]

@@ -642,6 +642,7 @@ mod tests {
             msix: Arc::new(Msix::new(5, Arc::new(NoRoutes::default())).unwrap()),
             vector: 0,
             bad_chains: 0,
+            polling: false,
         }
     }
 

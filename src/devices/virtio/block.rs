@@ -541,6 +541,10 @@ impl QueueHandler for BlockHandler {
         }
         Ok(())
     }
+
+    fn polled_queue(&mut self, _q: usize) -> Option<&mut Vq> {
+        Some(&mut self.vq)
+    }
 }
 
 /// Most iovecs one `preadv`/`pwritev` takes (`UIO_MAXIOV`).
@@ -646,9 +650,7 @@ fn rw_all(file: &File, iov: &mut [libc::iovec], mut pos: u64, write: bool) -> io
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::irq::{Msix, NoRoutes};
     use crate::devices::virtio::queue::testing::*;
-    use crate::devices::virtio::queue::Identity;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     fn disk(readonly: bool) -> (tempfile_path::TempPath, Block) {
@@ -686,15 +688,7 @@ mod tests {
     }
 
     fn handler(b: &mut Block, mem: &GuestMemoryMmap, dq: &DriverQueue) -> BlockHandler {
-        let vq = Vq {
-            queue: dq.device_queue(mem, true),
-            index: 0,
-            mem: mem.clone(),
-            translate: Arc::new(Identity),
-            msix: Arc::new(Msix::new(2, Arc::new(NoRoutes::default())).unwrap()),
-            vector: 0,
-            bad_chains: 0,
-        };
+        let vq = vq(mem, dq, 0, true);
         BlockHandler {
             vq,
             file: b.file.clone(),

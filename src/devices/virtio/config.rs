@@ -12,6 +12,9 @@ pub struct VirtioConfig {
     pub nets: Vec<NetConfig>,
     pub balloon: Option<BalloonConfig>,
     pub vsock: Option<VsockConfig>,
+    /// The longest window a device worker polls its request queues for between bursts, in
+    /// microseconds (0: never; see `worker`).
+    pub queue_poll_us: u64,
 }
 
 impl VirtioConfig {

@@ -183,6 +183,12 @@ pub trait QueueHandler: Send {
     fn fd_ready(&mut self, _i: usize) -> Result<(), String> {
         Ok(())
     }
+    /// Queue `q`, if the worker may poll it for new chains between bursts instead of waiting for
+    /// the driver's notification: a queue the driver fills with requests (block requests, network
+    /// transmit). None (the default): only notifications wake the device for it.
+    fn polled_queue(&mut self, _q: usize) -> Option<&mut Vq> {
+        None
+    }
 }
 
 /// The offered features every device shares.
@@ -299,8 +305,9 @@ pub fn build(
         let bar = bars
             .alloc(transport::BAR_SIZE)
             .ok_or("PCI MMIO window is full")?;
-        let t =
+        let mut t =
             transport::VirtioPci::new(dev, bar, mem.clone(), translate.clone(), routes.clone())?;
+        t.set_queue_poll(std::time::Duration::from_micros(cfg.queue_poll_us));
         for (addr, evt) in t.notify_events() {
             vm.register_ioevent(evt, &IoEventAddress::Mmio(addr), kvm_ioctls::NoDatamatch)
                 .map_err(|e| format!("ioeventfd at {addr:#x}: {e}"))?;

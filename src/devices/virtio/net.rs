@@ -596,14 +596,16 @@ impl QueueHandler for NetHandler {
         self.receive();
         Ok(())
     }
+
+    fn polled_queue(&mut self, q: usize) -> Option<&mut Vq> {
+        (q == TX).then_some(&mut self.tx)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::irq::{Msix, NoRoutes};
     use crate::devices::virtio::queue::testing::*;
-    use crate::devices::virtio::queue::Identity;
     use std::fs::File;
     use std::os::fd::FromRawFd;
     use vm_memory::GuestMemoryMmap;
@@ -624,18 +626,6 @@ mod tests {
         // SAFETY: both descriptors are fresh and owned by nothing else.
         let (a, b) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
         (Arc::new(Tap::from_file(a, "test")), b)
-    }
-
-    fn vq(mem: &GuestMemoryMmap, dq: &DriverQueue, index: u16, event_idx: bool) -> Vq {
-        Vq {
-            queue: dq.device_queue(mem, event_idx),
-            index,
-            mem: mem.clone(),
-            translate: Arc::new(Identity),
-            msix: Arc::new(Msix::new(3, Arc::new(NoRoutes::default())).unwrap()),
-            vector: index,
-            bad_chains: 0,
-        }
     }
 
     struct Rig {

@@ -161,6 +161,10 @@ pub struct Vq {
     pub vector: u16,
     /// Chains refused as invalid.
     pub bad_chains: u64,
+    /// The worker is polling this queue (see `worker`): [`Self::enable_notification`] only says
+    /// whether chains are waiting and leaves the driver's notifications off, so a driver that
+    /// keeps the queue fed never has to notify.
+    pub polling: bool,
 }
 
 impl Vq {
@@ -237,7 +241,20 @@ impl Vq {
     /// With `VIRTIO_RING_F_EVENT_IDX`: re-enables notifications; true if more chains arrived
     /// meanwhile (the caller loops).
     pub fn enable_notification(&mut self) -> bool {
+        if self.polling {
+            return self.has_avail();
+        }
         self.queue.enable_notification(&self.mem).unwrap_or(false)
+    }
+
+    /// Whether the driver has made chains available that the device has not taken yet (one read
+    /// of the avail index: cheap enough to spin on).
+    pub fn has_avail(&self) -> bool {
+        self.queue.ready()
+            && self
+                .queue
+                .avail_idx(&self.mem, std::sync::atomic::Ordering::Acquire)
+                .is_ok_and(|i| i.0 != self.queue.next_avail())
     }
 
     pub fn disable_notification(&mut self) {
@@ -262,6 +279,21 @@ pub mod testing {
 
     pub fn memory() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
+    }
+
+    /// The device's side of `dq`: queue `index` (its MSI-X vector too), interrupts going nowhere.
+    pub fn vq(mem: &GuestMemoryMmap, dq: &DriverQueue, index: u16, event_idx: bool) -> Vq {
+        use crate::devices::virtio::irq::{Msix, NoRoutes};
+        Vq {
+            queue: dq.device_queue(mem, event_idx),
+            index,
+            mem: mem.clone(),
+            translate: Arc::new(Identity),
+            msix: Arc::new(Msix::new(4, Arc::new(NoRoutes::default())).unwrap()),
+            vector: index,
+            bad_chains: 0,
+            polling: false,
+        }
     }
 
     /// A queue of `size` entries set up like a driver would.
@@ -351,26 +383,13 @@ pub mod testing {
 mod tests {
     use super::testing::*;
     use super::*;
-    use crate::devices::virtio::irq::NoRoutes;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-
-    fn vq(mem: &GuestMemoryMmap, dq: &DriverQueue) -> Vq {
-        Vq {
-            queue: dq.device_queue(mem, false),
-            index: 0,
-            mem: mem.clone(),
-            translate: Arc::new(Identity),
-            msix: Arc::new(Msix::new(1, Arc::new(NoRoutes::default())).unwrap()),
-            vector: 0,
-            bad_chains: 0,
-        }
-    }
 
     #[test]
     fn hostile_chains_are_refused_and_the_queue_goes_on() {
         let mem = memory();
         let mut dq = DriverQueue::new(8);
-        let mut q = vq(&mem, &dq);
+        let mut q = vq(&mem, &dq, 0, false);
         // A loop: 0 -> 1 -> 0.
         let next = VRING_DESC_F_NEXT as u16;
         dq.write_desc(&mem, 0, 0x8000, 16, next, 1);

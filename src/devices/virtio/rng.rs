@@ -116,9 +116,7 @@ impl QueueHandler for RngHandler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::irq::{Msix, NoRoutes};
     use crate::devices::virtio::queue::testing::*;
-    use crate::devices::virtio::queue::Identity;
     use std::sync::atomic::Ordering;
     use vm_memory::{Bytes, GuestAddress};
 
@@ -127,15 +125,7 @@ mod tests {
         let mem = memory();
         let mut dq = DriverQueue::new(8);
         let mut rng = Rng::new();
-        let vq = Vq {
-            queue: dq.device_queue(&mem, false),
-            index: 0,
-            mem: mem.clone(),
-            translate: Arc::new(Identity),
-            msix: Arc::new(Msix::new(2, Arc::new(NoRoutes::default())).unwrap()),
-            vector: 0,
-            bad_chains: 0,
-        };
+        let vq = vq(&mem, &dq, 0, false);
         let mut h = rng
             .activate(Activation {
                 mem: mem.clone(),

@@ -108,6 +108,8 @@ pub struct VirtioPci {
     queues: Vec<QueueSetup>,
     notify_evts: Vec<EventFd>,
     worker: Option<(EventFd, JoinHandle<()>)>,
+    /// The longest window the worker polls its queues for (see `worker`); zero: never.
+    queue_poll: std::time::Duration,
 }
 
 impl VirtioPci {
@@ -190,6 +192,7 @@ impl VirtioPci {
             config_generation: 0,
             notify_evts,
             worker: None,
+            queue_poll: std::time::Duration::ZERO,
         })
     }
 
@@ -211,6 +214,11 @@ impl VirtioPci {
 
     /// (guest-physical address, eventfd) of each queue's notification register, for
     /// `KVM_IOEVENTFD`.
+    /// Lets the worker poll its request queues for up to `max` between bursts (see `worker`).
+    pub fn set_queue_poll(&mut self, max: std::time::Duration) {
+        self.queue_poll = max;
+    }
+
     pub fn notify_events(&self) -> Vec<(u64, &EventFd)> {
         self.notify_evts
             .iter()
@@ -300,6 +308,7 @@ impl VirtioPci {
                 msix: self.msix.clone(),
                 vector: s.vector,
                 bad_chains: 0,
+                polling: false,
             });
         }
         let stats = self.dev.stats();
@@ -341,6 +350,7 @@ impl VirtioPci {
             stats,
             self.shared.clone(),
             self.msix.clone(),
+            self.queue_poll,
         ) {
             Ok(h) => self.worker = Some((kill, h)),
             Err(e) => self.needs_reset(&format!("cannot start the worker: {e}")),

@@ -286,22 +286,12 @@ impl QueueHandler for VsockHandler {
 mod tests {
     use super::packet::*;
     use super::*;
-    use crate::devices::virtio::irq::{Msix, NoRoutes};
     use crate::devices::virtio::queue::testing::*;
-    use crate::devices::virtio::queue::Identity;
     use std::sync::atomic::Ordering;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     fn vq(mem: &GuestMemoryMmap, dq: &DriverQueue, index: u16) -> Vq {
-        Vq {
-            queue: dq.device_queue(mem, false),
-            index,
-            mem: mem.clone(),
-            translate: Arc::new(Identity),
-            msix: Arc::new(Msix::new(3, Arc::new(NoRoutes::default())).unwrap()),
-            vector: 0,
-            bad_chains: 0,
-        }
+        crate::devices::virtio::queue::testing::vq(mem, dq, index, false)
     }
 
     fn guest_hdr(op: u16, src_port: u32, dst_port: u32, len: u32) -> Hdr {
