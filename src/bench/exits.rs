@@ -26,17 +26,14 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::{
-    clip, find_program, host_tsc_hz, read_lossy, round1, round3, tail, wait_with_limit, ExitsArgs,
-    Finished, Peer, TempDir,
+    clip, find_program, host_tsc_hz, qemu_args, read_lossy, round1, round3, run_under_exitless,
+    tail, wait_with_limit, ExitsArgs, Finished, Peer, TempDir,
 };
 
 /// The guest protocol version this parser understands (`kit: bench start version=...`).
 pub const PROTOCOL_VERSION: u64 = 1;
 /// The one-shot delay of `hlt_timer` in the guest (its samples are the latency beyond it).
 const HLT_DELAY_US: u64 = 20;
-/// How much longer than `--timeout` exitless's child gets before it is killed from outside
-/// (it stops itself at `--timeout`, reporting what it saw).
-const KILL_GRACE: Duration = Duration::from_secs(15);
 
 /// How an operation's exit shows in exitless's counters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -838,70 +835,15 @@ fn run_exitless(
     cmdline: &str,
     timeout: Duration,
 ) -> Result<(String, Counters), String> {
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find exitless itself: {e}"))?;
-    let (console, stats, errors) = (
-        dir.join("exitless-console.log"),
-        dir.join("exitless-stats.json"),
-        dir.join("exitless-stderr.log"),
-    );
-    let err_file = std::fs::File::create(&errors).map_err(|e| e.to_string())?;
-    let mut child = Command::new(&exe)
-        .args([
-            "run",
-            "--guest",
-            guest,
-            "--no-summary",
-            "--cmdline",
-            cmdline,
-        ])
-        .arg("--stats-json")
-        .arg(&stats)
-        .arg("--console-log")
-        .arg(&console)
-        .arg("--timeout")
-        .arg(format!("{}", timeout.as_secs_f64()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(err_file)
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
-    let finished = wait_with_limit(&mut child, timeout + KILL_GRACE)
-        .map_err(|e| format!("waiting for exitless: {e}"))?;
-    let text = read_lossy(&console);
-    let context = || {
-        format!(
-            "\n  last console lines:\n{}\n  exitless said:\n{}",
-            tail(&text, 8),
-            tail(&read_lossy(&errors), 6)
-        )
-    };
-    match finished {
-        Finished::TimedOut => {
-            return Err(format!(
-                "exitless's VM did not stop within {} s; killed{}",
-                (timeout + KILL_GRACE).as_secs_f64(),
-                context()
-            ))
-        }
-        Finished::Exited(s) if s.code() == Some(124) => {
-            return Err(format!(
-                "the bench guest under exitless did not finish within --timeout {} s (hung?){}",
-                timeout.as_secs_f64(),
-                context()
-            ))
-        }
-        Finished::Exited(s) if !s.success() => {
-            // A failed guest explains itself better through its own lines.
-            if let Err(e) = parse(&text) {
-                return Err(format!("under exitless: {e} (exitless {s}){}", context()));
-            }
-            return Err(format!("exitless run failed ({s}){}", context()));
-        }
-        Finished::Exited(_) => {}
-    }
-    parse(&text).map_err(|e| format!("under exitless: {e}{}", context()))?;
-    let report: Value = serde_json::from_str(&read_lossy(&stats))
-        .map_err(|e| format!("cannot read exitless's run report: {e}"))?;
+    let (text, report) = run_under_exitless(
+        dir,
+        guest,
+        cmdline,
+        &[],
+        |p| Command::new(p),
+        timeout,
+        |t| parse(t).map(drop),
+    )?;
     Ok((text, Counters::from_report(&report)?))
 }
 
@@ -919,29 +861,7 @@ fn run_qemu(dir: &Path, guest: &str, cmdline: &str, timeout: Duration) -> Result
     let out_file = std::fs::File::create(&out).map_err(|e| e.to_string())?;
     let err_file = std::fs::File::create(&errors).map_err(|e| e.to_string())?;
     let mut cmd = Command::new(&qemu);
-    cmd.args([
-        "-M",
-        "q35",
-        "-accel",
-        "kvm",
-        "-m",
-        "64",
-        "-smp",
-        "1",
-        "-nographic",
-        "-no-reboot",
-        "-net",
-        "none",
-        "-vga",
-        "none",
-        "-device",
-        "isa-debug-exit,iobase=0xf4,iosize=4",
-        "-kernel",
-    ])
-    .arg(&kernel);
-    if !cmdline.is_empty() {
-        cmd.args(["-append", cmdline]);
-    }
+    cmd.args(qemu_args(&kernel, &[], cmdline));
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(out_file)

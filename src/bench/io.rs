@@ -39,8 +39,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::{
-    clip, find_program, host_tsc_hz, read_lossy, round1, round3, round5, tail, wait_with_limit,
-    Finished, IoArgs, Peer, TempDir,
+    clip, find_program, host_tsc_hz, qemu_args, read_lossy, round1, round3, round5,
+    run_under_exitless, tail, wait_with_limit, Finished, IoArgs, Peer, TempDir, KILL_GRACE,
 };
 
 /// The guest protocol version this parser understands (`kit: io start version=...`).
@@ -53,8 +53,6 @@ pub const QUICK_MIB: u64 = 32;
 /// Frames sent by the network workload.
 pub const FULL_FRAMES: u64 = 131_072;
 pub const QUICK_FRAMES: u64 = 16_384;
-/// Extra time for a child to stop after its own time limit before it is killed.
-const KILL_GRACE: Duration = Duration::from_secs(10);
 
 /// One workload's result as the guest reported it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -783,105 +781,16 @@ fn run_exitless(
     cmdline: &str,
     timeout: Duration,
 ) -> Result<(String, Counters), String> {
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find exitless itself: {e}"))?;
-    let (console, stats, errors) = (
-        dir.join("exitless-console.log"),
-        dir.join("exitless-stats.json"),
-        dir.join("exitless-stderr.log"),
-    );
-    let _ = std::fs::remove_file(&stats);
-    let err_file = std::fs::File::create(&errors).map_err(|e| e.to_string())?;
-    let mut child = setup
-        .command(&exe)
-        .args([
-            "run",
-            "--guest",
-            GUEST,
-            "--no-summary",
-            "--cmdline",
-            cmdline,
-        ])
-        .args(setup.exitless_args())
-        .arg("--stats-json")
-        .arg(&stats)
-        .arg("--console-log")
-        .arg(&console)
-        .arg("--timeout")
-        .arg(format!("{}", timeout.as_secs_f64()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(err_file)
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
-    let finished = wait_with_limit(&mut child, timeout + KILL_GRACE)
-        .map_err(|e| format!("waiting for exitless: {e}"))?;
-    let text = read_lossy(&console);
-    let context = || {
-        format!(
-            "\n  last console lines:\n{}\n  exitless said:\n{}",
-            tail(&text, 8),
-            tail(&read_lossy(&errors), 6)
-        )
-    };
-    match finished {
-        Finished::TimedOut => {
-            return Err(format!(
-                "exitless's VM did not stop within {} s; killed{}",
-                (timeout + KILL_GRACE).as_secs_f64(),
-                context()
-            ))
-        }
-        Finished::Exited(s) if s.code() == Some(124) => {
-            return Err(format!(
-                "the bench-io guest under exitless did not finish within --timeout {} s{}",
-                timeout.as_secs_f64(),
-                context()
-            ))
-        }
-        Finished::Exited(s) if !s.success() => {
-            if let Err(e) = parse(&text) {
-                return Err(format!("under exitless: {e} (exitless {s}){}", context()));
-            }
-            return Err(format!("exitless run failed ({s}){}", context()));
-        }
-        Finished::Exited(_) => {}
-    }
-    parse(&text).map_err(|e| format!("under exitless: {e}{}", context()))?;
-    let report: Value = serde_json::from_str(&read_lossy(&stats))
-        .map_err(|e| format!("cannot read exitless's run report: {e}"))?;
+    let (text, report) = run_under_exitless(
+        dir,
+        GUEST,
+        cmdline,
+        &setup.exitless_args(),
+        |p| setup.command(p),
+        timeout,
+        |t| parse(t).map(drop),
+    )?;
     Ok((text, Counters::from_report(&report, setup.device())?))
-}
-
-/// The QEMU command line for the guest ELF `kernel` with the devices `devices`.
-pub fn qemu_args(kernel: &Path, devices: &[String], cmdline: &str) -> Vec<String> {
-    let mut v: Vec<String> = [
-        "-M",
-        "q35",
-        "-accel",
-        "kvm",
-        "-m",
-        "64",
-        "-smp",
-        "1",
-        "-nographic",
-        "-no-reboot",
-        "-net",
-        "none",
-        "-vga",
-        "none",
-        "-device",
-        "isa-debug-exit,iobase=0xf4,iosize=4",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    v.extend(devices.iter().cloned());
-    v.push("-kernel".into());
-    v.push(kernel.display().to_string());
-    if !cmdline.is_empty() {
-        v.extend(["-append".to_string(), cmdline.to_string()]);
-    }
-    v
 }
 
 /// KVM's per-vCPU statistics of a QEMU VM (QMP `query-stats`, provider `kvm`), summed over

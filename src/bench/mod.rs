@@ -12,7 +12,7 @@ pub mod exits;
 pub mod io;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitCode, ExitStatus};
+use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand, ValueEnum};
@@ -223,6 +223,123 @@ pub fn host_tsc_hz(kvm: &kvm_ioctls::Kvm, host: &crate::host::HostInfo) -> Optio
     let vm = kvm.create_vm().ok()?;
     let vcpu = vm.create_vcpu(0).ok()?;
     vcpu.get_tsc_khz().ok().map(|k| k as u64 * 1000)
+}
+
+/// How long a benchmark VM may take to stop after its own time limit before it is killed.
+pub const KILL_GRACE: Duration = Duration::from_secs(15);
+
+/// Boots the kit guest `guest` under exitless (this binary's `run`) with `args` (devices), in a
+/// process `command` makes from a program's path (a network namespace may wrap it), and returns
+/// its console and its run report. `check` is the benchmark's console parser: a guest that
+/// failed explains itself better through its own lines than through exitless's status.
+pub fn run_under_exitless(
+    dir: &Path,
+    guest: &str,
+    cmdline: &str,
+    args: &[String],
+    command: impl Fn(&Path) -> Command,
+    timeout: Duration,
+    check: impl Fn(&str) -> Result<(), String>,
+) -> Result<(String, serde_json::Value), String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find exitless itself: {e}"))?;
+    let (console, stats, errors) = (
+        dir.join("exitless-console.log"),
+        dir.join("exitless-stats.json"),
+        dir.join("exitless-stderr.log"),
+    );
+    let _ = std::fs::remove_file(&stats);
+    let err_file = std::fs::File::create(&errors).map_err(|e| e.to_string())?;
+    let mut child = command(&exe)
+        .args([
+            "run",
+            "--guest",
+            guest,
+            "--no-summary",
+            "--cmdline",
+            cmdline,
+        ])
+        .args(args)
+        .arg("--stats-json")
+        .arg(&stats)
+        .arg("--console-log")
+        .arg(&console)
+        .arg("--timeout")
+        .arg(format!("{}", timeout.as_secs_f64()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(err_file)
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
+    let finished = wait_with_limit(&mut child, timeout + KILL_GRACE)
+        .map_err(|e| format!("waiting for exitless: {e}"))?;
+    let text = read_lossy(&console);
+    let context = || {
+        format!(
+            "\n  last console lines:\n{}\n  exitless said:\n{}",
+            tail(&text, 8),
+            tail(&read_lossy(&errors), 6)
+        )
+    };
+    match finished {
+        Finished::TimedOut => {
+            return Err(format!(
+                "exitless's VM did not stop within {} s; killed{}",
+                (timeout + KILL_GRACE).as_secs_f64(),
+                context()
+            ))
+        }
+        Finished::Exited(s) if s.code() == Some(124) => {
+            return Err(format!(
+                "the {guest} guest under exitless did not finish within --timeout {} s (hung?){}",
+                timeout.as_secs_f64(),
+                context()
+            ))
+        }
+        Finished::Exited(s) if !s.success() => {
+            if let Err(e) = check(&text) {
+                return Err(format!("under exitless: {e} (exitless {s}){}", context()));
+            }
+            return Err(format!("exitless run failed ({s}){}", context()));
+        }
+        Finished::Exited(_) => {}
+    }
+    check(&text).map_err(|e| format!("under exitless: {e}{}", context()))?;
+    let report = serde_json::from_str(&read_lossy(&stats))
+        .map_err(|e| format!("cannot read exitless's run report: {e}"))?;
+    Ok((text, report))
+}
+
+/// The QEMU command line for the kit guest ELF `kernel` with the devices `devices`: the same
+/// machine for every benchmark (q35, KVM, 64 MiB, one vCPU, the debug-exit port the kit uses).
+pub fn qemu_args(kernel: &Path, devices: &[String], cmdline: &str) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "-M",
+        "q35",
+        "-accel",
+        "kvm",
+        "-m",
+        "64",
+        "-smp",
+        "1",
+        "-nographic",
+        "-no-reboot",
+        "-net",
+        "none",
+        "-vga",
+        "none",
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=4",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.extend(devices.iter().cloned());
+    v.push("-kernel".into());
+    v.push(kernel.display().to_string());
+    if !cmdline.is_empty() {
+        v.extend(["-append".to_string(), cmdline.to_string()]);
+    }
+    v
 }
 
 #[cfg(test)]
