@@ -1,4 +1,5 @@
-//! The command line: `exitless run`, `exitless kit`, `exitless host`, `exitless bench`.
+//! The command line: `exitless run`, `exitless kit`, `exitless host`, `exitless bench`,
+//! `exitless ctl`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -36,6 +37,35 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::bench::BenchCommand,
     },
+    /// Talk to a running VM through its `--api-socket`.
+    Ctl {
+        /// The VM's control socket.
+        #[arg(long)]
+        socket: PathBuf,
+        #[command(subcommand)]
+        request: CtlRequest,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CtlRequest {
+    /// Live statistics: devices' facts and KVM's counters (JSON).
+    Stats,
+    /// Set the balloon's target, e.g. `256M` (the guest's driver inflates or deflates to it).
+    Balloon { size: String },
+    /// Stop the VM (it prints its summary as when interrupted).
+    Quit,
+}
+
+impl CtlRequest {
+    /// The request line sent to the VM.
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            CtlRequest::Stats => serde_json::json!({"op": "stats"}),
+            CtlRequest::Balloon { size } => serde_json::json!({"op": "balloon", "size": size}),
+            CtlRequest::Quit => serde_json::json!({"op": "quit"}),
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -130,6 +160,10 @@ pub struct RunArgs {
     /// exit). Adaptive: it only grows while the driver comes back that fast. 0 turns it off.
     #[arg(long, default_value_t = 32, value_name = "MICROSECONDS")]
     pub queue_poll_us: u64,
+    /// Listen for control requests on this Unix socket while the VM runs: live statistics, the
+    /// balloon's target, quit (`exitless ctl`; one JSON object per line).
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -221,6 +255,7 @@ impl RunArgs {
             unpack_bzimage: !self.guest_decompress,
             sample_rips: self.sample_rips,
             virtio: self.virtio_config()?,
+            api_socket: self.api_socket.clone(),
         })
     }
 }

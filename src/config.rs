@@ -96,6 +96,8 @@ pub struct VmConfig {
     pub sample_rips: bool,
     /// Paravirtual devices on PCI (`--disk`, `--rng`, `--net`, `--balloon`, `--vsock`).
     pub virtio: crate::devices::virtio::config::VirtioConfig,
+    /// The control socket (`--api-socket`, see `api`).
+    pub api_socket: Option<PathBuf>,
 }
 
 impl VmConfig {

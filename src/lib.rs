@@ -13,6 +13,7 @@
 //! - [`bench`]: benchmarks of the exit path on this host (`exitless bench exits`);
 //! - [`cli`] and [`terminal`]: the command line and the console.
 
+pub mod api;
 pub mod arch;
 pub mod bench;
 pub mod cli;

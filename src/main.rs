@@ -31,6 +31,22 @@ fn main() -> ExitCode {
             },
         },
         Command::Bench { command } => exitless::bench::main(command),
+        Command::Ctl { socket, request } => {
+            match exitless::api::request(&socket, &request.to_json()) {
+                Ok(reply) => {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&reply).unwrap_or_else(|_| reply.to_string())
+                    );
+                    if reply["ok"] == true {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    }
+                }
+                Err(e) => fail(&e),
+            }
+        }
         Command::Host => match exitless::vmm::open_kvm() {
             Ok(kvm) => {
                 let host = exitless::host::HostInfo::detect(&kvm);

@@ -83,6 +83,7 @@ pub fn exit_status(end: &VmEnd, cfg: &VmConfig) -> i32 {
         VmEnd::GuestPanic(_) => 2,
         VmEnd::Error(_) => 1,
         VmEnd::Timeout => 124,
+        VmEnd::Stopped => 0,
         VmEnd::Interrupted => 130,
     }
 }
@@ -96,6 +97,7 @@ pub fn describe_end(end: &VmEnd) -> String {
         VmEnd::GuestPanic(line) => format!("guest kernel panicked: {}", line.trim()),
         VmEnd::Error(e) => format!("VM failed: {e}"),
         VmEnd::Timeout => "time limit reached".into(),
+        VmEnd::Stopped => "stopped through the control API".into(),
         VmEnd::Interrupted => "interrupted".into(),
     }
 }
@@ -145,10 +147,26 @@ struct DeviceCounters {
     probe: Option<(Arc<probe::ProbeCounters>, EventFd, EventFd)>,
     console: Arc<Mutex<serial::ConsoleWatch>>,
     /// The PCI/virtio devices (their workers stop when this is dropped).
-    virtio: Option<crate::devices::virtio::VirtioSet>,
+    virtio: Option<Arc<crate::devices::virtio::VirtioSet>>,
 }
 
 impl DeviceCounters {
+    /// The console's and the PCI devices' facts: what can be read while the VM runs (the
+    /// probe's ioeventfd counters are drained by reading them, so only the final report has them).
+    fn live_facts(&self) -> Vec<DeviceFact> {
+        let mut v = vec![];
+        let console = self.console.lock().unwrap_or_else(|p| p.into_inner());
+        v.push(DeviceFact {
+            device: "serial".into(),
+            facts: BTreeMap::from([("bytes_out".into(), console.bytes())]),
+        });
+        drop(console);
+        if let Some(set) = &self.virtio {
+            v.extend(set.facts());
+        }
+        v
+    }
+
     fn facts(&self) -> Vec<DeviceFact> {
         let mut v = vec![];
         let console = self.console.lock().unwrap_or_else(|p| p.into_inner());
@@ -176,6 +194,41 @@ impl DeviceCounters {
             v.extend(set.facts());
         }
         v
+    }
+}
+
+/// What the control API (`--api-socket`) may do to this VM.
+struct VmControl {
+    started: Instant,
+    counters: Arc<DeviceCounters>,
+    kvm_stats: Arc<Vec<crate::kvm_stats::VcpuStatsFd>>,
+    quit: Arc<AtomicBool>,
+}
+
+impl crate::api::Control for VmControl {
+    fn stats(&self) -> serde_json::Value {
+        let devices: serde_json::Map<String, serde_json::Value> = self
+            .counters
+            .live_facts()
+            .into_iter()
+            .map(|f| (f.device, serde_json::json!(f.facts)))
+            .collect();
+        serde_json::json!({
+            "uptime_s": self.started.elapsed().as_secs_f64(),
+            "devices": devices,
+            "kvm": crate::kvm_stats::sum(self.kvm_stats.iter()),
+        })
+    }
+
+    fn set_balloon(&self, bytes: u64) -> Result<u32, String> {
+        match &self.counters.virtio {
+            Some(set) => set.set_balloon_target(bytes),
+            None => Err("this VM has no balloon (start it with --balloon)".into()),
+        }
+    }
+
+    fn quit(&self) {
+        self.quit.store(true, Ordering::SeqCst);
     }
 }
 
@@ -375,11 +428,11 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
     };
     let virtio = crate::devices::virtio::build(&kvm, &vm, &mem, &cfg.virtio, &mut pio, &mut mmio)
         .map_err(VmmError::Config)?;
-    let counters = DeviceCounters {
-        virtio,
+    let counters = Arc::new(DeviceCounters {
+        virtio: virtio.map(Arc::new),
         probe: probe_counters,
         console: console_watch.clone(),
-    };
+    });
 
     // Let KVM hand us instructions its emulator cannot run (PVM hosts), so we can complete them.
     if vm.check_extension_raw(kvm_bindings::KVM_CAP_EXIT_ON_EMULATION_FAILURE as u64) > 0 {
@@ -444,13 +497,31 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
         vcpus.push(Vcpu::new(id, fd, shared.clone()));
     }
 
+    let kvm_stats_fds = Arc::new(kvm_stats_fds);
+    let quit = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let _api = match &cfg.api_socket {
+        Some(path) => Some(
+            crate::api::ApiServer::start(
+                path,
+                Arc::new(VmControl {
+                    started,
+                    counters: counters.clone(),
+                    kvm_stats: kvm_stats_fds.clone(),
+                    quit: quit.clone(),
+                }),
+            )
+            .map_err(VmmError::Config)?,
+        ),
+        None => None,
+    };
+
     vcpu::install_kick_handler().map_err(|e| VmmError::Kvm(format!("signal handler: {e}")))?;
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         // SAFETY: the handler only stores to an atomic.
         unsafe { libc::signal(sig, on_stop_signal as *const () as libc::sighandler_t) };
     }
 
-    let started = Instant::now();
     let raw = crate::terminal::RawModeGuard::new();
     spawn_console_input(serial.clone(), end_tx.clone());
     let mut handles = Vec::new();
@@ -491,6 +562,9 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
         if SIGNALLED.swap(false, Ordering::SeqCst) {
             break VmEnd::Interrupted;
         }
+        if quit.load(Ordering::SeqCst) {
+            break VmEnd::Stopped;
+        }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             break VmEnd::Timeout;
         }
@@ -521,14 +595,14 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
     let status = exit_status(&end, cfg);
     let mut report = RunReport::new(describe_end(&end), status, wall, &stats, counters.facts());
     // Read after every vCPU thread has been joined: the counters are final.
-    report.kvm = crate::kvm_stats::sum(&kvm_stats_fds);
+    report.kvm = crate::kvm_stats::sum(kvm_stats_fds.iter());
     drop(kvm_stats_fds);
     let console_tail = console_watch
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .lines();
     let kind = match &end {
-        VmEnd::PowerOff | VmEnd::DebugExit(_) | VmEnd::Interrupted => None,
+        VmEnd::PowerOff | VmEnd::DebugExit(_) | VmEnd::Interrupted | VmEnd::Stopped => None,
         VmEnd::Timeout => Some(GuestFailureKind::Hung),
         VmEnd::Reset | VmEnd::TripleFault | VmEnd::GuestPanic(_) => {
             Some(GuestFailureKind::Shutdown)
@@ -650,6 +724,7 @@ mod tests {
             unpack_bzimage: true,
             sample_rips: false,
             virtio: Default::default(),
+            api_socket: None,
         };
         assert_eq!(exit_status(&VmEnd::PowerOff, &cfg), 0);
         assert_eq!(exit_status(&VmEnd::Reset, &cfg), 0);

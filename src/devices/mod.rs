@@ -31,6 +31,8 @@ pub enum VmEnd {
     Timeout,
     /// The user interrupted (console escape or signal).
     Interrupted,
+    /// Stopped through the control API (`quit`): exit 0.
+    Stopped,
 }
 
 /// The channel devices and vCPUs use to end the VM. The first reason sent wins.

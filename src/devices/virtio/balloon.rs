@@ -1,7 +1,8 @@
 //! virtio-balloon (virtio 1.x §5.5): the driver gives guest pages back to the host (inflate),
 //! takes them back (deflate), reports its memory statistics and reports free pages.
 //!
-//! Owns the balloon's configuration (`num_pages`, the target set at start-up; `actual`, the one
+//! Owns the balloon's configuration (`num_pages`, the target: set at start-up and changed at run
+//! time through the control API, which raises a configuration-change interrupt; `actual`, the one
 //! field the driver may write), its counters and latest statistics (device facts), and the
 //! release of guest RAM to the host: inflated PFNs (4 KiB units) and reported free ranges are
 //! range-checked against guest RAM, coalesced into contiguous runs and dropped with
@@ -84,6 +85,8 @@ pub struct Balloon {
     target_pages: u32,
     /// `actual`, as the driver last wrote it.
     actual: u32,
+    /// Guest RAM, the most a target may be.
+    ram: u64,
     stats: Arc<DeviceStats>,
 }
 
@@ -116,6 +119,7 @@ impl Balloon {
             cfg: cfg.clone(),
             target_pages,
             actual: 0,
+            ram,
             stats,
         })
     }
@@ -166,6 +170,21 @@ impl VirtioDevice for Balloon {
                 .copied()
                 .unwrap_or(0);
         }
+    }
+    /// A new target while the VM runs (the control API); the transport tells the driver.
+    fn balloon_target(&mut self, bytes: u64) -> Option<Result<u32, String>> {
+        if bytes > self.ram {
+            return Some(Err(format!(
+                "balloon target {} MiB is larger than guest memory ({} MiB)",
+                bytes >> 20,
+                self.ram >> 20
+            )));
+        }
+        // `ram` fits the u32 page count: checked the same way at start-up.
+        let pages = u32::try_from(bytes / PAGE).unwrap_or(u32::MAX);
+        self.target_pages = pages;
+        self.stats.set_extra("target_pages", u64::from(pages));
+        Some(Ok(pages))
     }
     /// Only `actual` (bytes 4..8) is writable by the driver.
     fn write_config(&mut self, offset: u64, data: &[u8]) {

@@ -152,6 +152,11 @@ pub trait VirtioDevice: Send {
     /// Offered features (VERSION_1 and EVENT_IDX included).
     fn features(&self) -> u64;
     fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// A balloon's new target in bytes, set while the VM runs: the new `num_pages`, or why not.
+    /// None: this device is no balloon.
+    fn balloon_target(&mut self, _bytes: u64) -> Option<Result<u32, String>> {
+        None
+    }
     /// Writes to device configuration; read-only by default.
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         log::debug!(
@@ -224,6 +229,18 @@ impl VirtioSet {
     }
 
     /// Stops every worker (at the end of the run).
+    /// Sets the balloon's target (bytes) while the VM runs and tells the driver (a configuration
+    /// change interrupt); returns the target in 4 KiB pages.
+    pub fn set_balloon_target(&self, bytes: u64) -> Result<u32, String> {
+        for d in &self.devices {
+            let mut d = d.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(r) = d.set_balloon_target(bytes) {
+                return r;
+            }
+        }
+        Err("this VM has no balloon (start it with --balloon)".into())
+    }
+
     pub fn shutdown(&self) {
         for d in &self.devices {
             d.lock().unwrap_or_else(|p| p.into_inner()).stop_worker();

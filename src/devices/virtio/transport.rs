@@ -214,6 +214,24 @@ impl VirtioPci {
 
     /// (guest-physical address, eventfd) of each queue's notification register, for
     /// `KVM_IOEVENTFD`.
+    /// A balloon's new target (see [`VirtioDevice::balloon_target`]); on success the configuration
+    /// generation moves and the driver gets a configuration-change interrupt.
+    pub fn set_balloon_target(&mut self, bytes: u64) -> Option<Result<u32, String>> {
+        let r = self.dev.balloon_target(bytes)?;
+        if r.is_ok() {
+            self.config_changed();
+        }
+        Some(r)
+    }
+
+    /// The device configuration changed under the driver: a new generation (§4.1.4.3) and the
+    /// configuration vector (ISR bit 1).
+    fn config_changed(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        self.msix
+            .trigger(self.shared.config_vector.load(Ordering::SeqCst), 2);
+    }
+
     /// Lets the worker poll its request queues for up to `max` between bursts (see `worker`).
     pub fn set_queue_poll(&mut self, max: std::time::Duration) {
         self.queue_poll = max;
