@@ -5,6 +5,15 @@
 //! the reporting queue, then deflates 256 pages and checks that a deflated page and the reported
 //! range read back as zeros (the host dropped them). The host test checks the device facts and
 //! the VMM's RSS before and after inflation.
+//!
+//! With the command-line word `follow`, one more phase runs before the PASS line: the guest
+//! prints `kit: balloon waiting for a new target pages=<num_pages>`, polls `num_pages` (every
+//! 2 ms, for up to 60 s; then `kit: FAIL virtio-balloon: no new target`) until it differs from
+//! the target read at start, acknowledges the configuration-change interrupt (reads the ISR),
+//! inflates (touching each page first, so the host has it committed) or deflates the difference
+//! between the new target and the pages in the balloon, sets `actual` and prints
+//! `kit: balloon followed target=<num_pages> actual=<actual>`. The balloon follows within the
+//! region less the reported range: at most 60 MiB (15360 pages); a larger target fails.
 #![no_std]
 #![no_main]
 
@@ -33,6 +42,11 @@ const STATS_SPINS: u64 = 40_000_000;
 const STATS_VQ: u64 = 1 << 1;
 const REPORTING: u64 = 1 << 5;
 const PATTERN: u64 = 0x5a5a_0000_c3c3_0000;
+/// The follow phase: region pages the balloon may hold (all but the reported range), the wait
+/// for a new target and the pause between two reads of `num_pages`.
+const FOLLOW_CAP: u32 = ((REGION_LEN - REPORT_LEN) >> 12) as u32;
+const FOLLOW_WAIT_S: u64 = 60;
+const FOLLOW_POLL_NS: u64 = 2_000_000;
 
 extern "C" fn fill(_arg: u64) -> u64 {
     let mut a = REGION;
@@ -63,8 +77,106 @@ fn read64(a: u64) -> u64 {
     unsafe { core::ptr::read_volatile(a as *const u64) }
 }
 
+/// The PFN of the follow phase's page `i` (0..FOLLOW_CAP): region pages in order, skipping the
+/// reported range.
+fn follow_pfn(i: u32) -> u32 {
+    let skip = if u64::from(i) >= (REPORT - REGION) >> 12 {
+        (REPORT_LEN >> 12) as u32
+    } else {
+        0
+    };
+    (REGION >> 12) as u32 + i + skip
+}
+
+/// Sends the PFNs of follow pages `from..from + n` on `q` (inflate or deflate), 1024 a request.
+fn send_pfns(name: &str, q: &mut virtio::Queue, what: &str, from: u32, n: u32) {
+    let mut done = 0u32;
+    while done < n {
+        let k = (n - done).min(PFNS_PER_REQUEST);
+        for i in 0..k {
+            w32(PFNS + 4 * u64::from(i), follow_pfn(from + done + i));
+        }
+        if q.submit(&[(PFNS, 4 * k, false)], SPINS).is_none() {
+            kit::fail(
+                name,
+                format_args!("{what} request at follow page {} timed out", from + done),
+            );
+        }
+        done += k;
+    }
+}
+
+/// The follow phase (see the module comment). The balloon holds follow pages `lo..hi`.
+fn follow(
+    name: &str,
+    dev: &virtio::Device,
+    inflate: &mut virtio::Queue,
+    deflate: &mut virtio::Queue,
+    start_target: u32,
+    (mut lo, mut hi): (u32, u32),
+) {
+    println!(
+        "kit: balloon waiting for a new target pages={}",
+        r32(dev.config)
+    );
+    let hz = kit::lapic::tsc_hz();
+    let t0 = kit::arch::rdtsc();
+    let target = loop {
+        let t = r32(dev.config);
+        if t != start_target {
+            break t;
+        }
+        if kit::arch::rdtsc() - t0 > FOLLOW_WAIT_S * hz {
+            kit::fail(name, format_args!("no new target"));
+        }
+        kit::lapic::delay_ns(FOLLOW_POLL_NS);
+    };
+    // Acknowledge the configuration-change interrupt (no MSI-X here: only the ISR records it).
+    // SAFETY: the ISR status byte of the device's BAR, identity-mapped MMIO; reading clears it.
+    let _isr = unsafe { core::ptr::read_volatile(dev.isr as *const u8) };
+    if target > FOLLOW_CAP {
+        kit::fail(
+            name,
+            format_args!(
+                "new target {target} pages is more than the {FOLLOW_CAP} pages ({} MiB) the region \
+                 can give",
+                FOLLOW_CAP >> 8
+            ),
+        );
+    }
+    let have = hi - lo;
+    if target > have {
+        // Grow upwards first, then downwards; touch each page so the host has it committed.
+        let up = (target - have).min(FOLLOW_CAP - hi);
+        let down = target - have - up;
+        for i in (hi..hi + up).chain(lo - down..lo) {
+            let a = u64::from(follow_pfn(i)) << 12;
+            virtio::w64(a, PATTERN ^ a);
+        }
+        send_pfns(name, inflate, "inflate", hi, up);
+        send_pfns(name, inflate, "inflate", lo - down, down);
+        hi += up;
+        lo -= down;
+    } else if target < have {
+        send_pfns(
+            name,
+            deflate,
+            "deflate",
+            hi - (have - target),
+            have - target,
+        );
+        hi -= have - target;
+    }
+    w32(dev.config + 4, hi - lo);
+    println!(
+        "kit: balloon followed target={target} actual={}",
+        r32(dev.config + 4)
+    );
+}
+
 fn main(boot: &'static kit::BootInfo) -> ! {
     let name = "virtio-balloon";
+    let follow_on = boot.cmdline.split_ascii_whitespace().any(|w| w == "follow");
     let access = kit::pci::access(boot.rsdp_hint);
     let Some(dev) = virtio::find(access, 5) else {
         kit::fail(
@@ -207,6 +319,16 @@ fn main(boot: &'static kit::BootInfo) -> ! {
         "kit: virtio-balloon deflated {DEFLATE_PAGES} pages, actual={}; they read as zeros",
         r32(dev.config + 4)
     );
+    if follow_on {
+        follow(
+            name,
+            &dev,
+            &mut inflate,
+            &mut deflate,
+            target,
+            (DEFLATE_PAGES, target),
+        );
+    }
     kit::pass(name);
     kit::poweroff()
 }
