@@ -2,7 +2,9 @@
 //! driving exitless's virtio-pci devices without any userspace: it must mount an ext4 root from
 //! virtio-blk (the host sees the superblock's mount count change), answer the host's pings over
 //! virtio-net during `rootdelay` (a tap in a network namespace the test creates), and bind
-//! virtio-rng (DRIVER_OK and requests served) and virtio-balloon (DRIVER_OK), from the run report.
+//! virtio-rng (DRIVER_OK and requests served) and virtio-balloon (DRIVER_OK, and inflated by
+//! Linux's own driver to a target the test sets through `--api-socket` while the kernel waits),
+//! from the run report.
 //! Init then dies (no userspace runs on PVM hosts) and `panic=1` ends the VM.
 //!
 //! Skipped, with the reason printed, without /dev/kvm, the kernel or `mkfs.ext4` (unless
@@ -98,6 +100,41 @@ fn ping_when_configured(
     })
 }
 
+/// The balloon target the test sets through the control API while the kernel waits for its root.
+const BALLOON_TARGET_PAGES: u64 = 4096;
+
+/// Once the kernel waits for its root device, sets the balloon's target to 16 MiB through the
+/// control socket (the driver inflates during `rootdelay`); returns the reply.
+fn balloon_when_waiting(
+    api: PathBuf,
+    console: PathBuf,
+    done: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Result<serde_json::Value, String>> {
+    std::thread::spawn(move || {
+        while !done.load(Ordering::Relaxed) {
+            let log = std::fs::read_to_string(&console).unwrap_or_default();
+            if log.contains("before mounting root device") {
+                let out = Command::new(env!("CARGO_BIN_EXE_exitless"))
+                    .arg("ctl")
+                    .arg("--socket")
+                    .arg(&api)
+                    .args(["balloon", "16M"])
+                    .output()
+                    .map_err(|e| format!("exitless ctl: {e}"))?;
+                return serde_json::from_slice(&out.stdout).map_err(|e| {
+                    format!(
+                        "exitless ctl said {e}: {}{}",
+                        String::from_utf8_lossy(&out.stdout),
+                        String::from_utf8_lossy(&out.stderr)
+                    )
+                });
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        Err("the kernel never waited for its root device".into())
+    })
+}
+
 #[test]
 fn linux_mounts_root_from_virtio_blk_answers_pings_and_binds_rng_and_balloon() {
     if let Some(why) = skip_reason() {
@@ -140,8 +177,10 @@ fn linux_mounts_root_from_virtio_blk_answers_pings_and_binds_rng_and_balloon() {
             " rootdelay=40 ip={GUEST_IP}::{HOST_IP}:255.255.255.0::eth0:off"
         ));
     } else {
-        cmdline.push_str(" rootdelay=1");
+        // Long enough for the balloon to inflate while the kernel waits.
+        cmdline.push_str(" rootdelay=40");
     }
+    let api = dir.join("api.sock");
     let mut cmd = match &ns {
         Some(ns) => {
             let mut c = Command::new("ip");
@@ -160,6 +199,8 @@ fn linux_mounts_root_from_virtio_blk_answers_pings_and_binds_rng_and_balloon() {
         .arg(&json)
         .arg("--console-log")
         .arg(&console)
+        .arg("--api-socket")
+        .arg(&api)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
@@ -172,9 +213,11 @@ fn linux_mounts_root_from_virtio_blk_answers_pings_and_binds_rng_and_balloon() {
     let pinger = ns
         .as_ref()
         .map(|ns| ping_when_configured(ns.0.clone(), console.clone(), done.clone()));
+    let ballooner = balloon_when_waiting(api, console.clone(), done.clone());
     let out = child.wait_with_output().unwrap();
     done.store(true, Ordering::Relaxed);
     let ping = pinger.map(|p| p.join().unwrap());
+    let resized = ballooner.join().unwrap();
     let log = std::fs::read_to_string(&console).unwrap_or_default();
     let tail: Vec<&str> = log.lines().rev().take(40).collect();
     eprintln!(
@@ -202,6 +245,16 @@ fn linux_mounts_root_from_virtio_blk_answers_pings_and_binds_rng_and_balloon() {
     let balloon = facts(&report, "virtio-balloon");
     assert!(balloon["driver_ok"].as_u64().unwrap() >= 1, "{balloon}");
     assert_eq!(balloon["needs_reset"], 0, "{balloon}");
+    // The target set through the control API while the kernel ran: Linux's driver inflated to it.
+    let resized = resized.unwrap_or_else(|e| panic!("balloon target: {e}"));
+    assert_eq!(resized["target_pages"], BALLOON_TARGET_PAGES, "{resized}");
+    assert_eq!(balloon["target_pages"], BALLOON_TARGET_PAGES, "{balloon}");
+    assert_eq!(balloon["actual_pages"], BALLOON_TARGET_PAGES, "{balloon}");
+    assert!(
+        balloon["pages_inflated"].as_u64().unwrap() >= BALLOON_TARGET_PAGES,
+        "{balloon}"
+    );
+    assert_eq!(balloon["bad_pfns"], 0, "{balloon}");
     if let Some(ping) = ping {
         let ping = ping.unwrap_or_else(|e| panic!("ping: {e}"));
         eprintln!("--- ping:\n{ping}");
