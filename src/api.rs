@@ -3,13 +3,14 @@
 //!
 //! One JSON object per line in, one JSON object per line back:
 //! ```text
-//! {"op":"stats"}                       {"ok":true,"uptime_s":12.5,"devices":{"virtio-blk0":{...}},"kvm":{"exits":...}}
+//! {"op":"stats"}                       {"ok":true,"uptime_s":12.5,"exits":{"io_out":...},"devices":{...},"kvm":{...}}
 //! {"op":"balloon","size":"256M"}       {"ok":true,"target_pages":65536}
 //! {"op":"quit"}                        {"ok":true}   (the VM stops as if interrupted, with its summary)
 //! anything else                        {"ok":false,"error":"..."}
 //! ```
-//! `stats` is live: every device's facts (requests, interrupts, balloon pages, ...) and KVM's own
-//! per-vCPU counters summed (all exits, in-kernel ones included), read while the guest runs.
+//! `stats` is live: exitless's exits to userspace by reason (every vCPU's, summed), every device's
+//! facts (requests, interrupts, balloon pages, ...) and KVM's own per-vCPU counters summed (all
+//! exits, in-kernel ones included), read while the guest runs.
 //! `balloon` takes a size (`512M`, `1G`, bytes) or `"bytes": N`, sets the balloon's target and
 //! tells the driver with a configuration-change interrupt; the driver inflates or deflates.
 //!

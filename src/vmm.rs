@@ -202,6 +202,8 @@ struct VmControl {
     started: Instant,
     counters: Arc<DeviceCounters>,
     kvm_stats: Arc<Vec<crate::kvm_stats::VcpuStatsFd>>,
+    /// Each vCPU's exits to userspace by reason, as they happen.
+    exits: Vec<Arc<crate::stats::LiveExits>>,
     quit: Arc<AtomicBool>,
 }
 
@@ -215,6 +217,7 @@ impl crate::api::Control for VmControl {
             .collect();
         serde_json::json!({
             "uptime_s": self.started.elapsed().as_secs_f64(),
+            "exits": crate::stats::LiveExits::sum(self.exits.iter().map(|e| &**e)),
             "devices": devices,
             "kvm": crate::kvm_stats::sum(self.kvm_stats.iter()),
         })
@@ -470,6 +473,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
     // KVM's own counters of each vCPU (None where the host has no binary statistics); the
     // descriptors stay open after the vCPU threads end, for the report.
     let mut kvm_stats_fds = Vec::new();
+    let mut live_exits = Vec::new();
     for id in 0..cfg.cpus {
         let fd = vm
             .create_vcpu(id as u64)
@@ -494,7 +498,13 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
                 .map_err(kvm_err("setting the FPU"))?;
         }
         kvm_stats_fds.extend(crate::kvm_stats::VcpuStatsFd::open(&fd));
-        vcpus.push(Vcpu::new(id, fd, shared.clone()));
+        let mut vcpu = Vcpu::new(id, fd, shared.clone());
+        if cfg.api_socket.is_some() {
+            let live = Arc::new(crate::stats::LiveExits::default());
+            vcpu.share_exit_counts(live.clone());
+            live_exits.push(live);
+        }
+        vcpus.push(vcpu);
     }
 
     let kvm_stats_fds = Arc::new(kvm_stats_fds);
@@ -508,6 +518,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
                     started,
                     counters: counters.clone(),
                     kvm_stats: kvm_stats_fds.clone(),
+                    exits: live_exits,
                     quit: quit.clone(),
                 }),
             )

@@ -99,6 +99,14 @@ fn the_balloon_follows_a_target_set_through_the_api_and_the_rss_falls() {
     assert_eq!(balloon["target_pages"], 12288, "{live}");
     assert_eq!(balloon["actual_pages"], 12288 - 256, "{live}");
     assert!(live["uptime_s"].as_f64().unwrap() > 0.0, "{live}");
+    // Exits by reason as they happen: the guest's console lines are port writes, and its
+    // balloon set-up read the device's registers (MMIO).
+    let console_exits = live["exits"]["io_out"].as_u64().unwrap_or(0);
+    assert!(console_exits > 100, "{live}");
+    assert!(
+        live["exits"]["mmio_read"].as_u64().unwrap_or(0) > 0,
+        "{live}"
+    );
     let rss_before = balloon["rss_after_inflate_kib"].as_u64().unwrap();
     // A bad request changes nothing and says why.
     let (r, bad) = ctl(&dir, &["balloon", "1G"]);
@@ -115,6 +123,10 @@ fn the_balloon_follows_a_target_set_through_the_api_and_the_rss_falls() {
     assert_eq!(ok["target_pages"], 15360, "{ok}");
     let run = finish(&dir, child);
     assert_eq!(run.status, Some(0), "{}", run.describe());
+    assert!(
+        run.exits("io_out") > console_exits,
+        "the final count goes on from the live one"
+    );
     assert!(
         run.stdout
             .contains("kit: balloon followed target=15360 actual=15360"),

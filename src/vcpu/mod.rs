@@ -125,6 +125,11 @@ impl Vcpu {
         &self.fd
     }
 
+    /// Also counts this vCPU's exits into `live`, which others may read while it runs.
+    pub fn share_exit_counts(&mut self, live: std::sync::Arc<crate::stats::LiveExits>) {
+        self.stats.live = Some(live);
+    }
+
     /// Runs until the VM ends or the VMM stops this vCPU; returns the counters.
     pub fn run(mut self) -> VcpuStats {
         let clock = TscClock::start();
