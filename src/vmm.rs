@@ -167,31 +167,28 @@ impl DeviceCounters {
         v
     }
 
+    /// Every device's facts, for the final report: the live ones with the probe's after the
+    /// console's.
     fn facts(&self) -> Vec<DeviceFact> {
-        let mut v = vec![];
-        let console = self.console.lock().unwrap_or_else(|p| p.into_inner());
-        v.push(DeviceFact {
-            device: "serial".into(),
-            facts: BTreeMap::from([("bytes_out".into(), console.bytes())]),
-        });
+        let mut v = self.live_facts();
         if let Some((c, pio_evt, mmio_evt)) = &self.probe {
             let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
             // The eventfd counters hold how many ioeventfd writes KVM completed in-kernel.
             let drain = |e: &EventFd| e.read().unwrap_or(0);
-            v.push(DeviceFact {
-                device: "probe".into(),
-                facts: BTreeMap::from([
-                    ("pio_reads".into(), ld(&c.pio_reads)),
-                    ("pio_writes".into(), ld(&c.pio_writes)),
-                    ("mmio_reads".into(), ld(&c.mmio_reads)),
-                    ("mmio_writes".into(), ld(&c.mmio_writes)),
-                    ("pio_ioeventfd".into(), drain(pio_evt)),
-                    ("mmio_ioeventfd".into(), drain(mmio_evt)),
-                ]),
-            });
-        }
-        if let Some(set) = &self.virtio {
-            v.extend(set.facts());
+            v.insert(
+                1,
+                DeviceFact {
+                    device: "probe".into(),
+                    facts: BTreeMap::from([
+                        ("pio_reads".into(), ld(&c.pio_reads)),
+                        ("pio_writes".into(), ld(&c.pio_writes)),
+                        ("mmio_reads".into(), ld(&c.mmio_reads)),
+                        ("mmio_writes".into(), ld(&c.mmio_writes)),
+                        ("pio_ioeventfd".into(), drain(pio_evt)),
+                        ("mmio_ioeventfd".into(), drain(mmio_evt)),
+                    ]),
+                },
+            );
         }
         v
     }
