@@ -133,8 +133,9 @@ pub struct RunArgs {
     /// Print the kernel command line exitless would use, and exit.
     #[arg(long)]
     pub print_cmdline: bool,
-    /// A virtio-blk disk over a raw image: `path=IMG[,readonly=on][,id=SERIAL]` (repeatable).
-    #[arg(long, value_name = "path=IMG[,readonly=on][,id=ID]")]
+    /// A virtio-blk disk over a raw image: `path=IMG[,readonly=on][,id=SERIAL][,direct=on]`
+    /// (repeatable; `direct=on` bypasses the host's page cache with O_DIRECT).
+    #[arg(long, value_name = "path=IMG[,readonly=on][,id=ID][,direct=on]")]
     pub disk: Vec<String>,
     /// A virtio-rng device fed from the host's getrandom.
     #[arg(long)]

@@ -1,5 +1,5 @@
 //! The virtio devices a VM is asked for, and the parsing of their command-line forms
-//! (`--disk path=IMG[,readonly=on][,id=NAME]`, `--rng`, `--net tap=NAME[,mac=MAC]`,
+//! (`--disk path=IMG[,readonly=on][,id=NAME][,direct=on]`, `--rng`, `--net tap=NAME[,mac=MAC]`,
 //! `--balloon [size=SIZE][,stats=SECONDS][,reporting=on|off][,deflate_on_oom=on|off]`,
 //! `--vsock cid=N,socket=PATH`).
 
@@ -34,6 +34,8 @@ pub struct DiskConfig {
     pub readonly: bool,
     /// The serial the guest reads with VIRTIO_BLK_T_GET_ID (at most 20 bytes).
     pub id: Option<String>,
+    /// `direct=on`: the image is opened `O_DIRECT`, bypassing the host's page cache.
+    pub direct: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -132,6 +134,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, String> {
         path: PathBuf::new(),
         readonly: false,
         id: None,
+        direct: false,
     };
     for (k, v) in pairs(s, "path")? {
         match k {
@@ -143,7 +146,12 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, String> {
                 }
                 d.id = Some(v.to_string())
             }
-            _ => return Err(format!("unknown --disk option {k:?} (path, readonly, id)")),
+            "direct" => d.direct = on_off(v)?,
+            _ => {
+                return Err(format!(
+                    "unknown --disk option {k:?} (path, readonly, id, direct)"
+                ))
+            }
         }
     }
     if d.path.as_os_str().is_empty() {
