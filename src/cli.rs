@@ -159,7 +159,8 @@ pub struct RunArgs {
     /// The longest time a device worker spins on its request queues (block requests, network
     /// transmit) after a burst, so that a driver that keeps them fed needs no notification (no
     /// exit). Adaptive: it only grows while the driver comes back that fast. 0 turns it off.
-    #[arg(long, default_value_t = 32, value_name = "MICROSECONDS")]
+    #[arg(long, default_value_t = 32, value_name = "MICROSECONDS",
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub queue_poll_us: u64,
     /// Listen for control requests on this Unix socket while the VM runs: live statistics, the
     /// balloon's target, quit (`exitless ctl`; one JSON object per line).
