@@ -263,7 +263,8 @@ impl BlockHandler {
         true
     }
 
-    /// Serves one request; returns (status, bytes written to the guest excluding the status).
+    /// Serves one request other than a read or write that passed [`Self::rw_of`]; returns
+    /// (status, bytes written to the guest excluding the status).
     fn request(&mut self, chain: &Chain, mem: &GuestMemoryMmap) -> (u8, u64) {
         let mut r = Cursor::new(mem, &chain.readable);
         let mut hdr = [0u8; 16];
@@ -271,32 +272,13 @@ impl BlockHandler {
             return (VIRTIO_BLK_S_IOERR as u8, 0);
         }
         let ty = u32::from_le_bytes(hdr[0..4].try_into().unwrap());
-        let sector = u64::from_le_bytes(hdr[8..16].try_into().unwrap());
         let data_in = chain.writable_len() - 1;
         let data_out = r.remaining();
         let ioerr = (VIRTIO_BLK_S_IOERR as u8, 0);
         match ty {
-            VIRTIO_BLK_T_IN => {
-                if !self.in_range(sector, data_in)
-                    || !self.transfer(mem, &chain.writable, 0, data_in, sector * SECTOR, true)
-                {
-                    return ioerr;
-                }
-                self.stats.add(&self.stats.bytes_to_guest, data_in);
-                self.stats.add_extra("reads", 1);
-                (VIRTIO_BLK_S_OK as u8, data_in)
-            }
-            VIRTIO_BLK_T_OUT => {
-                if self.readonly
-                    || !self.in_range(sector, data_out)
-                    || !self.transfer(mem, &chain.readable, 16, data_out, sector * SECTOR, false)
-                {
-                    return ioerr;
-                }
-                self.stats.add(&self.stats.bytes_from_guest, data_out);
-                self.stats.add_extra("writes", 1);
-                (VIRTIO_BLK_S_OK as u8, 0)
-            }
+            // A read or write that passed its checks was served by `serve_run`; this one failed
+            // them (out of range, not whole sectors, or a write to a read-only disk).
+            VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => ioerr,
             VIRTIO_BLK_T_FLUSH => {
                 self.stats.add_extra("flushes", 1);
                 match self.file.sync_data() {
@@ -392,7 +374,8 @@ impl BlockHandler {
             VIRTIO_BLK_T_OUT if !self.readonly => (true, chain.readable_len() - 16),
             _ => return None,
         };
-        (len > 0 && self.in_range(sector, len)).then_some((write, sector * SECTOR, len))
+        self.in_range(sector, len)
+            .then_some((write, sector * SECTOR, len))
     }
 
     /// Takes up to `BATCH` available requests, serving them in ring order: runs of reads (or of
