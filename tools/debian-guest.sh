@@ -5,6 +5,7 @@
 #   vmlinuz     the bzImage of Debian's current cloud kernel (linux-image-cloud-amd64's dependency)
 #   initrd.img  an UNCOMPRESSED newc cpio: busybox, the kernel's virtio/vsock modules (decompressed)
 #               and an /init that loads them and gives a shell on the console.
+#   initrd-tools.img  initrd.img plus mkfs.ext4, e2fsck and socat from this host (the tests' guest)
 #
 # Why uncompressed: on a PVM host every guest kernel instruction is emulated, and gunzip of a 1 MB
 # initramfs alone costs ~50 M emulated instructions (tens of seconds). Modules are decompressed here
@@ -38,53 +39,14 @@ wanted_modules=(
     vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport
 )
 
-apt_updated=0
-# download PACKAGE: fetch PACKAGE's .deb into $debs unless already there; `apt-get update` once if
-# the first attempt fails (stale or empty package lists).
-download() {
-    local pkg="$1"
-    if compgen -G "$debs/${pkg}_*.deb" >/dev/null; then
-        log "have $pkg"
-        return
-    fi
-    log "downloading $pkg"
-    if ! (cd "$debs" && apt-get download "$pkg"); then
-        if [ "$apt_updated" = 0 ]; then
-            log "apt-get download failed; running apt-get update and retrying"
-            apt-get update || die "apt-get update failed (run as root, or run it yourself first)"
-            apt_updated=1
-            (cd "$debs" && apt-get download "$pkg") || die "apt-get download $pkg failed"
-        else
-            die "apt-get download $pkg failed"
-        fi
-    fi
-}
+DEBS="$debs"
+# shellcheck source=lib/debian.sh
+. "$repo_root/tools/lib/debian.sh"
 
-# The meta package's current versioned kernel package, e.g. linux-image-6.1.0-56-cloud-amd64.
-resolve_kernel_pkg() {
-    apt-cache depends linux-image-cloud-amd64 2>/dev/null |
-        awk '/Depends: linux-image-[0-9]/ { print $2; exit }'
-}
-kpkg="$(resolve_kernel_pkg || true)"
-if [ -z "$kpkg" ]; then
-    log "apt-cache does not know linux-image-cloud-amd64; running apt-get update"
-    apt-get update || die "apt-get update failed (run as root, or run it yourself first)"
-    apt_updated=1
-    kpkg="$(resolve_kernel_pkg || true)"
-    [ -n "$kpkg" ] || die "cannot resolve linux-image-cloud-amd64's kernel package (is this Debian with main enabled?)"
-fi
+kpkg="$(deb_kernel_package)"
 log "kernel package: $kpkg"
-
-download "$kpkg"
-download busybox-static
-
-kdebs=("$debs/${kpkg}"_*.deb)
-bdebs=("$debs"/busybox-static_*.deb)
-kdeb="${kdebs[-1]}"
-bdeb="${bdebs[-1]}"
-if [ ! -f "$kdeb" ] || [ ! -f "$bdeb" ]; then
-    die "downloaded packages not found in $debs"
-fi
+kdeb="$(deb_download "$kpkg")"
+bdeb="$(deb_download busybox-static)"
 
 rm -rf "$work"
 mkdir -p "$work/kernel" "$work/busybox" "$work/root"
@@ -99,74 +61,16 @@ moddir="$work/kernel/lib/modules/$kver"
 [ -d "$moddir/kernel" ] || die "no /lib/modules/$kver/kernel in $kdeb"
 log "kernel version: $kver"
 
-# --- module closure, in load order (dependencies first) ---
-# Debian's packages do not ship modules.dep (depmod makes it at install time), so dependencies are
-# read from each module's own .modinfo `depends=` field. Modules are decompressed on the way into
-# the initramfs (.ko.xz/.ko.zst/.ko.gz) so that the guest spends no emulated time in a decompressor.
+# The module closure, in load order, decompressed on the way into the initramfs (.ko.xz/.ko.zst)
+# so that the guest spends no emulated time in a decompressor.
 modout="$work/modules"
-mkdir -p "$modout"
-declare -A path_of=() builtin=() seen=()
-while IFS= read -r mod; do
-    name="${mod##*/}"
-    name="${name%%.ko*}"
-    path_of[${name//-/_}]="$mod"
-done < <(find "$moddir/kernel" -name '*.ko*')
-if [ -f "$moddir/modules.builtin" ]; then
-    while IFS= read -r mod; do
-        name="${mod##*/}"
-        name="${name%%.ko*}"
-        builtin[${name//-/_}]=1
-    done <"$moddir/modules.builtin"
-fi
-
-# decompress SRC DST: a module file in any of the kernel's formats, uncompressed.
-decompress() {
-    case "$1" in
-    *.ko) cp "$1" "$2" ;;
-    *.ko.xz) xz -dc "$1" >"$2" || die "xz failed on $1 (install xz-utils)" ;;
-    *.ko.zst) zstd -dcq "$1" >"$2" || die "zstd failed on $1 (install zstd)" ;;
-    *.ko.gz) gzip -dc "$1" >"$2" || die "gzip failed on $1" ;;
-    *) die "unknown module format: $1" ;;
-    esac
-}
-
-load_order=()
-visit() {
-    local name="${1//-/_}" dep deps
-    [ -z "${seen[$name]:-}" ] || return 0
-    seen[$name]=1
-    if [ -z "${path_of[$name]:-}" ]; then
-        if [ -n "${builtin[$name]:-}" ]; then
-            log "module $name is built into the kernel"
-        else
-            log "warning: module $name not found in $kver"
-        fi
-        return 0
-    fi
-    decompress "${path_of[$name]}" "$modout/$name.ko"
-    deps="$(tr '\0' '\n' <"$modout/$name.ko" | sed -n 's/^depends=//p')"
-    for dep in ${deps//,/ }; do
-        visit "$dep"
-    done
-    load_order+=("$name")
-}
-for m in "${wanted_modules[@]}"; do
-    visit "$m"
-done
+module_closure "$moddir" "$modout" "${wanted_modules[@]}"
+load_order=("${MODULE_LOAD_ORDER[@]}")
 
 # --- the root file system ---
 root="$work/root"
 mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,root,etc,lib/modules/"$kver"}
-cp "$work/busybox/bin/busybox" "$root/bin/busybox"
-for applet in $("$root/bin/busybox" --list-full 2>/dev/null || true); do
-    [ "$applet" = bin/busybox ] && continue
-    mkdir -p "$root/$(dirname "$applet")"
-    ln -sf /bin/busybox "$root/$applet"
-done
-# --list-full needs to run busybox on the build host; make sure the essentials exist regardless.
-for applet in sh mount insmod cat echo setsid cttyhack nproc poweroff; do
-    [ -e "$root/bin/$applet" ] || [ -e "$root/sbin/$applet" ] || ln -sf /bin/busybox "$root/bin/$applet"
-done
+busybox_tree "$root" "$work/busybox/bin/busybox"
 
 : >"$root/lib/modules/$kver/load-order"
 for name in "${load_order[@]}"; do
@@ -209,27 +113,34 @@ export PS1='exitless# '
 EOF
 
 # --- the archive ---
-# Main archive from the tree, then a second, hand-written newc archive holding the /dev/console
-# character device (5,1), which an unprivileged build cannot mknod. The kernel unpacks concatenated
-# archives in order, and opens /dev/console for init before init runs.
-newc_entry() { # name mode major minor: one newc header + name, padded to 4 bytes
-    local name="$1" mode="$2" rmaj="$3" rmin="$4" namesize hdr pad
-    namesize=$((${#name} + 1))
-    hdr=$(printf '070701%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X' \
-        0 "$mode" 0 0 1 0 0 0 0 "$rmaj" "$rmin" "$namesize" 0)
-    printf '%s%s\0' "$hdr" "$name"
-    pad=$(((4 - (110 + namesize) % 4) % 4))
-    head -c "$pad" /dev/zero
-}
 tmp_initrd="$outdir/initrd.img.tmp"
-(cd "$root" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0) >"$tmp_initrd"
-{
-    newc_entry dev/console $((0020600)) 5 1
-    newc_entry TRAILER!!! 0 0 0
-} >>"$tmp_initrd"
+newc_archive "$root" >"$tmp_initrd"
 mv "$tmp_initrd" "$outdir/initrd.img"
+
+# --- the test variant: initrd.img plus programs busybox lacks, copied from this host with their
+# libraries (a second archive; the kernel unpacks both in order): mkfs.ext4 (the guest makes its
+# own file system) and socat (AF_VSOCK both ways). Left out, with a note, where the host lacks them.
+tools=()
+for prog in mke2fs e2fsck socat; do
+    p="$(command -v "$prog" 2>/dev/null || true)"
+    [ -n "$p" ] && tools+=("$(readlink -f "$p")") || log "note: $prog is not on this host: initrd-tools.img has none"
+done
+rm -rf "$work/tools"
+mkdir -p "$work/tools/sbin" "$work/tools/etc"
+if [ ${#tools[@]} -gt 0 ]; then
+    copy_with_libs "$work/tools" "${tools[@]}"
+    for t in "${tools[@]}"; do ln -sf "$t" "$work/tools/sbin/$(basename "$t")"; done
+    [ -e "$work/tools/sbin/mke2fs" ] && ln -sf mke2fs "$work/tools/sbin/mkfs.ext4"
+    [ -f /etc/mke2fs.conf ] && cp /etc/mke2fs.conf "$work/tools/etc/"
+fi
+{
+    cat "$outdir/initrd.img"
+    (cd "$work/tools" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0)
+} >"$outdir/initrd-tools.img.tmp"
+mv "$outdir/initrd-tools.img.tmp" "$outdir/initrd-tools.img"
 cp "$kimage" "$outdir/vmlinuz"
 rm -rf "$work"
 
 log "wrote $outdir/vmlinuz ($(stat -c %s "$outdir/vmlinuz") bytes, kernel $kver)"
 log "wrote $outdir/initrd.img ($(stat -c %s "$outdir/initrd.img") bytes, uncompressed newc cpio)"
+log "wrote $outdir/initrd-tools.img ($(stat -c %s "$outdir/initrd-tools.img") bytes: initrd.img + ${tools[*]##*/})"
