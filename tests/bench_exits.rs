@@ -194,14 +194,10 @@ fn bench_exits_json_has_every_field() {
 
 #[test]
 fn bench_exits_side_by_side_with_qemu() {
-    if !kvm_available("bench exits --vs qemu") {
-        return;
-    }
-    let have_qemu = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join("qemu-system-x86_64").is_file()))
-        .unwrap_or(false);
-    if !have_qemu {
-        eprintln!("skipped bench exits --vs qemu: qemu-system-x86_64 is not installed");
+    if !needs(
+        "bench_exits_side_by_side_with_qemu",
+        &[Need::Kvm, Need::Qemu],
+    ) {
         return;
     }
     let r = exitless_cmd(&[

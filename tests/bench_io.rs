@@ -24,7 +24,7 @@ fn check_net(v: &Value, with_qemu: bool) {
             .iter()
             .find(|u| u["workload"] == "net-tx")
             .unwrap_or_else(|| panic!("no net-tx row and no reason in {v:#}"));
-        eprintln!("network workload skipped: {}", why["why"]);
+        skip("bench io: the net-tx workload", &why["why"].to_string());
         return;
     }
     let r = row(v, "net-tx");
@@ -119,15 +119,10 @@ fn block_workloads_run_every_request_without_a_userspace_exit_per_request() {
 
 #[test]
 fn qemu_runs_the_same_guest_over_the_same_kind_of_disk() {
-    if !kvm_available("bench io --vs qemu") {
-        return;
-    }
-    if std::process::Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!("skipped bench io --vs qemu: qemu-system-x86_64 is not installed");
+    if !needs(
+        "qemu_runs_the_same_guest_over_the_same_kind_of_disk",
+        &[Need::Kvm, Need::Qemu],
+    ) {
         return;
     }
     let v = bench_json(&["--vs", "qemu"]);

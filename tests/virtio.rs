@@ -1,22 +1,14 @@
 //! The kit's own virtio drivers against exitless's virtio-pci devices, under KVM: block I/O that
 //! the host then checks in the image file, entropy, and a hostile driver that must not harm the
-//! VMM. Skipped (with the reason printed) where /dev/kvm cannot be opened.
+//! VMM. Skipped (a recorded skip, with the reason) where /dev/kvm cannot be opened.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn kvm_usable() -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("skipped: cannot open /dev/kvm: {e}");
-            false
-        }
-    }
+    common::kvm_available("virtio (kit drivers)")
 }
 
 fn scratch(name: &str) -> PathBuf {

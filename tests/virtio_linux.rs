@@ -7,9 +7,9 @@
 //! from the run report.
 //! Init then dies (no userspace runs on PVM hosts) and `panic=1` ends the VM.
 //!
-//! Skipped, with the reason printed, without /dev/kvm, the kernel or `mkfs.ext4` (unless
-//! `EXITLESS_REQUIRE_LINUX=1`). The network part needs root (network namespaces); without it the
-//! rest still runs and the reason is printed. The kernel's own code is emulated on hosts without
+//! Skipped (a recorded skip, with the reason) without /dev/kvm, the kernel or `mkfs.ext4`. The
+//! network part needs root (network namespaces); without it the rest still runs and that part is
+//! recorded as skipped. The kernel's own code is emulated on hosts without
 //! VMX/SVM: expect several minutes, and run it alone (a loaded host starves the emulated timer
 //! tick). `EXITLESS_LINUX_TIMEOUT` (seconds, default 1500) bounds the run.
 
@@ -137,11 +137,9 @@ fn balloon_when_waiting(
 
 #[test]
 fn linux_mounts_root_from_virtio_blk_answers_pings_and_binds_rng_and_balloon() {
+    const TEST: &str = "linux_mounts_root_from_virtio_blk_answers_pings_and_binds_rng_and_balloon";
     if let Some(why) = skip_reason() {
-        if std::env::var("EXITLESS_REQUIRE_LINUX").as_deref() == Ok("1") {
-            panic!("EXITLESS_REQUIRE_LINUX=1 but: {why}");
-        }
-        eprintln!("skipped: {why}");
+        common::skip(TEST, &why);
         return;
     }
     let dir = std::env::temp_dir().join(format!("exitless-virtio-linux-{}", std::process::id()));
@@ -163,7 +161,7 @@ fn linux_mounts_root_from_virtio_blk_answers_pings_and_binds_rng_and_balloon() {
     let ns = match Netns::with_tap("linux", TAP, HOST_IP) {
         Ok(ns) => Some(ns),
         Err(why) => {
-            eprintln!("network part skipped: {why}");
+            common::skip(&format!("{TEST}: the network part"), &why);
             None
         }
     };

@@ -36,7 +36,7 @@ fn kit_virtio_net_arps_and_pings_the_host_through_a_tap() {
     let ns = match Netns::with_tap("test", TAP, HOST_IP) {
         Ok(ns) => ns,
         Err(why) => {
-            eprintln!("skipped: {why}");
+            common::skip("kit_virtio_net_arps_and_pings_the_host_through_a_tap", &why);
             return;
         }
     };

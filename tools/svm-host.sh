@@ -89,7 +89,9 @@ done
 qemu_firmware=(/usr/share/qemu/{bios-microvm.bin,qboot.rom,linuxboot.bin,linuxboot_dma.bin,kvmvapic.bin,pvh.bin,multiboot_dma.bin,bios-256k.bin,bios.bin,efi-virtio.rom} /usr/share/seabios/{bios-256k.bin,bios-microvm.bin,bios.bin})
 kpkg="$(deb_kernel_package)"
 kdeb="$(deb_download "$kpkg")"
-bdeb="$(deb_download busybox-static)"
+# The dynamic busybox, not busybox-static: the static build's shell runs its own applets before
+# PATH (FEATURE_SH_STANDALONE), so `ip netns` in a command would never reach iproute2's ip.
+bdeb="$(deb_download busybox)"
 stamp="$(
     sha256sum "$0" "$repo_root/tools/lib/debian.sh" | cut -d' ' -f1
     echo "$kdeb $bdeb"
@@ -107,6 +109,7 @@ if [ ! -f "$cache/base.cpio" ] || [ "$(cat "$cache/base.stamp" 2>/dev/null)" != 
     root="$work/root"
     mkdir -p "$root"/{proc,sys,dev,tmp,run,root,etc,var,mnt,lib/modules/"$kver"}
     busybox_tree "$root" "$work/busybox/bin/busybox"
+    copy_libs "$root" "$work/busybox/bin/busybox"
     module_closure "$work/kernel/lib/modules/$kver" "$root/lib/modules/$kver" \
         irqbypass kvm kvm_amd tun veth vhost_net vhost_vsock loop
     printf '%s\n' "${MODULE_LOAD_ORDER[@]}" >"$root/lib/modules/$kver/load-order"

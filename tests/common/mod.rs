@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod debian;
 pub mod netns;
 
 use std::io::Write;
@@ -12,17 +13,89 @@ pub fn exitless() -> &'static str {
     env!("CARGO_BIN_EXE_exitless")
 }
 
-/// True when this host can run VMs. Tests that need KVM print why they skip.
-pub fn kvm_available(test: &str) -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        eprintln!("skipped {test}: /dev/kvm is not usable on this host");
+/// Records that `test` (or a named part of it) did not run, and why: one line on stderr, written
+/// past libtest's output capture so it shows for passing tests too. `tools/test.sh` counts these
+/// lines as skips, not passes, lists their reasons, and fails in CI when there is any.
+pub fn skip(test: &str, why: &str) {
+    let bin = std::env::args()
+        .next()
+        .and_then(|a| {
+            let stem = Path::new(&a).file_name()?.to_str()?.to_string();
+            Some(
+                stem.rsplit_once('-')
+                    .map_or(stem.clone(), |(b, _)| b.to_string()),
+            )
+        })
+        .unwrap_or_default();
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "\nexitless-skip: {bin}::{test}: {why}"
+    );
+}
+
+/// What a test needs from the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need {
+    /// A usable /dev/kvm.
+    Kvm,
+    /// Root (network namespaces, taps).
+    Root,
+    /// A KVM where guest userspace runs (not PVM without VMX/SVM: a guest's `syscall` from user
+    /// mode never reaches guest kernel mode there).
+    GuestUserspace,
+    /// `qemu-system-x86_64`, the peer VMM.
+    Qemu,
+    /// The Debian guest of `tools/debian-guest.sh` (images/debian).
+    DebianGuest,
+}
+
+/// Why this host cannot give `need`, if it cannot.
+pub fn lacks(need: Need) -> Option<String> {
+    match need {
+        Need::Kvm => std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .err()
+            .map(|e| format!("/dev/kvm is not usable here: {e}")),
+        // SAFETY: geteuid has no preconditions.
+        Need::Root => (unsafe { libc::geteuid() } != 0)
+            .then(|| "not root: network namespaces and taps need CAP_NET_ADMIN".to_string()),
+        Need::GuestUserspace => {
+            let text = exitless_cmd(&["host"]).stdout.trim().to_string();
+            text.contains("PVM").then(|| {
+                format!(
+                    "no guest userspace runs on this host ({text}); tools/test.sh runs this \
+                     test inside the emulated SVM host (tools/svm-host.sh)"
+                )
+            })
+        }
+        Need::Qemu => Command::new("qemu-system-x86_64")
+            .arg("--version")
+            .output()
+            .err()
+            .map(|e| {
+                format!("qemu-system-x86_64 is not runnable ({e}): apt-get install qemu-system-x86")
+            }),
+        Need::DebianGuest => debian::missing(),
     }
-    ok
+}
+
+/// True when the host gives everything `test` needs; otherwise records the skip (the first
+/// missing need) and returns false.
+pub fn needs(test: &str, needs: &[Need]) -> bool {
+    match needs.iter().find_map(|&n| lacks(n)) {
+        Some(why) => {
+            skip(test, &why);
+            false
+        }
+        None => true,
+    }
+}
+
+/// True when this host can run VMs; records the skip otherwise.
+pub fn kvm_available(test: &str) -> bool {
+    needs(test, &[Need::Kvm])
 }
 
 /// A scratch directory removed at drop.

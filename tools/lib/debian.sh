@@ -106,21 +106,28 @@ module_visit() {
     MODULE_LOAD_ORDER+=("$name")
 }
 
+# copy_libs ROOT ELF: copies the shared libraries and loader that `ldd` lists for ELF into ROOT at
+# their absolute paths (following symlinks).
+copy_libs() {
+    local root="$1" lib
+    while IFS= read -r lib; do
+        [ -e "$root$lib" ] && continue
+        mkdir -p "$root$(dirname "$lib")"
+        cp -L "$lib" "$root$lib"
+    done < <(ldd "$2" 2>/dev/null | awk '/=> \// { print $3 } /^\t\// { print $1 }')
+}
+
 # copy_with_libs ROOT FILE...: copies each FILE (following symlinks) into ROOT at the same
 # absolute path, and for ELF executables the shared libraries and loader `ldd` lists.
 copy_with_libs() {
-    local root="$1" f lib
+    local root="$1" f
     shift
     for f in "$@"; do
         [ -e "$f" ] || die "$f does not exist"
         mkdir -p "$root$(dirname "$f")"
         cp -L "$f" "$root$f"
         if head -c 4 "$f" | grep -q ELF; then
-            while IFS= read -r lib; do
-                [ -e "$root$lib" ] && continue
-                mkdir -p "$root$(dirname "$lib")"
-                cp -L "$lib" "$root$lib"
-            done < <(ldd "$f" 2>/dev/null | awk '/=> \// { print $3 } /^\t\// { print $1 }')
+            copy_libs "$root" "$f"
         fi
     done
 }

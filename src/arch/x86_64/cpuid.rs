@@ -724,9 +724,11 @@ mod tests {
     #[test]
     fn real_kvm_supported_cpuid_invariants() {
         use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
-            eprintln!("skipped: no /dev/kvm");
-            return;
+        let kvm = match kvm_ioctls::Kvm::new() {
+            Ok(kvm) => kvm,
+            Err(e) => {
+                return crate::test_skip("real_kvm_supported_cpuid_invariants", &e.to_string())
+            }
         };
         let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
         let vm = kvm.create_vm().unwrap();
