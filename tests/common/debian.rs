@@ -300,10 +300,11 @@ impl Drop for Vm {
 pub fn results(console: &str) -> std::collections::BTreeMap<String, String> {
     console
         .lines()
-        .filter_map(|l| l.trim().strip_prefix("=R= "))
-        .map(|rest| match rest.split_once(' ') {
+        // A result may follow the shell's prompt on the same line.
+        .filter_map(|l| Some(&l[l.find("=R= ")? + 4..]))
+        .map(|rest| match rest.trim().split_once(' ') {
             Some((k, v)) => (k.to_string(), v.trim().to_string()),
-            None => (rest.to_string(), String::new()),
+            None => (rest.trim().to_string(), String::new()),
         })
         .collect()
 }

@@ -140,11 +140,44 @@ impl Serial {
     }
 }
 
+/// Register offsets and bits this wrapper looks at (16550).
+const IER: u8 = 1;
+const IIR: u8 = 2;
+const LCR: u8 = 3;
+const IER_RDI: u8 = 0x01;
+const IIR_NO_INT: u8 = 0x01;
+/// FIFOs enabled, received data available.
+const IIR_FIFO_RDA: u8 = 0xc4;
+const LCR_DLAB: u8 = 0x80;
+
+impl Serial {
+    /// The IIR as a 16550 gives it: received data is reported for as long as the receive FIFO
+    /// holds any and its interrupt is enabled. `vm_superio` forgets the condition once the guest
+    /// has read one byte or the IIR, so a guest that stops reading with bytes left (Linux's 8250
+    /// driver reads at most 256 per pass, and on its next interrupt returns at once when the IIR
+    /// says "none") would never read them: the console input hung in the middle of a long line.
+    fn read_iir(&mut self) -> u8 {
+        let iir = self.uart.read(IIR);
+        let dlab = self.uart.read(LCR) & LCR_DLAB != 0;
+        let rx_pending = self.uart.fifo_capacity() < FIFO_SIZE;
+        if iir & IIR_NO_INT != 0 && !dlab && rx_pending && self.uart.read(IER) & IER_RDI != 0 {
+            IIR_FIFO_RDA
+        } else {
+            iir
+        }
+    }
+}
+
+/// vm_superio's receive FIFO size.
+const FIFO_SIZE: usize = 64;
+
 impl BusDevice for Serial {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
-        if offset < 8 {
-            data[0] = self.uart.read(offset as u8);
+        match offset {
+            o if o == IIR as u64 => data[0] = self.read_iir(),
+            o if o < 8 => data[0] = self.uart.read(offset as u8),
+            _ => {}
         }
     }
 
@@ -195,6 +228,33 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(rx.try_recv().is_err());
+    }
+
+    /// A guest that read part of the FIFO and then the IIR is told data is still there (the
+    /// console input hang: Linux returned from its interrupt handler on "no interrupt" with
+    /// bytes left, and no new interrupt ever came).
+    #[test]
+    fn the_iir_reports_received_data_while_the_fifo_holds_any() {
+        let (mut s, _w, _rx, _irq) = uart();
+        s.write(1, &[0x01]); // IER: received-data interrupt on
+        assert_eq!(s.enqueue(b"abc"), 3);
+        let mut b = [0u8];
+        s.read(2, &mut b);
+        assert_eq!(b[0] & 0x0f, 0x04, "IIR: received data");
+        s.read(0, &mut b);
+        assert_eq!(b[0], b'a');
+        s.read(2, &mut b);
+        assert_eq!(b[0] & 0x0f, 0x04, "IIR with two bytes left: {:#x}", b[0]);
+        s.read(0, &mut b);
+        s.read(0, &mut b);
+        assert_eq!(b[0], b'c');
+        s.read(2, &mut b);
+        assert_eq!(b[0] & 0x01, 0x01, "IIR once the FIFO is empty: {:#x}", b[0]);
+        // With the receive interrupt off, nothing is reported.
+        s.write(1, &[0x00]);
+        assert_eq!(s.enqueue(b"d"), 1);
+        s.read(2, &mut b);
+        assert_eq!(b[0] & 0x01, 0x01);
     }
 
     #[test]
