@@ -186,3 +186,43 @@ fn debian_guest_booted_and_rebooted_many_times_in_a_row_leaves_nothing_behind() 
     );
     assert_eq!(leftovers(), before, "files or namespaces left behind");
 }
+
+/// On a hardware-style KVM the guest gets every KVM paravirtual feature it can use and none of
+/// the PVM-host workarounds (src/host.rs): kvmclock, PV TLB flush, PV sched-yield, PV spinlocks
+/// (PV unhalt), PV IPIs, x2APIC, XSAVE; a command line without `noxsave`/`clearcpuid`.
+#[test]
+fn debian_guest_on_a_hardware_style_host_gets_the_kvm_pv_features_and_no_pvm_workarounds() {
+    const TEST: &str =
+        "debian_guest_on_a_hardware_style_host_gets_the_kvm_pv_features_and_no_pvm_workarounds";
+    if !needs(TEST, NEEDS) {
+        return;
+    }
+    let dir = TempDir::new("debian-pv");
+    let mut args = debian::args(2, "512M");
+    args.push("--verbose-boot".into());
+    let mut vm = Vm::boot_shell(None, &args, &dir.path("report.json"));
+    let cmdline = vm.value("r cmdline $(cat /proc/cmdline)", "cmdline");
+    for workaround in ["noxsave", "clearcpuid", "lapic=notscdeadline", "nofsgsbase"] {
+        assert!(!cmdline.contains(workaround), "{workaround} in {cmdline}");
+    }
+    let flags = vm.value("r flags $(grep -m1 '^flags' /proc/cpuinfo)", "flags");
+    for f in ["x2apic", "hypervisor", "xsave"] {
+        assert!(flags.split_whitespace().any(|x| x == f), "no {f}: {flags}");
+    }
+    vm.send("poweroff -f");
+    let r = vm.finish();
+    assert_eq!(r.status, Some(0), "{}", r.describe());
+    // The kernel's own boot messages (--verbose-boot keeps them on the console).
+    for line in [
+        "Hypervisor detected: KVM",
+        "clocksource: Switched to clocksource kvm-clock",
+        "kvm-guest: KVM setup pv remote TLB flush",
+        "kvm-guest: setup PV sched yield",
+        "kvm-guest: PV spinlocks enabled",
+        "kvm-guest: setup PV IPIs",
+        "x2apic enabled",
+    ] {
+        assert!(r.stdout.contains(line), "no {line:?}: {}", r.describe());
+    }
+    assert!(!r.stderr.contains("PVM"), "{}", r.describe());
+}
