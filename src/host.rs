@@ -127,10 +127,17 @@ pub struct GuestFailureHint<'a> {
 }
 
 impl HostInfo {
-    /// Looks at the host: sysfs, then `kvm`'s supported CPUID and MSR index list, then the PVM ID
-    /// MSRs on a throwaway VM and vCPU. Cheap, advisory, never fails: anything unreadable counts as
-    /// "not found".
+    /// Looks at the host once per process (later calls return the first answer: the host does
+    /// not change under a running VMM, and the probe creates a throwaway VM): sysfs, then `kvm`'s
+    /// supported CPUID and MSR index list, then, unless sysfs shows a hardware vendor module and
+    /// no PVM, the PVM ID MSRs on a throwaway VM and vCPU. Cheap, advisory, never fails: anything
+    /// unreadable counts as "not found".
     pub fn detect(kvm: &kvm_ioctls::Kvm) -> HostInfo {
+        static DETECTED: std::sync::OnceLock<HostInfo> = std::sync::OnceLock::new();
+        DETECTED.get_or_init(|| Self::probe(kvm)).clone()
+    }
+
+    fn probe(kvm: &kvm_ioctls::Kvm) -> HostInfo {
         let sys = Path::new("/sys/module");
         let kvm_module = ["kvm_pvm", "kvm_intel", "kvm_amd"]
             .into_iter()
@@ -154,7 +161,13 @@ impl HostInfo {
             .get_msr_index_list()
             .map(|l| l.as_slice().iter().any(|m| PVM_PUBLIC_MSRS.contains(m)))
             .unwrap_or(false);
-        let id = read_id_msrs(kvm);
+        // A hardware vendor module without PVM's: no PVM ID MSRs to look for.
+        let hardware_only = !module && matches!(kvm_module, Some("kvm_intel" | "kvm_amd"));
+        let id = if hardware_only {
+            [None; 4]
+        } else {
+            read_id_msrs(kvm)
+        };
         let id_msr = id[1] == Some(PVM_SIGNATURE);
 
         let evidence = if id_msr {

@@ -6,6 +6,7 @@
 //! - [`vcpu`]: the vCPU thread, its run loop and exit dispatch, completion of failed emulations;
 //! - [`devices`]: device models by tier (`legacy` = emulated platform devices) and the I/O buses;
 //! - [`stats`]: exit counters and the end-of-run summary;
+//! - [`startup`]: where the time before the first `KVM_RUN` goes;
 //! - [`host`]: what the host KVM is and what it cannot run;
 //! - [`kvm_stats`]: KVM's own per-vCPU exit counters (binary statistics);
 //! - [`vmm`]: builds a VM from a [`config::VmConfig`] and runs it to the end;
@@ -23,6 +24,7 @@ pub mod host;
 pub mod kit;
 pub mod kvm_stats;
 pub mod memory;
+pub mod startup;
 pub mod stats;
 pub mod terminal;
 pub mod vcpu;

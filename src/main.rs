@@ -7,6 +7,7 @@ use clap::Parser;
 use exitless::cli::{Cli, Command, KitCommand};
 
 fn main() -> ExitCode {
+    exitless::startup::mark_process_start();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp(None)
         .init();

@@ -319,6 +319,8 @@ pub struct RunReport {
     /// KVM's own per-vCPU counters summed over vCPUs (exits handled inside the kernel too), when
     /// the host exposes binary statistics.
     pub kvm: BTreeMap<String, u64>,
+    /// Where the time from the process start to the first `KVM_RUN` went.
+    pub startup: crate::startup::Startup,
 }
 
 /// How many of the hottest sampled RIPs the report keeps.
@@ -420,6 +422,7 @@ impl RunReport {
                 .map(|v| v.rip_samples.values().sum::<u64>())
                 .sum(),
             kvm: BTreeMap::new(),
+            startup: Default::default(),
         }
     }
 
@@ -456,6 +459,9 @@ impl RunReport {
                 0.0
             }
         );
+        if let Some(line) = self.startup.summary_line() {
+            let _ = writeln!(s, "{line}");
+        }
         if self.total_exits > 0 {
             let _ = writeln!(
                 s,

@@ -251,6 +251,8 @@ pub fn port_name(port: u16) -> Option<&'static str> {
 
 /// Builds and runs the VM; returns when it has ended and every vCPU thread has been joined.
 pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
+    let mut clock = crate::startup::StartupClock::new();
+    clock.mark("main");
     // The user's files first: their errors are the likeliest and need no KVM to report.
     if let KernelSource::File(p) = &cfg.kernel {
         std::fs::File::open(p).map_err(|err| boot::BootError::OpenKernel {
@@ -270,6 +272,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
     if let Some(b) = host.banner() {
         eprintln!("exitless: {b}");
     }
+    clock.mark("host_detect");
     let max_cpus = kvm.get_max_vcpus().min(254);
     if cfg.cpus == 0 || cfg.cpus as usize > max_cpus {
         return Err(VmmError::Config(format!(
@@ -293,6 +296,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
     })
     .map_err(kvm_err("creating the in-kernel PIT"))?;
     register_memory(&vm, &mem)?;
+    clock.mark("vm_and_memory");
 
     // Boot data.
     let rsdp = acpi::setup_acpi_tables(
@@ -302,6 +306,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
             pci_ecam: cfg.virtio.any().then(crate::devices::virtio::ecam_region),
         },
     )?;
+    clock.mark("acpi");
     let (kernel_path, kernel_bytes) = match &cfg.kernel {
         KernelSource::File(p) => (p.clone(), None),
         KernelSource::Embedded(name) => {
@@ -323,6 +328,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
             pci_ecam: cfg.virtio.any(),
             unpack_bzimage: cfg.unpack_bzimage,
         },
+        &mut clock,
     )?;
     log::info!(
         "kernel {:?} loaded, entry {:?}",
@@ -330,6 +336,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
         loaded.entry
     );
 
+    clock.mark("boot_data");
     // Devices.
     let (end_tx, end_rx) = mpsc::channel::<VmEnd>();
     let console_watch = Arc::new(Mutex::new(serial::ConsoleWatch::default()));
@@ -446,6 +453,8 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
         }
     }
 
+    clock.mark("devices");
+
     // vCPUs.
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -465,6 +474,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
         complete_failed_emulation: true,
         sample_rips: cfg.sample_rips,
         complete_stuck_hypercalls: host.is_pvm(),
+        first_run: clock.first_run.clone(),
     };
     let mut vcpus = Vec::new();
     // KVM's own counters of each vCPU (None where the host has no binary statistics); the
@@ -504,6 +514,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
         vcpus.push(vcpu);
     }
 
+    clock.mark("vcpus");
     let kvm_stats_fds = Arc::new(kvm_stats_fds);
     let quit = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
@@ -604,6 +615,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
     let mut report = RunReport::new(describe_end(&end), status, wall, &stats, counters.facts());
     // Read after every vCPU thread has been joined: the counters are final.
     report.kvm = crate::kvm_stats::sum(kvm_stats_fds.iter());
+    report.startup = clock.finish();
     drop(kvm_stats_fds);
     let console_tail = console_watch
         .lock()

@@ -28,6 +28,24 @@ fn demo_boots_and_prints_the_exit_summary() {
         Some(r.port_exits(0x3f8)),
         "every byte written to THR is one exit"
     );
+    // The start-up, phase by phase, up to the first KVM_RUN: the phases add up to the total.
+    let startup = &report["startup"];
+    let phases = startup["phases"].as_array().expect("startup phases");
+    let names: Vec<&str> = phases.iter().filter_map(|p| p["phase"].as_str()).collect();
+    for want in [
+        "main",
+        "host_detect",
+        "vm_and_memory",
+        "kernel_copy",
+        "vcpus",
+        "vcpu_threads",
+    ] {
+        assert!(names.contains(&want), "no {want} in {startup}");
+    }
+    let total = startup["total_ms"].as_f64().unwrap();
+    let sum: f64 = phases.iter().filter_map(|p| p["ms"].as_f64()).sum();
+    assert!(total > 0.0 && (sum - total).abs() < 0.05, "{startup}");
+    assert!(r.stderr.contains("exitless: start-up "), "{}", r.describe());
 }
 
 #[test]

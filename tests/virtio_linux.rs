@@ -84,7 +84,11 @@ fn ping_when_configured(
                         ])
                         .output()
                         .map_err(|e| format!("ping: {e}"))?;
-                    last = String::from_utf8_lossy(&out.stdout).into_owned();
+                    last = format!(
+                        "{}{}",
+                        String::from_utf8_lossy(&out.stdout),
+                        String::from_utf8_lossy(&out.stderr)
+                    );
                     if out.status.success() && last.contains(" 3 received") {
                         return Ok(last);
                     }

@@ -22,7 +22,7 @@ need cargo || die "cargo is missing: install Rust (https://rustup.rs) first"
 # --- packages ---------------------------------------------------------------------------------
 # QEMU (the peer in side-by-side checks, and the emulator of the SVM host: version 10, since
 # bookworm's 7.2 froze the emulated host after a few nested boots), busybox/cpio (initramfs
-# images), e2fsprogs, socat (the test guest's tools), iproute2, binutils (objcopy).
+# images), e2fsprogs, socat (the test guest's tools), iproute2 and ping, binutils (objcopy).
 qemu_major() { qemu-system-x86_64 --version 2>/dev/null | sed -n 's/.*version \([0-9]*\)\..*/\1/p'; }
 missing=()
 need busybox || [ -e /bin/busybox ] || missing+=(busybox-static)
@@ -30,6 +30,7 @@ need cpio || missing+=(cpio)
 need mkfs.ext4 || missing+=(e2fsprogs)
 need socat || missing+=(socat)
 need ip || missing+=(iproute2)
+need ping || missing+=(iputils-ping)
 need objcopy || missing+=(binutils)
 need xz || missing+=(xz-utils)
 old_qemu=0

@@ -63,6 +63,8 @@ pub struct VcpuShared {
     /// At every kick, complete a kernel-mode `vmcall`/`vmmcall` the vCPU is stuck on (PVM hosts,
     /// where KVM's emulator re-executes it forever; the VMM kicks periodically there).
     pub complete_stuck_hypercalls: bool,
+    /// Stamped once, by the first vCPU to enter the guest (the end of the start-up).
+    pub first_run: Arc<std::sync::OnceLock<std::time::Instant>>,
 }
 
 /// `-KVM_ENOSYS`, what KVM itself answers to a hypercall it does not know.
@@ -134,6 +136,7 @@ impl Vcpu {
     pub fn run(mut self) -> VcpuStats {
         let clock = TscClock::start();
         let mut left_guest: Option<u64> = None;
+        self.shared.first_run.get_or_init(std::time::Instant::now);
         while !self.shared.stop.load(Ordering::Acquire) {
             let Vcpu {
                 fd, shared, stats, ..

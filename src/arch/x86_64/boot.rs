@@ -141,8 +141,13 @@ impl KernelSource {
 trait ReadSeek: Read + Seek {}
 impl<T: Read + Seek> ReadSeek for T {}
 
-/// Loads kernel, initrd and command line, and writes the boot information the entry protocol wants.
-pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<LoadedKernel, BootError> {
+/// Loads kernel, initrd and command line, and writes the boot information the entry protocol wants;
+/// marks its phases on `clock` (reading and unpacking a bzImage, loading the kernel, the initrd).
+pub fn load(
+    mem: &GuestMemoryMmap,
+    spec: &BootSpec,
+    clock: &mut crate::startup::StartupClock,
+) -> Result<LoadedKernel, BootError> {
     let path_str = spec.kernel.display().to_string();
     let mut src =
         match spec.kernel_bytes {
@@ -174,8 +179,11 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<LoadedKernel, Boot
             r.seek(SeekFrom::Start(0))?;
             r.read_to_end(&mut image)
         });
+        clock.mark("kernel_read");
         if read.is_ok() {
-            if let Some(elf) = super::bzimage::unpack_payload(&image) {
+            let elf = super::bzimage::unpack_payload(&image);
+            clock.mark("kernel_unpack");
+            if let Some(elf) = elf {
                 log::info!(
                     "unpacked the bzImage payload ({} bytes of ELF) in the VMM",
                     elf.len()
@@ -205,6 +213,8 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<LoadedKernel, Boot
         }
     };
 
+    clock.mark("kernel_copy");
+
     // Command line.
     let mut cmdline =
         Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| BootError::Cmdline(e.to_string()))?;
@@ -222,6 +232,7 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<LoadedKernel, Boot
         Some(p) => Some(load_initrd(mem, p, result.kernel_end, initrd_limit)?),
         None => None,
     };
+    clock.mark("initrd");
     let e820 = e820_map(spec.low_ram, spec.high_ram, spec.pci_ecam);
 
     let entry = match (format, result.pvh_boot_cap) {
@@ -604,12 +615,12 @@ mod tests {
             pci_ecam: false,
             unpack_bzimage: true,
         };
-        let err = load(&mem(), &spec).unwrap_err();
+        let err = load(&mem(), &spec, &mut crate::startup::StartupClock::new()).unwrap_err();
         assert!(matches!(err, BootError::NotAKernel { .. }), "{err}");
         // A truncated ELF is also refused cleanly.
         std::fs::write(&p, b"\x7fELF\x02\x01\x01").unwrap();
         assert!(matches!(
-            load(&mem(), &spec).unwrap_err(),
+            load(&mem(), &spec, &mut crate::startup::StartupClock::new()).unwrap_err(),
             BootError::NotAKernel { .. }
         ));
         let missing = dir.join("missing");
@@ -618,7 +629,7 @@ mod tests {
             ..spec
         };
         assert!(matches!(
-            load(&mem(), &spec).unwrap_err(),
+            load(&mem(), &spec, &mut crate::startup::StartupClock::new()).unwrap_err(),
             BootError::OpenKernel { .. }
         ));
         std::fs::remove_dir_all(&dir).ok();
