@@ -760,6 +760,9 @@ pub fn describe(insn: &[u8]) -> String {
     format!("{hex} ({})", mnemonic_guess(bytes))
 }
 
+/// What [`describe`] calls a VEX-encoded instruction (in 64-bit mode `c4`/`c5` are always VEX).
+pub const VEX: &str = "VEX-encoded (AVX, BMI1/BMI2)";
+
 /// Best-effort mnemonic of a 64-bit-mode instruction.
 fn mnemonic_guess(insn: &[u8]) -> &'static str {
     let mut cur = Cursor {
@@ -783,6 +786,8 @@ fn mnemonic_guess(insn: &[u8]) -> &'static str {
         0xA4 | 0xA5 if p.rep => "rep movs",
         0xAA | 0xAB if p.rep => "rep stos",
         0xD8..=0xDF => "x87",
+        0xC4 | 0xC5 => VEX,
+        0x62 => "EVEX-encoded (AVX-512)",
         0xE4..=0xE7 | 0xEC..=0xEF => "in/out",
         0x0F => {
             let Some(op2) = cur.next() else {
@@ -1359,6 +1364,8 @@ mod tests {
         assert!(describe(&[0x48, 0x0F, 0xAE, 0x2F]).ends_with("(xrstor)"));
         assert!(describe(&[0xF0, 0x48, 0x0F, 0xC7, 0x0F]).ends_with("(cmpxchg16b)"));
         assert!(describe(&[0x0F, 0x05]).ends_with("(syscall)"));
+        // shrx eax, ebx, ecx: BMI2, as zstd's decoder uses where CPUID shows BMI2.
+        assert!(describe(&[0xC4, 0xE2, 0x73, 0xF7, 0xC3]).ends_with(&format!("({VEX})")));
         assert_eq!(describe(&[]), "<no bytes> (truncated)");
     }
 

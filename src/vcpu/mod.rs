@@ -306,10 +306,21 @@ impl Vcpu {
                 "vCPU {id}: KVM's instruction emulator failed (no instruction bytes reported)"
             )));
         };
+        let described = emulate::describe(&insn);
+        // VEX instructions come from a guest that saw AVX/BMI in CPUID, which a PVM host shows
+        // whatever the VMM sets (src/host.rs): say so, and what avoids them.
+        let vex_hint = if described.ends_with(&format!("({})", emulate::VEX)) {
+            "; KVM's emulator has no VEX-encoded (AVX/BMI) instructions, and this host shows its \
+             own AVX/BMI CPUID bits to the guest whatever exitless sets. A bzImage's own \
+             decompressor meets them (zstd's BMI2 paths) with --guest-decompress: let exitless \
+             unpack the kernel (the default, every format), or add clearcpuid=bmi1,bmi2,avx,avx2 \
+             to the kernel command line"
+        } else {
+            ""
+        };
         let fail = |why: &str| {
             VmEnd::Error(format!(
-                "vCPU {id}: KVM's instruction emulator failed on {} and exitless could not complete it{why}",
-                emulate::describe(&insn)
+                "vCPU {id}: KVM's instruction emulator failed on {described} and exitless could not complete it{why}{vex_hint}"
             ))
         };
         if !self.shared.complete_failed_emulation {
