@@ -47,6 +47,7 @@ while [ $# -gt 0 ]; do
     --console) console_keep="$2"; shift 2 ;;
     --no-build) build=0; shift ;;
     --quiet) quiet=1; shift ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     --) shift; break ;;
     -*) die "unknown option $1 (see the head of $0)" ;;
     *) break ;;

@@ -815,7 +815,7 @@ pub fn kvm_stats_of(ret: &Value) -> Result<KvmStats, String> {
 }
 
 /// Asks QEMU's QMP socket for its vCPUs' KVM statistics, then tells QEMU to quit.
-fn qmp_stats_and_quit(sock: &Path) -> Result<KvmStats, String> {
+pub(crate) fn qmp_stats_and_quit(sock: &Path) -> Result<KvmStats, String> {
     use std::io::{BufRead, BufReader, Write};
     let stream = std::os::unix::net::UnixStream::connect(sock)
         .map_err(|e| format!("cannot connect to QMP at {}: {e}", sock.display()))?;

@@ -5,9 +5,12 @@
 //! peer VMM's, runs as a child process that is killed when its time is up, so a misbehaving
 //! benchmark guest can never hang the benchmark). The benchmarks themselves:
 //! - [`exits`]: what one VM exit costs, by kind, side by side with QEMU (`bench exits`).
+//! - [`boot`]: a real Linux guest's time to userspace, exits during boot and the VMM's memory
+//!   overhead, side by side with QEMU microvm and q35 (`bench boot`).
 //! - [`io`]: virtio block (and later network) throughput and exits per request, side by side
 //!   with QEMU (`bench io`).
 
+pub mod boot;
 pub mod exits;
 pub mod io;
 
@@ -28,6 +31,11 @@ pub enum BenchCommand {
     /// transmit throughput (to a tap in a network namespace) in the kit's `bench-io` guest, with
     /// the exits per request they cost.
     Io(IoArgs),
+    /// A real Linux guest (the Debian cloud kernel and tools/debian-guest.sh's initramfs by
+    /// default) from process start to its first userspace line: time, KVM exits by reason and the
+    /// VMM's private memory outside guest RAM, side by side with QEMU microvm and q35 (`--vs
+    /// qemu`). Needs hardware-style KVM (e.g. tools/svm-host.sh on a host without it).
+    Boot(boot::BootArgs),
 }
 
 /// Arguments of `exitless bench io`.
@@ -93,6 +101,7 @@ pub fn main(cmd: BenchCommand) -> ExitCode {
     let r = match cmd {
         BenchCommand::Exits(args) => exits::run(&args),
         BenchCommand::Io(args) => io::run(&args),
+        BenchCommand::Boot(args) => boot::run(&args),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
