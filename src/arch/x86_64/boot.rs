@@ -3,7 +3,8 @@
 //! Owns: kernel format detection (bzImage, ELF `vmlinux` with or without a PVH note), the initrd and
 //! command line placement, the E820 map, Linux `boot_params`, PVH `hvm_start_info`, the boot page
 //! tables and GDT, and the boot register state of the first vCPU. Kernel parsing itself is
-//! `linux-loader`'s; this module only decides where things go.
+//! `linux-loader`'s, but for a bzImage whose payload the VMM unpacks straight into guest memory
+//! (`bzimage`, `elf_stream`); this module only decides where things go.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -16,9 +17,11 @@ use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
 };
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
-use linux_loader::loader::{load_cmdline, Cmdline, KernelLoader};
+use linux_loader::loader::{load_cmdline, Cmdline, KernelLoader, KernelLoaderResult};
 use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use super::bzimage::Payload;
+use super::elf_stream::{ElfKernel, ElfSink};
 use super::layout::*;
 
 pub const E820_RAM: u32 = 1;
@@ -142,23 +145,16 @@ trait ReadSeek: Read + Seek {}
 impl<T: Read + Seek> ReadSeek for T {}
 
 /// Loads kernel, initrd and command line, and writes the boot information the entry protocol wants;
-/// marks its phases on `clock` (reading and unpacking a bzImage, loading the kernel, the initrd).
+/// marks its phases on `clock`: for a bzImage the VMM unpacks, reading it (`kernel_read`) and
+/// unpacking it straight into guest memory (`kernel_unpack`, which leaves nothing to
+/// `kernel_copy`); otherwise copying the kernel in (`kernel_copy`); then the initrd.
 pub fn load(
     mem: &GuestMemoryMmap,
     spec: &BootSpec,
     clock: &mut crate::startup::StartupClock,
 ) -> Result<LoadedKernel, BootError> {
     let path_str = spec.kernel.display().to_string();
-    let mut src =
-        match spec.kernel_bytes {
-            Some(b) => KernelSource::Bytes(std::io::Cursor::new(b.to_vec())),
-            None => KernelSource::File(File::open(spec.kernel).map_err(|err| {
-                BootError::OpenKernel {
-                    path: path_str.clone(),
-                    err,
-                }
-            })?),
-        };
+    let mut src = open_kernel(spec)?;
     let mut header = [0u8; 0x210];
     let n = src.with(|r| {
         r.seek(SeekFrom::Start(0))?;
@@ -168,51 +164,19 @@ pub fn load(
         path: path_str.clone(),
         err,
     })?;
-    let mut format = detect_format(&header[..n]).ok_or_else(|| BootError::NotAKernel {
+    let format = detect_format(&header[..n]).ok_or_else(|| BootError::NotAKernel {
         path: path_str.clone(),
         err: "no ELF magic and no bzImage \"HdrS\" header".into(),
     })?;
-    let mut unpacked = false;
-    if format == KernelFormat::BzImage && spec.unpack_bzimage {
-        let mut image = Vec::new();
-        let read = src.with(|r| {
-            r.seek(SeekFrom::Start(0))?;
-            r.read_to_end(&mut image)
-        });
-        clock.mark("kernel_read");
-        if read.is_ok() {
-            let elf = super::bzimage::unpack_payload(&image);
-            clock.mark("kernel_unpack");
-            if let Some(elf) = elf {
-                log::info!(
-                    "unpacked the bzImage payload ({} bytes of ELF) in the VMM",
-                    elf.len()
-                );
-                src = KernelSource::Bytes(std::io::Cursor::new(elf));
-                format = KernelFormat::Elf;
-                unpacked = true;
-            }
-        }
-    }
-    let not_a_kernel = |e: linux_loader::loader::Error| BootError::NotAKernel {
-        path: path_str.clone(),
-        err: e.to_string(),
+    let streamed = match format {
+        KernelFormat::BzImage if spec.unpack_bzimage => unpack_into_guest(mem, &mut src, clock),
+        _ => None,
     };
-    let result = match (&mut src, format) {
-        (KernelSource::File(f), KernelFormat::Elf) => {
-            Elf::load(mem, None, f, Some(GuestAddress(HIMEM_START))).map_err(not_a_kernel)?
-        }
-        (KernelSource::Bytes(c), KernelFormat::Elf) => {
-            Elf::load(mem, None, c, Some(GuestAddress(HIMEM_START))).map_err(not_a_kernel)?
-        }
-        (KernelSource::File(f), KernelFormat::BzImage) => {
-            BzImage::load(mem, None, f, Some(GuestAddress(HIMEM_START))).map_err(not_a_kernel)?
-        }
-        (KernelSource::Bytes(c), KernelFormat::BzImage) => {
-            BzImage::load(mem, None, c, Some(GuestAddress(HIMEM_START))).map_err(not_a_kernel)?
-        }
+    let unpacked = streamed.is_some();
+    let (format, result) = match streamed {
+        Some(result) => (KernelFormat::Elf, result),
+        None => (format, copy_in(mem, &mut src, format, &path_str)?),
     };
-
     clock.mark("kernel_copy");
 
     // Command line.
@@ -263,6 +227,96 @@ pub fn load(
         entry,
         kernel_end: result.kernel_end,
     })
+}
+
+fn open_kernel(spec: &BootSpec) -> Result<KernelSource, BootError> {
+    match spec.kernel_bytes {
+        Some(b) => Ok(KernelSource::Bytes(std::io::Cursor::new(b.to_vec()))),
+        None => File::open(spec.kernel)
+            .map(KernelSource::File)
+            .map_err(|err| BootError::OpenKernel {
+                path: spec.kernel.display().to_string(),
+                err,
+            }),
+    }
+}
+
+/// Reads a bzImage and unpacks its payload straight into guest memory (`bzimage`, `elf_stream`):
+/// what linux-loader would have said of the ELF inside, or `None`, guest RAM as it was, when the
+/// payload cannot be unpacked or is not a kernel ELF the sink takes.
+fn unpack_into_guest(
+    mem: &GuestMemoryMmap,
+    src: &mut KernelSource,
+    clock: &mut crate::startup::StartupClock,
+) -> Option<KernelLoaderResult> {
+    let mut image = Vec::new();
+    let read = src.with(|r| {
+        r.seek(SeekFrom::Start(0))?;
+        r.read_to_end(&mut image)
+    });
+    clock.mark("kernel_read");
+    let kernel = read.ok().and_then(|_| stream_payload(mem, &image));
+    drop(image);
+    clock.mark("kernel_unpack");
+    let kernel = kernel?;
+    let pvh_boot_cap = match kernel.pvh_entry {
+        Some(entry) => PvhBootCapability::PvhEntryPresent(GuestAddress(entry)),
+        None => PvhBootCapability::PvhEntryNotPresent,
+    };
+    Some(KernelLoaderResult {
+        kernel_load: GuestAddress(kernel.entry),
+        kernel_end: kernel.kernel_end,
+        setup_header: None,
+        pvh_boot_cap,
+    })
+}
+
+/// Streams the payload of `image` through an `ElfSink`; on a refusal wipes what it wrote.
+fn stream_payload(mem: &GuestMemoryMmap, image: &[u8]) -> Option<ElfKernel> {
+    let payload = Payload::of(image)?;
+    let mut sink = ElfSink::new(mem, payload.size() as u64);
+    let result = match payload.unpack_into(&mut sink) {
+        Some(()) => sink.finish().map_err(|e| e.to_string()),
+        None => Err(sink.error().map_or_else(
+            || "the payload is corrupt or truncated".to_string(),
+            ToString::to_string,
+        )),
+    };
+    match result {
+        Ok(kernel) => {
+            log::info!(
+                "unpacked the bzImage payload ({} bytes of ELF) into guest memory",
+                payload.size()
+            );
+            Some(kernel)
+        }
+        Err(why) => {
+            log::info!("booting the bzImage through its own decompressor: {why}");
+            sink.wipe();
+            None
+        }
+    }
+}
+
+/// Copies a kernel file into guest memory with linux-loader.
+fn copy_in(
+    mem: &GuestMemoryMmap,
+    src: &mut KernelSource,
+    format: KernelFormat,
+    path: &str,
+) -> Result<KernelLoaderResult, BootError> {
+    let not_a_kernel = |e: linux_loader::loader::Error| BootError::NotAKernel {
+        path: path.to_string(),
+        err: e.to_string(),
+    };
+    let himem = Some(GuestAddress(HIMEM_START));
+    match (src, format) {
+        (KernelSource::File(f), KernelFormat::Elf) => Elf::load(mem, None, f, himem),
+        (KernelSource::Bytes(c), KernelFormat::Elf) => Elf::load(mem, None, c, himem),
+        (KernelSource::File(f), KernelFormat::BzImage) => BzImage::load(mem, None, f, himem),
+        (KernelSource::Bytes(c), KernelFormat::BzImage) => BzImage::load(mem, None, c, himem),
+    }
+    .map_err(not_a_kernel)
 }
 
 fn read_up_to(r: &mut dyn ReadSeek, buf: &mut [u8]) -> std::io::Result<usize> {

@@ -7,14 +7,18 @@
 //! natively in a fraction of a second and boots the ELF directly (PVH when it has the note), so the
 //! guest never runs its decompressor.
 //!
+//! The decoders write into an [`Output`], not a buffer of their own: the boot code's is
+//! `elf_stream::ElfSink`, which puts the kernel's segments straight into guest memory as they
+//! unpack (no 53 MB buffer to fault in and copy again); [`VecOutput`] collects the whole file.
+//!
 //! Formats: the seven the kernel can compress itself with (`CONFIG_KERNEL_*`), told apart by the
 //! magic numbers its own decompressors accept (lib/decompress.c):
 //! - gzip (`flate2`); bzip2 (`bzip2`, over the pure-Rust `libbz2-rs-sys`); lzma, the legacy
 //!   `.lzma` format of `lzma -9`, its header's uncompressed size unknown (all ones, and the stream
 //!   ends with a marker: what the kernel build makes) or given (`xz2`, liblzma's "alone" decoder);
 //!   xz with the x86 BCJ filter the kernel uses (`xz2`); zstd (`zstd`, decoded in a single pass
-//!   straight into the output buffer, as the kernel's own decompressor does, so no window buffer is
-//!   allocated whatever a frame header asks for).
+//!   into one window as large as the whole output, as the kernel's own decompressor does, so no
+//!   window buffer is allocated whatever a frame header asks for; `ElfSink` copies out of it).
 //! - LZO and LZ4 come in containers that no well-kept crate parses, so their framing is done here,
 //!   over crates' block decoders. LZO is the `lzop` file format (`lzop -9`; read as linux
 //!   lib/decompress_unlzo.c does): a header, then blocks of (u32 BE unpacked size ≤ 256 KiB, u32 BE
@@ -26,12 +30,13 @@
 //!
 //! The kernel build appends the unpacked size as a u32 LE to every payload (`size_append`; gzip's
 //! own trailer ends with the same field), and the kernel's boot code relies on it (`z_output_len`).
-//! Here it sizes the one output buffer, every decoder but gzip's sees only the bytes before it,
-//! and the unpacked length must equal it. Whatever a payload claims, at most `MAX_UNPACKED` bytes
-//! are allocated for its output and no decoder may write past them: a size over that, a corrupt or
-//! truncated stream, or one that yields more or fewer bytes than its size returns `None`, and the
-//! bzImage then boots the usual way. Neither the legacy LZ4 frame nor `.lzma` has a checksum:
-//! corruption that leaves their streams well formed goes unnoticed, as it would by the kernel.
+//! Here it is the output's size: every decoder but gzip's sees only the bytes before it, no decoder
+//! is given room past it (an `Output` refuses a window past the size it was told), and the
+//! unpacked length must equal it. A size over `MAX_UNPACKED` (a guard against decompression bombs;
+//! what an output allocates or writes is bounded by the size), a corrupt or truncated stream, or
+//! one that yields more or fewer bytes than its size is refused, and the bzImage then boots the
+//! usual way. Neither the legacy LZ4 frame nor `.lzma` has a checksum: corruption that leaves
+//! their streams well formed goes unnoticed, as it would by the kernel.
 
 use std::io::Read;
 
@@ -41,6 +46,60 @@ const MAX_UNPACKED: usize = 512 << 20;
 /// Most memory liblzma may take for an xz or lzma stream, its dictionary above all (the kernel
 /// uses 32 MiB for xz, 64 MiB with `lzma -9`): a header asking for more is refused, not allocated.
 const MAX_LZMA_MEMORY: u64 = 256 << 20;
+
+/// Where a decoder puts the bytes it unpacks, in order. The decoder asks for a window, decodes
+/// into it, then commits how many of the window's first bytes are output; the next window
+/// continues there. An output is told its size up front and refuses a window past it, so a
+/// decoder never gets room for more than the payload's size. `None` is a refusal: the decoder
+/// gives up.
+pub trait Output {
+    /// Room for the next bytes of output, `min..=max` bytes long (`1 <= min <= max`, `max` within
+    /// the output's size); a decoder may write anywhere in it.
+    fn window(&mut self, min: usize, max: usize) -> Option<&mut [u8]>;
+    /// The first `n` bytes of the last window are the next bytes of output.
+    fn commit(&mut self, n: usize) -> Option<()>;
+}
+
+/// The output in one buffer of the size it is told.
+pub struct VecOutput {
+    buf: Vec<u8>,
+    len: usize,
+    /// The last window's length, until it is committed.
+    window: Option<usize>,
+}
+
+impl VecOutput {
+    pub fn new(size: usize) -> Self {
+        VecOutput {
+            buf: vec![0; size],
+            len: 0,
+            window: None,
+        }
+    }
+
+    /// The bytes committed so far.
+    pub fn into_vec(mut self) -> Vec<u8> {
+        self.buf.truncate(self.len);
+        self.buf
+    }
+}
+
+impl Output for VecOutput {
+    fn window(&mut self, min: usize, max: usize) -> Option<&mut [u8]> {
+        let room = self.buf.len() - self.len;
+        if min == 0 || min > max || max > room {
+            return None;
+        }
+        self.window = Some(max);
+        Some(&mut self.buf[self.len..self.len + max])
+    }
+
+    fn commit(&mut self, n: usize) -> Option<()> {
+        self.window.take().filter(|&len| n <= len)?;
+        self.len += n;
+        Some(())
+    }
+}
 
 /// A payload's compression format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,103 +132,143 @@ impl Format {
     }
 }
 
-/// Returns the uncompressed kernel ELF inside `image`, when it can.
-pub fn unpack_payload(image: &[u8]) -> Option<Vec<u8>> {
-    if image.len() < 0x270 || &image[0x202..0x206] != b"HdrS" {
-        return None;
-    }
-    let version = u16::from_le_bytes([image[0x206], image[0x207]]);
-    if version < 0x208 {
-        return None;
-    }
-    let setup_sects = match image[0x1f1] {
-        0 => 4,
-        n => n as usize,
-    };
-    let offset = u32::from_le_bytes(image[0x248..0x24c].try_into().ok()?) as usize;
-    let length = u32::from_le_bytes(image[0x24c..0x250].try_into().ok()?) as usize;
-    let start = (setup_sects + 1) * 512 + offset;
-    let payload = image.get(start..start.checked_add(length)?)?;
-    let elf = decompress(payload)?;
-    (elf.len() > 4 && &elf[..4] == b"\x7fELF").then_some(elf)
+/// A bzImage's compressed kernel: its format, its bytes and the size it unpacks to.
+pub struct Payload<'a> {
+    format: Format,
+    /// The whole payload, the appended size included.
+    bytes: &'a [u8],
+    size: usize,
 }
 
-/// Unpacks a payload: exactly as many bytes as its trailing size says, or `None`.
-fn decompress(payload: &[u8]) -> Option<Vec<u8>> {
-    let format = Format::of(payload)?;
-    let (body, size) = payload.split_last_chunk::<4>()?;
-    let size = u32::from_le_bytes(*size) as usize;
-    if size > MAX_UNPACKED {
-        return None;
+impl<'a> Payload<'a> {
+    /// The payload of `image`, when it is a bzImage whose payload exitless can unpack (its size at
+    /// most `MAX_UNPACKED`).
+    pub fn of(image: &'a [u8]) -> Option<Self> {
+        if image.len() < 0x270 || &image[0x202..0x206] != b"HdrS" {
+            return None;
+        }
+        let version = u16::from_le_bytes([image[0x206], image[0x207]]);
+        if version < 0x208 {
+            return None;
+        }
+        let setup_sects = match image[0x1f1] {
+            0 => 4,
+            n => n as usize,
+        };
+        let offset = u32::from_le_bytes(image[0x248..0x24c].try_into().ok()?) as usize;
+        let length = u32::from_le_bytes(image[0x24c..0x250].try_into().ok()?) as usize;
+        let start = (setup_sects + 1) * 512 + offset;
+        Self::from_bytes(image.get(start..start.checked_add(length)?)?)
     }
-    let out = match format {
-        // The gzip trailer (CRC-32, size) is the stream's own: the decoder reads it.
-        Format::Gzip => read_exact_size(flate2::bufread::GzDecoder::new(payload), size),
-        Format::Bzip2 => read_exact_size(bzip2::bufread::BzDecoder::new(body), size),
-        Format::Lzma => liblzma(
-            xz2::stream::Stream::new_lzma_decoder(MAX_LZMA_MEMORY).ok()?,
-            body,
+
+    /// A payload on its own (the appended size last).
+    fn from_bytes(bytes: &'a [u8]) -> Option<Self> {
+        let format = Format::of(bytes)?;
+        let (_, size) = bytes.split_last_chunk::<4>()?;
+        let size = u32::from_le_bytes(*size) as usize;
+        (size <= MAX_UNPACKED).then_some(Payload {
+            format,
+            bytes,
             size,
-        ),
-        Format::Xz => liblzma(
-            xz2::stream::Stream::new_stream_decoder(MAX_LZMA_MEMORY, 0).ok()?,
-            body,
-            size,
-        ),
-        Format::Lzo => lzop(body, size),
-        Format::Lz4 => lz4_legacy(body, size),
-        Format::Zstd => zstd_single_pass(body, size),
-    }?;
-    (out.len() == size).then_some(out)
+        })
+    }
+
+    /// How many bytes it unpacks to (what the kernel build appended).
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Unpacks it into `out`: `Some` when exactly `size` bytes came out and the stream ended
+    /// there, as well formed as its format lets this tell.
+    pub fn unpack_into(&self, out: &mut dyn Output) -> Option<()> {
+        let (size, body) = (self.size, &self.bytes[..self.bytes.len() - 4]);
+        match self.format {
+            // The gzip trailer (CRC-32, size) is the stream's own: the decoder reads it.
+            Format::Gzip => read_exact_size(flate2::bufread::GzDecoder::new(self.bytes), size, out),
+            Format::Bzip2 => read_exact_size(bzip2::bufread::BzDecoder::new(body), size, out),
+            Format::Lzma => liblzma(
+                xz2::stream::Stream::new_lzma_decoder(MAX_LZMA_MEMORY).ok()?,
+                body,
+                size,
+                out,
+            ),
+            Format::Xz => liblzma(
+                xz2::stream::Stream::new_stream_decoder(MAX_LZMA_MEMORY, 0).ok()?,
+                body,
+                size,
+                out,
+            ),
+            Format::Lzo => lzop(body, size, out),
+            Format::Lz4 => lz4_legacy(body, size, out),
+            Format::Zstd => zstd_single_pass(body, size, out),
+        }
+    }
 }
 
-/// Reads exactly `size` bytes from `decoder`, whose stream must end there.
-fn read_exact_size(mut decoder: impl Read, size: usize) -> Option<Vec<u8>> {
-    let mut out = vec![0u8; size];
-    decoder.read_exact(&mut out).ok()?;
+/// Reads exactly `size` bytes from `decoder` into `out`; the stream must end there.
+fn read_exact_size(mut decoder: impl Read, size: usize, out: &mut dyn Output) -> Option<()> {
+    let mut done = 0;
+    while done < size {
+        let n = decoder.read(out.window(1, size - done)?).ok()?;
+        if n == 0 {
+            return None; // the stream ended short
+        }
+        out.commit(n)?;
+        done += n;
+    }
     // One more read finishes the stream (and checks its trailer): it must yield nothing.
-    (decoder.read(&mut [0u8; 1]).ok()? == 0).then_some(out)
+    (decoder.read(&mut [0u8; 1]).ok()? == 0).then_some(())
 }
 
-/// Runs a liblzma decoder over `input` into a buffer one byte longer than `size` (so that a stream
-/// that runs longer shows), to its end.
-fn liblzma(mut stream: xz2::stream::Stream, input: &[u8], size: usize) -> Option<Vec<u8>> {
-    let mut out = vec![0u8; size + 1];
+/// Runs a liblzma decoder over `input` into `out`, to the stream's end, which must come after
+/// exactly `size` bytes: past them it decodes into a spare byte, which must stay unused.
+fn liblzma(
+    mut stream: xz2::stream::Stream,
+    input: &[u8],
+    size: usize,
+    out: &mut dyn Output,
+) -> Option<()> {
+    let mut spare = [0u8; 1];
     loop {
         let (read, written) = (stream.total_in() as usize, stream.total_out() as usize);
+        let left = size - written;
+        let buf = match left {
+            0 => &mut spare[..],
+            _ => out.window(1, left)?,
+        };
         let status = stream
-            .process(
-                &input[read..],
-                &mut out[written..],
-                xz2::stream::Action::Finish,
-            )
+            .process(&input[read..], buf, xz2::stream::Action::Finish)
             .ok()?;
-        if status == xz2::stream::Status::StreamEnd {
-            break;
+        let n = stream.total_out() as usize - written;
+        match left {
+            0 if n > 0 => return None, // more output than `size`
+            0 => {}
+            _ => out.commit(n)?,
         }
-        if stream.total_in() as usize == read && stream.total_out() as usize == written {
-            return None; // no progress: truncated input, or more output than `size`
+        if status == xz2::stream::Status::StreamEnd {
+            return (written + n == size).then_some(());
+        }
+        if n == 0 && stream.total_in() as usize == read {
+            return None; // no progress: truncated input
         }
     }
-    out.truncate(stream.total_out() as usize);
-    Some(out)
 }
 
-/// zstd frames decoded in one pass into a buffer one byte longer than `size`.
-fn zstd_single_pass(input: &[u8], size: usize) -> Option<Vec<u8>> {
-    let mut out = vec![0u8; size + 1];
-    let n = zstd::bulk::decompress_to_buffer(input, &mut out).ok()?;
-    out.truncate(n);
-    Some(out)
+/// zstd frames decoded in one pass into one window of `size` bytes (a stream that runs longer
+/// fails for want of room).
+fn zstd_single_pass(input: &[u8], size: usize, out: &mut dyn Output) -> Option<()> {
+    let n = zstd::bulk::decompress_to_buffer(input, out.window(size, size)?).ok()?;
+    (n == size).then_some(())?;
+    out.commit(n)
 }
 
 const LZ4_LEGACY_MAGIC: u32 = 0x184c_2102;
 
 /// The legacy LZ4 frame: the magic, then blocks of (u32 LE packed size, block), each at most 8 MiB
-/// unpacked; a repeated magic starts another frame.
-fn lz4_legacy(body: &[u8], size: usize) -> Option<Vec<u8>> {
+/// unpacked; a repeated magic starts another frame. Each block is decoded into a window of its
+/// largest possible size (8 MiB, or what is left of `size`).
+fn lz4_legacy(body: &[u8], size: usize, out: &mut dyn Output) -> Option<()> {
     const BLOCK: usize = 8 << 20;
-    let mut out = vec![0u8; size];
     let mut done = 0;
     let mut rest = body;
     while !rest.is_empty() {
@@ -180,18 +279,22 @@ fn lz4_legacy(body: &[u8], size: usize) -> Option<Vec<u8>> {
             continue;
         }
         let block = tail.get(..n as usize)?;
-        let room = out.len().min(done + BLOCK);
-        done += lz4_flex::block::decompress_into(block, &mut out[done..room]).ok()?;
+        let room = (size - done).min(BLOCK);
+        if room == 0 {
+            return None; // a block past the size
+        }
+        let got = lz4_flex::block::decompress_into(block, out.window(room, room)?).ok()?;
+        out.commit(got)?;
+        done += got;
         rest = &tail[n as usize..];
     }
-    out.truncate(done);
-    Some(out)
+    (done == size).then_some(())
 }
 
 const LZOP_MAGIC: &[u8] = &[0x89, b'L', b'Z', b'O', 0x00, 0x0d, 0x0a, 0x1a, 0x0a];
 
 /// The `lzop` file format over LZO1X blocks (see the module doc).
-fn lzop(body: &[u8], size: usize) -> Option<Vec<u8>> {
+fn lzop(body: &[u8], size: usize, out: &mut dyn Output) -> Option<()> {
     // Header flags (lzop's conf.h).
     const ADLER32_D: u32 = 0x1;
     const ADLER32_C: u32 = 0x2;
@@ -225,7 +328,6 @@ fn lzop(body: &[u8], size: usize) -> Option<Vec<u8>> {
     let name = r.u8()? as usize;
     r.take(name + 4)?; // file name, header checksum
 
-    let mut out = vec![0u8; size];
     let mut done = 0;
     loop {
         let unpacked = r.u32()? as usize;
@@ -233,7 +335,7 @@ fn lzop(body: &[u8], size: usize) -> Option<Vec<u8>> {
             break;
         }
         let packed = r.u32()? as usize;
-        if unpacked > BLOCK || packed == 0 || packed > unpacked {
+        if unpacked > BLOCK || unpacked > size - done || packed == 0 || packed > unpacked {
             return None;
         }
         let adler = if flags & ADLER32_D != 0 {
@@ -251,7 +353,7 @@ fn lzop(body: &[u8], size: usize) -> Option<Vec<u8>> {
             r.take(4 * (flags & ADLER32_C != 0) as usize + 4 * (flags & CRC32_C != 0) as usize)?;
         }
         let data = r.take(packed)?;
-        let block = out.get_mut(done..done + unpacked)?;
+        let block = out.window(unpacked, unpacked)?;
         if packed == unpacked {
             block.copy_from_slice(data); // stored: it did not shrink
         } else if lzo::decompress_into(data, block).ok()? != unpacked {
@@ -267,10 +369,10 @@ fn lzop(body: &[u8], size: usize) -> Option<Vec<u8>> {
         }) {
             return None;
         }
+        out.commit(unpacked)?;
         done += unpacked;
     }
-    out.truncate(done);
-    Some(out)
+    (done == size).then_some(())
 }
 
 /// Big-endian fields read off the front of a byte slice.
@@ -317,10 +419,29 @@ fn adler32(data: &[u8]) -> u32 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::elf_stream::testing::*;
+    use super::super::elf_stream::{ElfKernel, ElfSink};
     use super::*;
     use std::alloc::{GlobalAlloc, Layout, System};
     use std::cell::Cell;
     use std::io::Write;
+    use vm_memory::GuestMemoryMmap;
+
+    /// The kernel ELF file inside `image`, unpacked into a `VecOutput`.
+    fn unpack_payload(image: &[u8]) -> Option<Vec<u8>> {
+        let payload = Payload::of(image)?;
+        let mut out = VecOutput::new(payload.size());
+        payload.unpack_into(&mut out)?;
+        Some(out.into_vec())
+    }
+
+    /// A payload on its own unpacked into a `VecOutput`.
+    fn decompress(payload: &[u8]) -> Option<Vec<u8>> {
+        let payload = Payload::from_bytes(payload)?;
+        let mut out = VecOutput::new(payload.size());
+        payload.unpack_into(&mut out)?;
+        Some(out.into_vec())
+    }
 
     /// A fake bzImage: setup header fields that matter plus `payload`.
     fn fake_bzimage(payload: &[u8]) -> Vec<u8> {
@@ -784,19 +905,72 @@ mod tests {
     fn refuses_what_it_cannot_unpack() {
         assert!(unpack_payload(b"short").is_none());
         assert!(unpack_payload(&fake_bzimage(b"BZh91AY&SY garbage")).is_none());
-        // Unknown magic, and streams that are not ELF.
+        // Unknown magic.
         let elf = fake_elf();
         assert!(unpack_payload(&fake_bzimage(&with_size(elf.clone(), elf.len()))).is_none());
-        for (format, pack) in PACKERS {
-            assert!(
-                unpack_payload(&fake_bzimage(&pack(b"not an elf"))).is_none(),
-                "{format:?}"
-            );
-        }
         // A payload length pointing past the end of the file.
         let mut img = fake_bzimage(&gzip(&elf));
         img[0x24c..0x250].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(unpack_payload(&img).is_none());
+    }
+
+    /// Unpacks the payload of `image` into a fresh guest memory through an `ElfSink`, as
+    /// `boot::load` does: the kernel, or why not (guest memory then wiped).
+    fn stream(image: &[u8]) -> (GuestMemoryMmap, Result<ElfKernel, String>) {
+        let mem = guest_mem(GUEST_MEM);
+        let Some(payload) = Payload::of(image) else {
+            return (mem, Err("no payload".into()));
+        };
+        let mut sink = ElfSink::new(&mem, payload.size() as u64);
+        let result = match payload.unpack_into(&mut sink) {
+            Some(()) => sink.finish().map_err(|e| e.to_string()),
+            None => Err(sink.error().map_or("decoder".into(), ToString::to_string)),
+        };
+        if result.is_err() {
+            sink.wipe();
+        }
+        (mem, result)
+    }
+
+    const GUEST_MEM: usize = 64 << 20;
+
+    /// A small kernel-like ELF: text (the notes inside, the PVH one among them), then data with
+    /// some bss, at file offsets that are not block multiples; `fake_elf`'s bytes as contents.
+    fn kernel_elf() -> Vec<u8> {
+        let notes = kernel_notes(Some(0x100_0850));
+        let mut segs = vec![
+            Seg::load(0x1000, 0x100_0000, 0x6_0000, 0),
+            Seg::load(0x6_5123, 0x120_0123, 0x3_1234, 0x1_0000),
+            Seg::note(0x1100, notes.clone()),
+        ];
+        let bytes = fake_elf();
+        segs[0].data.copy_from_slice(&bytes[..0x6_0000]);
+        segs[1].data.copy_from_slice(&bytes[0x6_0000..0x9_1234]);
+        segs[0].data[0x100..0x100 + notes.len()].copy_from_slice(&notes);
+        build_elf(0x100_0000, &segs)
+    }
+
+    #[test]
+    fn streams_every_format_into_guest_memory_as_linux_loader_loads_the_elf() {
+        let elf = kernel_elf();
+        let (want_mem, want) = linux_loader(&elf, GUEST_MEM);
+        assert_eq!(want.pvh_entry, Some(0x100_0850));
+        for (format, pack) in PACKERS {
+            let payload = pack(&elf);
+            let (mem, got) = stream(&fake_bzimage(&payload));
+            assert_eq!(got, Ok(want), "{format:?}");
+            let diff = first_difference(&mem, &want_mem, GUEST_MEM);
+            assert_eq!(diff, None, "{format:?}");
+            // Cut midway (past the first segment's start): refused, guest memory left as it was.
+            let (body, size) = payload.split_at(payload.len() - 4);
+            let cut = [&body[..body.len() * 3 / 4], size].concat();
+            let (mem, got) = stream(&fake_bzimage(&cut));
+            assert!(got.is_err(), "{format:?}");
+            assert!(all_zero(&mem, GUEST_MEM), "{format:?}: written");
+            // Not an ELF.
+            let (mem, got) = stream(&fake_bzimage(&pack(b"not an elf")));
+            assert!(got.is_err() && all_zero(&mem, GUEST_MEM), "{format:?}");
+        }
     }
 
     /// Real kernels: the shared test kernel and the Debian guest's (tools/test.sh builds it; a
@@ -814,6 +988,11 @@ mod tests {
             };
             let elf = unpack_payload(&img).unwrap_or_else(|| panic!("{path} did not unpack"));
             assert!(elf.len() > img.len(), "{path}");
+            // Streamed into guest memory, as linux-loader loads the unpacked ELF.
+            let (want_mem, want) = linux_loader(&elf, GUEST_MEM);
+            let (mem, got) = stream(&img);
+            assert_eq!(got, Ok(want), "{path}");
+            assert_eq!(first_difference(&mem, &want_mem, GUEST_MEM), None, "{path}");
             let code = elf.get(2 * MIB..4 * MIB).expect(path);
             let part = [&elf[..4096], code].concat();
             for (format, pack) in PACKERS {

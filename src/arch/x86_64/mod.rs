@@ -3,5 +3,6 @@ pub mod acpi;
 pub mod boot;
 pub mod bzimage;
 pub mod cpuid;
+pub mod elf_stream;
 pub mod layout;
 pub mod msr;
