@@ -309,7 +309,7 @@ impl Msix {
         }
     }
 
-    /// A read of the pending-bit array.
+    /// A read of the pending-bit array at byte `offset` (byte `n` holds vectors `8n..8n+8`).
     pub fn pba_read(&self, offset: u64, data: &mut [u8]) {
         let s = self.lock();
         let mut bits = 0u64;
@@ -365,5 +365,29 @@ mod tests {
         m.set_control(0xc000);
         m.trigger(0, 1);
         assert_eq!(m.delivered.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn pba_reads_take_a_byte_offset_into_the_bit_array() {
+        let m = Msix::new(40, Arc::new(NoRoutes::default())).unwrap();
+        m.trigger(1, 1);
+        m.trigger(33, 1);
+        let dword = |off: u64| {
+            let mut d = [0u8; 4];
+            m.pba_read(off, &mut d);
+            u32::from_le_bytes(d)
+        };
+        assert_eq!(dword(0), 1 << 1, "vectors 0-31");
+        assert_eq!(dword(4), 1 << 1, "vectors 32-63: vector 33");
+        let mut q = [0u8; 8];
+        m.pba_read(0, &mut q);
+        assert_eq!(u64::from_le_bytes(q), (1 << 33) | (1 << 1));
+        let mut b = [0u8; 1];
+        m.pba_read(4, &mut b);
+        assert_eq!(b[0], 2, "a byte read at PBA+4 is bits 32-39");
+        m.pba_read(1, &mut b);
+        assert_eq!(b[0], 0, "bits 8-15");
+        m.pba_read(8, &mut q);
+        assert_eq!(u64::from_le_bytes(q), 0, "past the last vector");
     }
 }

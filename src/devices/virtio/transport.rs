@@ -507,7 +507,7 @@ impl VirtioPci {
             MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET => {
                 self.msix.table_read(off - MSIX_TABLE_OFFSET, data)
             }
-            MSIX_PBA_OFFSET..BAR_SIZE => self.msix.pba_read((off - MSIX_PBA_OFFSET) / 8, data),
+            MSIX_PBA_OFFSET..BAR_SIZE => self.msix.pba_read(off - MSIX_PBA_OFFSET, data),
             _ => data.fill(0),
         }
     }
@@ -739,5 +739,17 @@ mod tests {
         // Reset stops the worker.
         w(&mut d, 0x14, 0, 1);
         assert!(d.worker.is_none());
+    }
+
+    #[test]
+    fn pba_reads_through_the_bar_see_each_dword() {
+        let mem = memory();
+        let mut d = rng_device(&mem);
+        // Two vectors, both masked: a trigger of vector 1 is held as pending.
+        d.msix().trigger(1, 1);
+        assert_eq!(r(&mut d, MSIX_PBA_OFFSET, 4), 2);
+        assert_eq!(r(&mut d, MSIX_PBA_OFFSET, 8), 2);
+        assert_eq!(r(&mut d, MSIX_PBA_OFFSET + 4, 4), 0, "vectors 32-63");
+        assert_eq!(r(&mut d, MSIX_PBA_OFFSET + 8, 4), 0, "vectors 64-95");
     }
 }
