@@ -355,115 +355,127 @@ impl Muxer {
 
     /// A packet from the tx queue. `avail` is how many bytes followed the header in its buffer;
     /// `payload` holds the packet's `len` bytes when the header passed [`Hdr::check`] (else it
-    /// is ignored).
+    /// is ignored); a packet whose payload is not `len` bytes long is dropped. Nothing a guest
+    /// sends can panic here: every lookup of a connection is checked.
     pub fn guest_packet(&mut self, h: &Hdr, avail: u64, payload: &[u8]) {
         match h.check(self.guest_cid, avail) {
-            Ok(()) => {}
-            Err(Bad::Cid) | Err(Bad::Len) => {
+            Ok(()) if payload.len() == h.len as usize => {}
+            Ok(()) | Err(Bad::Cid) | Err(Bad::Len) => {
                 self.count("dropped");
                 return;
             }
-            Err(Bad::Type) | Err(Bad::Op) => {
-                self.count("bad_packets");
-                if h.op != OP_RST {
-                    self.push_ctrl(h.reply(OP_RST));
-                }
-                return;
-            }
+            Err(Bad::Type) | Err(Bad::Op) => return self.refuse(h),
         }
-        debug_assert_eq!(payload.len(), h.len as usize);
         let Some(id) = self.find(h.dst_port, h.src_port) else {
             match h.op {
                 OP_REQUEST => self.guest_connect(h),
                 OP_RST => {}
-                _ => {
-                    self.count("bad_packets");
-                    self.push_ctrl(h.reply(OP_RST));
-                }
+                _ => self.refuse(h),
             }
             return;
         };
-        {
-            let c = self.conns.get_mut(&id).expect("found");
-            c.peer_buf_alloc = h.buf_alloc;
-            c.peer_fwd_cnt = h.fwd_cnt;
-        }
-        let state_ok = |c: &Conn| c.state == State::Established;
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        c.peer_buf_alloc = h.buf_alloc;
+        c.peer_fwd_cnt = h.fwd_cnt;
         match h.op {
-            OP_REQUEST => {
-                // A second REQUEST on a live connection: the guest lost track; reset it.
+            OP_RESPONSE => self.guest_response(id),
+            OP_RST => self.remove(id, false),
+            OP_SHUTDOWN => self.guest_shutdown(id, h.flags),
+            OP_RW => self.guest_data(id, payload),
+            OP_CREDIT_UPDATE => {}
+            OP_CREDIT_REQUEST => self.credit_update(id),
+            _ => {
+                // A second REQUEST on a live connection (the guest lost track), or an op
+                // `check` let through by mistake: reset the connection.
                 self.count("bad_packets");
                 self.remove(id, true);
             }
-            OP_RESPONSE => {
-                let c = self.conns.get_mut(&id).expect("found");
-                if c.state != State::LocalInit {
-                    self.count("bad_packets");
-                    self.remove(id, true);
-                    return;
-                }
-                let line = format!("OK {}\n", c.host_port);
-                match send(c.stream.as_raw_fd(), line.as_bytes()) {
-                    Ok(n) if n == line.len() => {
-                        c.state = State::Established;
-                        self.count("conns_host");
-                    }
-                    _ => self.remove(id, true),
-                }
-            }
-            OP_RST => self.remove(id, false),
-            OP_SHUTDOWN => {
-                let c = self.conns.get_mut(&id).expect("found");
-                if h.flags & SHUTDOWN_SEND != 0 {
-                    c.guest_no_send = true;
-                }
-                if h.flags & SHUTDOWN_RCV != 0 {
-                    c.guest_no_recv = true;
-                }
-                if matches!(c.state, State::Closing(_)) {
-                    self.remove(id, true);
-                    return;
-                }
-                self.flush(id);
-            }
-            OP_RW => {
-                let c = self.conns.get_mut(&id).expect("found");
-                if matches!(c.state, State::Closing(_)) {
-                    // Data in flight when the host went away: nobody can take it.
-                    return;
-                }
-                if !state_ok(c) || c.guest_no_send {
-                    self.count("bad_packets");
-                    self.remove(id, true);
-                    return;
-                }
-                let buffered = c.rx_cnt.wrapping_sub(c.fwd_cnt);
-                if u64::from(buffered) + u64::from(h.len) > u64::from(BUF_ALLOC) {
-                    self.count("credit_violations");
-                    self.remove(id, true);
-                    return;
-                }
-                c.rx_cnt = c.rx_cnt.wrapping_add(h.len);
-                if c.to_host_off == c.to_host.len() {
-                    c.to_host.clear();
-                    c.to_host_off = 0;
-                }
-                c.to_host.extend_from_slice(payload);
-                self.stats
-                    .add(&self.stats.bytes_from_guest, u64::from(h.len));
-                self.flush(id);
-            }
-            OP_CREDIT_UPDATE => {}
-            OP_CREDIT_REQUEST => {
-                let c = &self.conns[&id];
-                if c.state == State::Established {
-                    let u = self.hdr(c, OP_CREDIT_UPDATE);
-                    self.conns.get_mut(&id).expect("found").fwd_reported = u.fwd_cnt;
-                    self.push_ctrl(u);
-                }
-            }
-            _ => unreachable!("checked"),
         }
+    }
+
+    /// A packet that belongs to no connection: counted and answered with RST (never an RST).
+    fn refuse(&mut self, h: &Hdr) {
+        self.count("bad_packets");
+        if h.op != OP_RST {
+            self.push_ctrl(h.reply(OP_RST));
+        }
+    }
+
+    /// The guest accepted a host-initiated connection: tell the host client.
+    fn guest_response(&mut self, id: u64) {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if c.state != State::LocalInit {
+            self.count("bad_packets");
+            return self.remove(id, true);
+        }
+        let line = format!("OK {}\n", c.host_port);
+        match send(c.stream.as_raw_fd(), line.as_bytes()) {
+            Ok(n) if n == line.len() => {
+                c.state = State::Established;
+                self.count("conns_host");
+            }
+            _ => self.remove(id, true),
+        }
+    }
+
+    fn guest_shutdown(&mut self, id: u64, flags: u32) {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        c.guest_no_send |= flags & SHUTDOWN_SEND != 0;
+        c.guest_no_recv |= flags & SHUTDOWN_RCV != 0;
+        if matches!(c.state, State::Closing(_)) {
+            return self.remove(id, true);
+        }
+        self.flush(id);
+    }
+
+    /// Data for the host, within the credit the device gave.
+    fn guest_data(&mut self, id: u64, payload: &[u8]) {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if matches!(c.state, State::Closing(_)) {
+            // Data in flight when the host went away: nobody can take it.
+            return;
+        }
+        if c.state != State::Established || c.guest_no_send {
+            self.count("bad_packets");
+            return self.remove(id, true);
+        }
+        let len = payload.len() as u32;
+        let buffered = c.rx_cnt.wrapping_sub(c.fwd_cnt);
+        if u64::from(buffered) + u64::from(len) > u64::from(BUF_ALLOC) {
+            self.count("credit_violations");
+            return self.remove(id, true);
+        }
+        c.rx_cnt = c.rx_cnt.wrapping_add(len);
+        if c.to_host_off == c.to_host.len() {
+            c.to_host.clear();
+            c.to_host_off = 0;
+        }
+        c.to_host.extend_from_slice(payload);
+        self.stats.add(&self.stats.bytes_from_guest, u64::from(len));
+        self.flush(id);
+    }
+
+    /// The guest asked how much room the device has.
+    fn credit_update(&mut self, id: u64) {
+        let Some(c) = self.conns.get(&id) else {
+            return;
+        };
+        if c.state != State::Established {
+            return;
+        }
+        let u = self.hdr(c, OP_CREDIT_UPDATE);
+        if let Some(c) = self.conns.get_mut(&id) {
+            c.fwd_reported = u.fwd_cnt;
+        }
+        self.push_ctrl(u);
     }
 
     /// A guest REQUEST to host port `h.dst_port`: connect to `PATH_<port>`.
@@ -665,7 +677,9 @@ impl Muxer {
         };
         let rest = buf[nl + 1..].to_vec();
         let host_port = self.alloc_host_port();
-        let c = self.conns.get_mut(&id).expect("present");
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
         c.state = State::LocalInit;
         c.host_port = host_port;
         c.guest_port = port;
@@ -681,7 +695,9 @@ impl Muxer {
         let ids: Vec<u64> = self.conns.keys().copied().collect();
         let now = Instant::now();
         for id in ids {
-            let c = self.conns.get_mut(&id).expect("present");
+            let Some(c) = self.conns.get_mut(&id) else {
+                continue;
+            };
             if let State::Closing(since) = c.state {
                 if now.duration_since(since) > CLOSE_TIMEOUT {
                     self.remove(id, true);
@@ -762,7 +778,7 @@ impl Muxer {
             .collect();
         let id = *ids.first()?;
         self.rr = id;
-        let c = self.conns.get_mut(&id).expect("present");
+        let c = self.conns.get_mut(&id)?;
         let n = c.stash_left().min(room).min(c.peer_credit() as usize);
         if n == 0 {
             return None;
@@ -1131,5 +1147,25 @@ mod tests {
         assert!(s.starts_with("ERROR"), "{s}");
         assert_eq!(extra(&f.stats, "host_bad_connect"), 3);
         assert_eq!(f.mux.connections(), 0);
+    }
+
+    #[test]
+    fn a_payload_that_disagrees_with_its_header_is_dropped() {
+        let mut f = fixture("payload");
+        let l = UnixListener::bind(f.dir.join("v.sock_5678")).unwrap();
+        send_guest(&mut f.mux, from_guest(OP_REQUEST, 11, 5678, 0), b"");
+        assert_eq!(pump(&mut f.mux)[0].0.op, OP_RESPONSE);
+        let (mut s, _) = l.accept().unwrap();
+        // The header claims 6 bytes, 3 came: nothing reaches the host, nothing is counted.
+        f.mux
+            .guest_packet(&from_guest(OP_RW, 11, 5678, 6), 6, b"abc");
+        assert_eq!(extra(&f.stats, "dropped"), 1);
+        assert_eq!(f.stats.bytes_from_guest.load(Ordering::Relaxed), 0);
+        // The connection still works.
+        send_guest(&mut f.mux, from_guest(OP_RW, 11, 5678, 2), b"ok");
+        let mut b = [0u8; 2];
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"ok");
     }
 }
