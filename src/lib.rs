@@ -6,6 +6,7 @@
 //! - [`vcpu`]: the vCPU thread, its run loop and exit dispatch, completion of failed emulations;
 //! - [`devices`]: device models by tier (`legacy` = emulated platform devices) and the I/O buses;
 //! - [`stats`]: exit counters and the end-of-run summary;
+//! - [`panics`]: panics of device workers and vCPUs, caught and reported once;
 //! - [`startup`]: where the time before the first `KVM_RUN` goes;
 //! - [`host`]: what the host KVM is and what it cannot run;
 //! - [`kvm_stats`]: KVM's own per-vCPU exit counters (binary statistics);
@@ -24,6 +25,7 @@ pub mod host;
 pub mod kit;
 pub mod kvm_stats;
 pub mod memory;
+pub mod panics;
 pub mod startup;
 pub mod stats;
 pub mod terminal;

@@ -321,6 +321,9 @@ pub struct RunReport {
     pub kvm: BTreeMap<String, u64>,
     /// Where the time from the process start to the first `KVM_RUN` went.
     pub startup: crate::startup::Startup,
+    /// Threads that panicked (bugs in exitless): "virtio-rng0: worker panicked: ...".
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub panics: Vec<String>,
 }
 
 /// How many of the hottest sampled RIPs the report keeps.
@@ -423,6 +426,7 @@ impl RunReport {
                 .sum(),
             kvm: BTreeMap::new(),
             startup: Default::default(),
+            panics: Vec::new(),
         }
     }
 
@@ -527,6 +531,9 @@ impl RunReport {
         for d in &self.devices {
             let list: Vec<String> = d.facts.iter().map(|(k, n)| format!("{k}={n}")).collect();
             let _ = writeln!(s, "  {}: {}", d.device, list.join(" "));
+        }
+        for p in &self.panics {
+            let _ = writeln!(s, "  panicked: {p}");
         }
         if self.status != 0 && !self.last_rip.is_empty() {
             let _ = writeln!(s, "  vCPUs stopped at: {}", self.last_rip.join(", "));

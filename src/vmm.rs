@@ -167,6 +167,11 @@ impl DeviceCounters {
         v
     }
 
+    /// Device workers that panicked.
+    fn panics(&self) -> Vec<String> {
+        self.virtio.as_ref().map(|s| s.panics()).unwrap_or_default()
+    }
+
     /// Every device's facts, for the final report: the live ones with the probe's after the
     /// console's.
     fn facts(&self) -> Vec<DeviceFact> {
@@ -616,6 +621,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
     // Read after every vCPU thread has been joined: the counters are final.
     report.kvm = crate::kvm_stats::sum(kvm_stats_fds.iter());
     report.startup = clock.finish();
+    report.panics.extend(counters.panics());
     drop(kvm_stats_fds);
     let console_tail = console_watch
         .lock()

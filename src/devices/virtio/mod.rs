@@ -20,8 +20,11 @@
 //! only touch the transport's registers (under the device's mutex) and never wait for device I/O,
 //! so a slow `fdatasync` stalls one device, not a vCPU. This is Cloud Hypervisor's model: simple,
 //! one context switch per batch of requests, and devices are isolated from one another (a device
-//! that needs a reset, or a worker that dies, leaves the others running). A shared I/O thread
+//! that needs a reset, or a worker that panics, leaves the others running). A shared I/O thread
 //! would save threads but couple devices; a vCPU-side handler would put I/O latency on the vCPU.
+//! A worker's panic (a bug in exitless) is caught on the worker, said once on stderr and in the
+//! report (`worker_panics`, `panics`), and the device enters DEVICE_NEEDS_RESET with a
+//! configuration interrupt, as on any other device failure.
 //!
 //! # Bad input
 //! A queue whose set-up is invalid at DRIVER_OK (size not a power of two or above the maximum, rings
@@ -75,6 +78,9 @@ pub struct DeviceStats {
     /// Queue notifications the worker received (KVM completed them in-kernel via ioeventfd).
     pub notifications: AtomicU64,
     pub config_writes_refused: AtomicU64,
+    /// Panics of the worker (bugs in exitless; each stopped the device), and the first's message.
+    pub worker_panics: AtomicU64,
+    panic: Mutex<Option<String>>,
     /// Device-specific facts.
     pub extra: Mutex<BTreeMap<&'static str, u64>>,
 }
@@ -100,6 +106,19 @@ impl DeviceStats {
             .or_default() += v;
     }
 
+    /// Counts a worker panic; true for the device's first (the one to report).
+    pub fn note_panic(&self, msg: &str) -> bool {
+        let first = self.worker_panics.fetch_add(1, Ordering::Relaxed) == 0;
+        if first {
+            *self.panic.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg.to_string());
+        }
+        first
+    }
+
+    pub fn first_panic(&self) -> Option<String> {
+        self.panic.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     fn facts(&self) -> BTreeMap<String, u64> {
         let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let mut m = BTreeMap::from([
@@ -117,6 +136,9 @@ impl DeviceStats {
                 "config_writes_refused".into(),
                 ld(&self.config_writes_refused),
             );
+        }
+        if ld(&self.worker_panics) > 0 {
+            m.insert("worker_panics".into(), ld(&self.worker_panics));
         }
         for (k, v) in self.extra.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             m.insert((*k).to_string(), *v);
@@ -228,7 +250,18 @@ impl VirtioSet {
             .collect()
     }
 
-    /// Stops every worker (at the end of the run).
+    /// The first worker panic of each device that had one ("virtio-rng0: worker panicked: ...").
+    pub fn panics(&self) -> Vec<String> {
+        self.devices
+            .iter()
+            .filter_map(|d| {
+                let d = d.lock().unwrap_or_else(|p| p.into_inner());
+                let msg = d.stats().first_panic()?;
+                Some(format!("{}: worker panicked: {msg}", d.name()))
+            })
+            .collect()
+    }
+
     /// Sets the balloon's target (bytes) while the VM runs and tells the driver (a configuration
     /// change interrupt); returns the target in 4 KiB pages.
     pub fn set_balloon_target(&self, bytes: u64) -> Result<u32, String> {
@@ -241,6 +274,7 @@ impl VirtioSet {
         Err("this VM has no balloon (start it with --balloon)".into())
     }
 
+    /// Stops every worker (at the end of the run).
     pub fn shutdown(&self) {
         for d in &self.devices {
             d.lock().unwrap_or_else(|p| p.into_inner()).stop_worker();

@@ -89,6 +89,16 @@ pub struct Shared {
     pub config_vector: AtomicU16,
 }
 
+impl Shared {
+    /// Puts the device in DEVICE_NEEDS_RESET and tells the driver (a configuration interrupt).
+    pub fn needs_reset(&self, stats: &super::DeviceStats, msix: &Msix) {
+        stats.needs_reset.fetch_add(1, Ordering::Relaxed);
+        self.device_status
+            .fetch_or(VIRTIO_CONFIG_S_NEEDS_RESET as u8, Ordering::SeqCst);
+        msix.trigger(self.config_vector.load(Ordering::SeqCst), 2);
+    }
+}
+
 /// A virtio device on PCI.
 pub struct VirtioPci {
     pci: PciConfig,
@@ -274,18 +284,22 @@ impl VirtioPci {
     pub fn stop_worker(&mut self) {
         if let Some((kill, h)) = self.worker.take() {
             let _ = kill.write(1);
-            let _ = h.join();
+            if h.join().is_err() {
+                // The worker catches its handler's panics; this is a panic outside them.
+                let stats = self.dev.stats();
+                if stats.note_panic("the worker thread itself panicked") {
+                    eprintln!(
+                        "exitless: {}: device worker thread panicked",
+                        self.dev.name()
+                    );
+                }
+            }
         }
     }
 
     fn needs_reset(&mut self, why: &str) {
         log::warn!("{}: {why}: device needs reset", self.dev.name());
-        self.dev.stats().needs_reset.fetch_add(1, Ordering::Relaxed);
-        self.shared
-            .device_status
-            .fetch_or(VIRTIO_CONFIG_S_NEEDS_RESET as u8, Ordering::SeqCst);
-        self.msix
-            .trigger(self.shared.config_vector.load(Ordering::SeqCst), 2);
+        self.shared.needs_reset(&self.dev.stats(), &self.msix);
     }
 
     /// Validates the queues and starts the worker (on DRIVER_OK).

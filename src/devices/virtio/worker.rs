@@ -64,6 +64,35 @@ impl PollWindow {
     }
 }
 
+/// How a worker tells the driver it stopped on its own: DEVICE_NEEDS_RESET and a
+/// configuration-change interrupt.
+struct Ending {
+    name: String,
+    stats: Arc<DeviceStats>,
+    shared: Arc<Shared>,
+    msix: Arc<Msix>,
+}
+
+impl Ending {
+    fn failed(&self, why: &str) {
+        log::warn!("{}: {why}: device needs reset", self.name);
+        self.shared.needs_reset(&self.stats, &self.msix);
+    }
+
+    /// A bug in exitless, not the guest's doing: said once per device on stderr, kept for the
+    /// report, and the device stops as on any failure while the others keep running.
+    fn panicked(&self, msg: String) {
+        if self.stats.note_panic(&msg) {
+            eprintln!(
+                "exitless: {}: device worker panicked: {msg}; the device needs a reset, \
+                 the other devices keep running",
+                self.name
+            );
+        }
+        self.shared.needs_reset(&self.stats, &self.msix);
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 pub fn spawn(
     name: String,
@@ -87,81 +116,94 @@ pub fn spawn(
     for (i, e) in queue_evts.iter().enumerate() {
         add(e.as_raw_fd(), i as u64)?;
     }
-    let extra = handler.extra_fds();
-    for (i, fd) in extra.iter().enumerate() {
+    let extra = handler.extra_fds().len();
+    for (i, fd) in handler.extra_fds().iter().enumerate() {
         add(*fd, EXTRA + i as u64)?;
     }
     std::thread::Builder::new()
         .name(name.clone())
         .spawn(move || {
-            let fail = |why: String| {
-                log::warn!("{name}: {why}: device needs reset");
-                stats.needs_reset.fetch_add(1, Ordering::Relaxed);
-                shared.device_status.fetch_or(
-                    virtio_bindings::virtio_config::VIRTIO_CONFIG_S_NEEDS_RESET as u8,
-                    Ordering::SeqCst,
-                );
-                msix.trigger(shared.config_vector.load(Ordering::SeqCst), 2);
+            let end = Ending {
+                name,
+                stats,
+                shared,
+                msix,
             };
-            // Chains made available before DRIVER_OK (or before this thread ran) are served now.
-            for q in 0..queue_evts.len() {
-                if let Err(e) = handler.process(q) {
-                    return fail(e);
-                }
-            }
-            let polled: Vec<usize> = (0..queue_evts.len())
-                .filter(|&q| handler.polled_queue(q).is_some())
-                .collect();
-            let mut window = PollWindow::new(if polled.is_empty() {
-                Duration::ZERO
-            } else {
-                poll_max
+            let served = crate::panics::catch(|| {
+                serve(
+                    &mut *handler,
+                    &epoll,
+                    &queue_evts,
+                    extra,
+                    &end.stats,
+                    poll_max,
+                )
             });
-            let mut events = vec![EpollEvent::default(); 8 + extra.len()];
-            let mut polls = 0u64;
-            loop {
-                let started = Instant::now();
-                let mut timeout = -1;
-                if !window.get().is_zero() {
-                    match poll(&mut *handler, &polled, window.get()) {
-                        Ok(true) => {
-                            // Found work: serve it, look at the other descriptors without
-                            // blocking, and poll again.
-                            polls += 1;
-                            stats.set_extra("queue_polls", polls);
-                            timeout = 0;
-                        }
-                        Ok(false) => {}
-                        Err(e) => return fail(e),
-                    }
-                }
-                let n = match epoll.wait(timeout, &mut events) {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) => return fail(format!("epoll: {e}")),
-                };
-                if timeout < 0 {
-                    window.blocked(started.elapsed());
-                }
-                for ev in &events[..n] {
-                    let token = ev.data();
-                    let r = if token == KILL {
-                        return;
-                    } else if token >= EXTRA {
-                        handler.fd_ready((token - EXTRA) as usize)
-                    } else {
-                        let q = token as usize;
-                        if let Ok(c) = queue_evts[q].read() {
-                            stats.notifications.fetch_add(c, Ordering::Relaxed);
-                        }
-                        handler.process(q)
-                    };
-                    if let Err(e) = r {
-                        return fail(e);
-                    }
-                }
+            match served {
+                Ok(Ok(())) => {}
+                Ok(Err(why)) => end.failed(&why),
+                Err(msg) => end.panicked(msg),
             }
         })
+}
+
+/// The worker's loop: serves the queues until the kill eventfd fires (`Ok`) or the handler
+/// fails (`Err`: the device needs a reset).
+fn serve(
+    handler: &mut dyn QueueHandler,
+    epoll: &Epoll,
+    queue_evts: &[EventFd],
+    extra: usize,
+    stats: &DeviceStats,
+    poll_max: Duration,
+) -> Result<(), String> {
+    // Chains made available before DRIVER_OK (or before this thread ran) are served now.
+    for q in 0..queue_evts.len() {
+        handler.process(q)?;
+    }
+    let polled: Vec<usize> = (0..queue_evts.len())
+        .filter(|&q| handler.polled_queue(q).is_some())
+        .collect();
+    let mut window = PollWindow::new(if polled.is_empty() {
+        Duration::ZERO
+    } else {
+        poll_max
+    });
+    let mut events = vec![EpollEvent::default(); 8 + extra];
+    let mut polls = 0u64;
+    loop {
+        let started = Instant::now();
+        let mut timeout = -1;
+        if !window.get().is_zero() && poll(handler, &polled, window.get())? {
+            // Found work: serve it, look at the other descriptors without blocking, and poll
+            // again.
+            polls += 1;
+            stats.set_extra("queue_polls", polls);
+            timeout = 0;
+        }
+        let n = match epoll.wait(timeout, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("epoll: {e}")),
+        };
+        if timeout < 0 {
+            window.blocked(started.elapsed());
+        }
+        for ev in &events[..n] {
+            let token = ev.data();
+            if token == KILL {
+                return Ok(());
+            } else if token >= EXTRA {
+                handler.fd_ready((token - EXTRA) as usize)?;
+            } else {
+                let q = token as usize;
+                if let Ok(c) = queue_evts[q].read() {
+                    stats.notifications.fetch_add(c, Ordering::Relaxed);
+                }
+                handler.process(q)?;
+            }
+        }
+    }
 }
 
 /// Spins on the `polled` queues for up to `window`, their notifications off. True if chains
@@ -305,5 +347,53 @@ mod tests {
         let mut off = PollWindow::new(Duration::ZERO);
         off.blocked(us(1));
         assert_eq!(off.get(), Duration::ZERO, "polling off stays off");
+    }
+
+    /// A device whose handler panics on its first request (a bug in exitless, by assumption).
+    struct Bomb;
+
+    impl QueueHandler for Bomb {
+        fn process(&mut self, _q: usize) -> Result<(), String> {
+            panic!("bomb went off")
+        }
+    }
+
+    #[test]
+    fn a_panicking_handler_sets_needs_reset_and_raises_a_config_interrupt() {
+        use crate::devices::virtio::irq::NoRoutes;
+        use std::sync::atomic::{AtomicU16, AtomicU8};
+        let stats = Arc::new(DeviceStats::default());
+        let shared = Arc::new(Shared {
+            device_status: AtomicU8::new(0),
+            config_vector: AtomicU16::new(0),
+        });
+        let msix = Arc::new(Msix::new(1, Arc::new(NoRoutes::default())).unwrap());
+        let h = spawn(
+            "bomb".into(),
+            Box::new(Bomb),
+            vec![EventFd::new(libc::EFD_NONBLOCK).unwrap()],
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            stats.clone(),
+            shared.clone(),
+            msix.clone(),
+            Duration::ZERO,
+        )
+        .unwrap();
+        assert!(h.join().is_ok(), "the panic is caught on the worker");
+        assert_eq!(shared.device_status.load(Ordering::SeqCst), 0x40);
+        assert_eq!(stats.needs_reset.load(Ordering::Relaxed), 1);
+        assert_eq!(msix.isr.load(Ordering::SeqCst), 2, "configuration change");
+        assert_eq!(
+            msix.held.load(Ordering::Relaxed),
+            1,
+            "vector 0, masked: pending"
+        );
+        assert_eq!(stats.worker_panics.load(Ordering::Relaxed), 1);
+        let msg = stats.first_panic().unwrap();
+        assert!(
+            msg.starts_with("bomb went off at src/devices/virtio/worker.rs:"),
+            "{msg}"
+        );
+        assert_eq!(stats.facts()["worker_panics"], 1, "in the report");
     }
 }
