@@ -8,7 +8,10 @@ use exitless::cli::{Cli, Command, KitCommand};
 
 fn main() -> ExitCode {
     exitless::startup::mark_process_start();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+    // virtio-queue logs every bad used-ring index a guest makes at error level, unlimited; exitless
+    // warns about the same events itself, under a rate limit (`ratelimit`).
+    let filter = "warn,virtio_queue=off";
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(filter))
         .format_timestamp(None)
         .init();
     let cli = Cli::parse();

@@ -615,6 +615,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
     if let Some(set) = &counters.virtio {
         set.shutdown();
     }
+    crate::ratelimit::flush();
 
     let status = exit_status(&end, cfg);
     let mut report = RunReport::new(describe_end(&end), status, wall, &stats, counters.facts());

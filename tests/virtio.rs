@@ -129,6 +129,13 @@ fn kit_hostile_driver_does_not_harm_the_vmm() {
     assert_eq!(f["needs_reset"], 1, "{f}");
     assert!(f["bad_chains"].as_u64().unwrap() >= 3, "{f}");
     assert!(std::fs::read(&img).unwrap().iter().all(|&b| b == 7));
+    // 500 BAR moves and 500 S1 requests: a burst of warnings each, then a count.
+    let err = String::from_utf8_lossy(&out.stderr);
+    for what in ["tried to move BAR", "ACPI sleep type"] {
+        let n = err.lines().filter(|l| l.contains(what)).count();
+        assert!((1..=12).contains(&n), "{n} lines with {what:?} on stderr");
+    }
+    assert!(err.contains("were suppressed (rate limit)"), "{err}");
     let _ = std::fs::remove_dir_all(&d);
 }
 

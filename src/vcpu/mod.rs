@@ -255,7 +255,7 @@ impl Vcpu {
                 Some(VmEnd::Error(format!("vCPU {id}: KVM returned an unknown exit"))),
             ),
             SlowExit::Other(what) => {
-                log::warn!("vCPU {id}: unexpected exit {what}");
+                crate::warn_limited!("vcpu-unexpected-exit", "vCPU {id}: unexpected exit {what}");
                 (ExitReason::Other, None)
             }
             SlowExit::Failed(errno) => (

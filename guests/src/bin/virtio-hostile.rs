@@ -2,7 +2,8 @@
 //! DEVICE_NEEDS_RESET), a notification before DRIVER_OK (served once the device starts), a
 //! descriptor loop, a buffer outside guest memory, an absurd length, a header in a device-writable
 //! buffer, a head index out of range, and writes to read-only configuration. After each, a valid
-//! read must still work: the device (and the VMM) survive.
+//! read must still work: the device (and the VMM) survive. Last, a flood of what the VMM warns
+//! about (BAR moves, ACPI sleep requests), which must not flood the host's stderr.
 #![no_std]
 #![no_main]
 
@@ -17,6 +18,7 @@ const STATUS: u64 = 0x50_0100;
 const DATA: u64 = 0x51_0000;
 const SPINS: u64 = 5_000_000;
 const NAME: &str = "virtio-hostile";
+const FLOOD: u32 = 500;
 
 fn read_header(sector: u64) {
     w32(HDR, 0);
@@ -129,6 +131,18 @@ fn main(boot: &'static kit::BootInfo) -> ! {
         kit::fail(NAME, format_args!("capacity changed by a guest write"));
     }
     println!("kit: write to read-only config ignored");
+
+    // 9. A flood of refused BAR moves and ACPI sleep requests (S1): warned about, rate-limited.
+    let bar0 = dev.func.read32(0x10);
+    for _ in 0..FLOOD {
+        dev.func.write32(0x10, bar0 ^ 0x1000_0000);
+        kit::arch::outw(0x604, (1 << 10) | (1 << 13));
+    }
+    if dev.func.read32(0x10) != bar0 {
+        kit::fail(NAME, format_args!("BAR 0 moved"));
+    }
+    good_read(&mut q, "a flood of BAR moves");
+    println!("kit: {FLOOD} BAR moves and S1 requests refused");
     kit::pass(NAME);
     kit::poweroff()
 }

@@ -49,7 +49,10 @@ impl Pm {
             if typ == S5_SLP_TYP {
                 let _ = self.end.send(VmEnd::PowerOff);
             } else {
-                log::warn!("guest asked for ACPI sleep type {typ}, which exitless does not offer");
+                crate::warn_limited!(
+                    "pm-sleep-type",
+                    "guest asked for ACPI sleep type {typ}, which exitless does not offer"
+                );
             }
         }
         self.cnt = (v & !SLP_EN) | SCI_EN;

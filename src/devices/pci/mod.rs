@@ -175,7 +175,8 @@ impl PciConfig {
             if new == sizing || u64::from(new) == self.bar_addrs[n] {
                 self.regs[reg] = new;
             } else {
-                log::warn!(
+                crate::warn_limited!(
+                    "pci-bar-move",
                     "guest tried to move BAR{n} from {:#x} to {new:#x}: refused (BARs are fixed)",
                     self.bar_addrs[n]
                 );

@@ -280,7 +280,8 @@ fn release_range(mem: &GuestMemoryMmap, gpa: u64, len: u64, release: bool) -> Re
                     let rc = unsafe { libc::madvise(host.cast(), n as usize, libc::MADV_DONTNEED) };
                     if rc != 0 {
                         r.madvise_errors += 1;
-                        log::warn!(
+                        crate::warn_limited!(
+                            "virtio-balloon",
                             "virtio-balloon: madvise of {a:#x}+{n:#x}: {}",
                             std::io::Error::last_os_error()
                         );
@@ -288,7 +289,10 @@ fn release_range(mem: &GuestMemoryMmap, gpa: u64, len: u64, release: bool) -> Re
                 }
                 Err(e) => {
                     r.madvise_errors += 1;
-                    log::warn!("virtio-balloon: host address of {a:#x}: {e}");
+                    crate::warn_limited!(
+                        "virtio-balloon",
+                        "virtio-balloon: host address of {a:#x}: {e}"
+                    );
                 }
             }
         }

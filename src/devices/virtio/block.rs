@@ -506,7 +506,7 @@ impl BlockHandler {
 
     fn add_used(&mut self, head: u16, len: u32) {
         if let Err(e) = self.vq.queue.add_used(&self.vq.mem, head, len) {
-            log::warn!("virtio-blk: add_used: {e:?}");
+            crate::warn_limited!("virtio-queue", "virtio-blk: add_used: {e:?}");
         }
     }
 
@@ -516,7 +516,7 @@ impl BlockHandler {
         match self.vq.queue.needs_notification(&self.vq.mem) {
             Ok(true) => self.vq.msix.trigger(self.vq.vector, 1),
             Ok(false) => {}
-            Err(e) => log::warn!("virtio-blk: {e:?}"),
+            Err(e) => crate::warn_limited!("virtio-queue", "virtio-blk: {e:?}"),
         }
     }
 }

@@ -301,7 +301,7 @@ impl Msix {
                 .routes
                 .set_route(self.gsis[i], Some((after.addr, after.data)))
             {
-                log::error!("MSI-X vector {i}: {err}");
+                crate::warn_limited!("msix-route", "MSI-X vector {i}: {err}");
             }
         }
         if before.masked && !after.masked {

@@ -304,7 +304,7 @@ impl NetHandler {
             EpollEvent::new(events, 0),
         ) {
             Ok(()) => self.polling = on,
-            Err(e) => log::warn!("virtio-net: epoll on the tap: {e}"),
+            Err(e) => crate::warn_limited!("virtio-net", "virtio-net: epoll on the tap: {e}"),
         }
     }
 
@@ -536,7 +536,11 @@ fn publish(vq: &mut Vq, used: &mut Vec<(u16, u32)>) {
             .is_ok()
             && vq.mem.write_obj(len.to_le(), GuestAddress(at + 4)).is_ok();
         if !ok {
-            log::warn!("virtqueue {}: used ring not writable", vq.index);
+            crate::warn_limited!(
+                "virtio-queue",
+                "virtqueue {}: used ring not writable",
+                vq.index
+            );
             used.clear();
             return;
         }

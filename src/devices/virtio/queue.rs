@@ -228,13 +228,13 @@ impl Vq {
     /// Returns chain `head` with `len` bytes written; interrupts if the driver asked for one.
     pub fn complete(&mut self, head: u16, len: u32) {
         if let Err(e) = self.queue.add_used(&self.mem, head, len) {
-            log::warn!("virtqueue {}: add_used: {e:?}", self.index);
+            crate::warn_limited!("virtio-queue", "virtqueue {}: add_used: {e:?}", self.index);
             return;
         }
         match self.queue.needs_notification(&self.mem) {
             Ok(true) => self.msix.trigger(self.vector, 1),
             Ok(false) => {}
-            Err(e) => log::warn!("virtqueue {}: {e:?}", self.index),
+            Err(e) => crate::warn_limited!("virtio-queue", "virtqueue {}: {e:?}", self.index),
         }
     }
 

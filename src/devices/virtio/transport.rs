@@ -298,7 +298,11 @@ impl VirtioPci {
     }
 
     fn needs_reset(&mut self, why: &str) {
-        log::warn!("{}: {why}: device needs reset", self.dev.name());
+        crate::warn_limited!(
+            "virtio-needs-reset",
+            "{}: {why}: device needs reset",
+            self.dev.name()
+        );
         self.shared.needs_reset(&self.dev.stats(), &self.msix);
     }
 

@@ -75,7 +75,11 @@ struct Ending {
 
 impl Ending {
     fn failed(&self, why: &str) {
-        log::warn!("{}: {why}: device needs reset", self.name);
+        crate::warn_limited!(
+            "virtio-needs-reset",
+            "{}: {why}: device needs reset",
+            self.name
+        );
         self.shared.needs_reset(&self.stats, &self.msix);
     }
 

@@ -612,7 +612,7 @@ impl Muxer {
                 Err(e) => {
                     // E.g. EMFILE: the client stays queued and the listener stays readable, so
                     // without a pause the worker would spin on it. Retry at most 100 times a second.
-                    log::warn!("vsock: accepting a host connection: {e}");
+                    crate::warn_limited!("vsock-accept", "vsock: accepting a host connection: {e}");
                     self.count("accept_errors");
                     std::thread::sleep(std::time::Duration::from_millis(10));
                     return;
