@@ -117,6 +117,10 @@ pub struct RunArgs {
     /// Also copy the guest console to this file.
     #[arg(long)]
     pub console_log: Option<PathBuf>,
+    /// Stop writing the console log at this size (a note ends it), so a guest cannot fill the
+    /// disk (e.g. 64M, 100B); stdout is not limited.
+    #[arg(long, value_parser = parse_size, default_value = "64M")]
+    pub console_log_max: u64,
     /// Add the QEMU-compatible isa-debug-exit port (0xf4); on for kit guests.
     #[arg(long)]
     pub debug_exit: bool,
@@ -254,6 +258,7 @@ impl RunArgs {
             reboot_status: self.reboot_status,
             timeout,
             console_log: self.console_log.clone(),
+            console_log_max: self.console_log_max,
             unpack_bzimage: !self.guest_decompress,
             sample_rips: self.sample_rips,
             virtio: self.virtio_config()?,

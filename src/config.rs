@@ -89,6 +89,8 @@ pub struct VmConfig {
     pub timeout: Option<std::time::Duration>,
     /// Copy of the guest console to this file.
     pub console_log: Option<PathBuf>,
+    /// The console log stops at this many bytes.
+    pub console_log_max: u64,
     /// Unpack a bzImage in the VMM and boot the kernel ELF inside it (skips the guest's
     /// decompressor, which is emulated on hosts without VMX/SVM).
     pub unpack_bzimage: bool,

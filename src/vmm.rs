@@ -346,9 +346,12 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
     let (end_tx, end_rx) = mpsc::channel::<VmEnd>();
     let console_watch = Arc::new(Mutex::new(serial::ConsoleWatch::default()));
     let log_file = match &cfg.console_log {
-        Some(p) => Some(std::fs::File::create(p).map_err(|e| {
-            VmmError::Config(format!("cannot create console log {}: {e}", p.display()))
-        })?),
+        Some(p) => Some(serial::CappedLog::new(
+            Box::new(std::fs::File::create(p).map_err(|e| {
+                VmmError::Config(format!("cannot create console log {}: {e}", p.display()))
+            })?),
+            cfg.console_log_max,
+        )),
         None => None,
     };
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::Kvm(e.to_string()))?;
@@ -748,6 +751,7 @@ mod tests {
             reboot_status: 0,
             timeout: None,
             console_log: None,
+            console_log_max: 64 << 20,
             unpack_bzimage: true,
             sample_rips: false,
             virtio: Default::default(),

@@ -49,6 +49,30 @@ fn demo_boots_and_prints_the_exit_summary() {
 }
 
 #[test]
+fn the_console_log_stops_at_its_cap_and_says_so_once() {
+    if !kvm_available("console log cap") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("exitless-console-cap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("console.log");
+    let log_arg = log.to_str().unwrap();
+    let r = run(&["--console-log", log_arg, "--console-log-max", "100B"]);
+    assert_eq!(r.status, Some(0), "{}", r.describe());
+    assert!(r.stdout.contains("kit: PASS demo"), "stdout is not capped");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let (head, note) = text.split_at(100);
+    assert!(r.stdout.starts_with(head), "the log begins as stdout does");
+    assert_eq!(
+        note.matches("console log reached its cap").count(),
+        1,
+        "{note}"
+    );
+    assert_eq!(r.stderr.matches("console log reached its cap").count(), 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn serial_input_reaches_the_guest() {
     if !kvm_available("serial") {
         return;

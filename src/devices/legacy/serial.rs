@@ -73,10 +73,47 @@ impl ConsoleWatch {
     }
 }
 
+/// The console log file (`--console-log`), which stops at `cap` bytes (`--console-log-max`) so a
+/// guest cannot fill the host's disk: a note ends the file and stderr says so, once.
+pub struct CappedLog {
+    file: Box<dyn Write + Send>,
+    cap: u64,
+    written: u64,
+}
+
+impl CappedLog {
+    pub fn new(file: Box<dyn Write + Send>, cap: u64) -> Self {
+        CappedLog {
+            file,
+            cap,
+            written: 0,
+        }
+    }
+
+    fn write(&mut self, buf: &[u8]) {
+        let room = self.cap.saturating_sub(self.written);
+        if room == 0 {
+            return;
+        }
+        let n = buf.len().min(room as usize);
+        let _ = self.file.write_all(&buf[..n]);
+        self.written += n as u64;
+        if self.written == self.cap {
+            let note = format!(
+                "console log reached its cap of {} bytes (--console-log-max); the rest is not logged",
+                self.cap
+            );
+            let _ = writeln!(self.file, "\n[exitless: {note}]");
+            let _ = self.file.flush();
+            eprintln!("exitless: {note}");
+        }
+    }
+}
+
 /// Where the guest's console output goes.
 pub struct ConsoleOut {
     out: Option<Box<dyn Write + Send>>,
-    log: Option<std::fs::File>,
+    log: Option<CappedLog>,
     watch: Arc<Mutex<ConsoleWatch>>,
     end: VmEndSender,
 }
@@ -84,7 +121,7 @@ pub struct ConsoleOut {
 impl ConsoleOut {
     pub fn new(
         out: Option<Box<dyn Write + Send>>,
-        log: Option<std::fs::File>,
+        log: Option<CappedLog>,
         watch: Arc<Mutex<ConsoleWatch>>,
         end: VmEndSender,
     ) -> Self {
@@ -106,7 +143,7 @@ impl Write for ConsoleOut {
             }
         }
         if let Some(l) = self.log.as_mut() {
-            let _ = l.write_all(buf);
+            l.write(buf);
         }
         let mut w = self.watch.lock().unwrap_or_else(|p| p.into_inner());
         for &b in buf {
@@ -275,5 +312,36 @@ mod tests {
         let mut wide = [0xffu8; 4];
         s.read(0x40, &mut wide);
         assert_eq!(wide, [0; 4]);
+    }
+
+    /// A `Write` the test can read back.
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_console_log_stops_at_its_cap_with_one_note() {
+        let file = Shared::default();
+        let mut log = CappedLog::new(Box::new(file.clone()), 10);
+        log.write(b"0123456");
+        log.write(b"789abc");
+        log.write(b"more");
+        let text = String::from_utf8(file.0.lock().unwrap().clone()).unwrap();
+        let (head, note) = text.split_at(10);
+        assert_eq!(head, "0123456789");
+        assert_eq!(
+            note.matches("reached its cap of 10 bytes").count(),
+            1,
+            "{note}"
+        );
     }
 }
