@@ -422,12 +422,19 @@ impl NetHandler {
         let len = c.readable_len() as usize;
         let mem = &self.tx.mem;
         let mut iov = Vec::with_capacity(c.readable.len());
+        // The guards keep each buffer's mapping valid until the write is done (the iovecs hold
+        // raw pointers into them).
+        let mut guards = Vec::with_capacity(c.readable.len());
         for s in &c.readable {
             match mem.get_slice(GuestAddress(s.addr), s.len as usize) {
-                Ok(v) => iov.push(libc::iovec {
-                    iov_base: v.ptr_guard().as_ptr() as *mut libc::c_void,
-                    iov_len: s.len as usize,
-                }),
+                Ok(v) => {
+                    let g = v.ptr_guard();
+                    iov.push(libc::iovec {
+                        iov_base: g.as_ptr() as *mut libc::c_void,
+                        iov_len: s.len as usize,
+                    });
+                    guards.push(g);
+                }
                 Err(_) => {
                     iov.clear();
                     break;
@@ -446,9 +453,11 @@ impl NetHandler {
                 iov_len: len,
             }];
         }
-        // SAFETY: each iovec is a range of guest memory checked at pop and mapped for the VM's
-        // lifetime (which outlives this worker), or our own copy buffer.
-        match unsafe { self.tap.writev(&iov) } {
+        // SAFETY: each iovec is a range of guest memory checked at pop whose mapping `guards`
+        // keeps alive until after the write, or our own copy buffer.
+        let written = unsafe { self.tap.writev(&iov) };
+        drop(guards);
+        match written {
             Ok(_) => {
                 self.tx_frames += 1;
                 self.tx_bytes += (len - VNET_HDR_LEN) as u64;
