@@ -35,7 +35,8 @@ fn install_hook() {
     });
 }
 
-fn payload_text(p: &(dyn Any + Send)) -> String {
+/// A panic payload's message (`panic!` gives a `&str` or a `String`).
+pub fn payload_text(p: &(dyn Any + Send)) -> String {
     p.downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())

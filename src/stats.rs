@@ -321,7 +321,8 @@ pub struct RunReport {
     pub kvm: BTreeMap<String, u64>,
     /// Where the time from the process start to the first `KVM_RUN` went.
     pub startup: crate::startup::Startup,
-    /// Threads that panicked (bugs in exitless): "virtio-rng0: worker panicked: ...".
+    /// Threads that panicked or were given up on (bugs in exitless, or a vCPU stuck in
+    /// `KVM_RUN`): "virtio-rng0: worker panicked: ...", "vcpu1 panicked: ...".
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub panics: Vec<String>,
 }
@@ -533,7 +534,7 @@ impl RunReport {
             let _ = writeln!(s, "  {}: {}", d.device, list.join(" "));
         }
         for p in &self.panics {
-            let _ = writeln!(s, "  panicked: {p}");
+            let _ = writeln!(s, "  thread failure: {p}");
         }
         if self.status != 0 && !self.last_rip.is_empty() {
             let _ = writeln!(s, "  vCPUs stopped at: {}", self.last_rip.join(", "));

@@ -554,9 +554,10 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
     let mut handles = Vec::new();
     for v in vcpus {
         let name = format!("vcpu{}", v.id);
+        let end = end_tx.clone();
         let h = std::thread::Builder::new()
             .name(name)
-            .spawn(move || v.run())
+            .spawn(move || vcpu_thread(v, end))
             .map_err(|e| VmmError::Kvm(format!("cannot start a vCPU thread: {e}")))?;
         handles.push(h);
     }
@@ -600,19 +601,14 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
 
     // Stop the vCPUs: set the flag, then kick until each thread has left KVM_RUN.
     stop.store(true, Ordering::Release);
-    let mut stats: Vec<VcpuStats> = Vec::new();
-    for h in handles {
+    let kick = |h: &VcpuThread| {
         use std::os::unix::thread::JoinHandleExt;
-        let pthread = h.as_pthread_t();
-        while !h.is_finished() {
-            // SAFETY: the thread has not been joined, so its pthread_t is valid.
-            unsafe { libc::pthread_kill(pthread, vcpu::kick_signal()) };
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        match h.join() {
-            Ok(s) => stats.push(s),
-            Err(_) => stats.push(VcpuStats::default()),
-        }
+        // SAFETY: the thread has not been joined, so its pthread_t is valid.
+        unsafe { libc::pthread_kill(h.as_pthread_t(), vcpu::kick_signal()) };
+    };
+    let (stats, problems) = stop_vcpus(handles, &kick, Duration::from_millis(2));
+    for p in &problems {
+        eprintln!("exitless: {p}");
     }
     drop(raw);
     if let Some(set) = &counters.virtio {
@@ -620,11 +616,16 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
     }
     crate::ratelimit::flush();
 
-    let status = exit_status(&end, cfg);
+    let mut status = exit_status(&end, cfg);
+    if !problems.is_empty() && status == 0 {
+        // A vCPU lost or panicked: whatever the guest did, this run is not a success.
+        status = 1;
+    }
     let mut report = RunReport::new(describe_end(&end), status, wall, &stats, counters.facts());
     // Read after every vCPU thread has been joined: the counters are final.
     report.kvm = crate::kvm_stats::sum(kvm_stats_fds.iter());
     report.startup = clock.finish();
+    report.panics.extend(problems);
     report.panics.extend(counters.panics());
     drop(kvm_stats_fds);
     let console_tail = console_watch
@@ -651,6 +652,59 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
         console_tail,
         explanation,
     })
+}
+
+type VcpuThread = std::thread::JoinHandle<VcpuStats>;
+
+/// Kicks before a vCPU thread that stays in `KVM_RUN` is given up on (5 s at 2 ms).
+const STOP_KICKS: u32 = 2500;
+
+/// Joins the vCPU threads (the stop flag is set), kicking each out of `KVM_RUN` every
+/// `interval`, at most [`STOP_KICKS`] times. Returns the counters of the threads that ended and,
+/// per vCPU, what went wrong (a panic, or a thread given up on: it is left running, detached,
+/// and ends with the process).
+fn stop_vcpus(
+    handles: Vec<VcpuThread>,
+    kick: &dyn Fn(&VcpuThread),
+    interval: Duration,
+) -> (Vec<VcpuStats>, Vec<String>) {
+    let mut stats = Vec::new();
+    let mut problems = Vec::new();
+    for (i, h) in handles.into_iter().enumerate() {
+        let mut kicks = 0;
+        while !h.is_finished() && kicks < STOP_KICKS {
+            kick(&h);
+            kicks += 1;
+            std::thread::sleep(interval);
+        }
+        if !h.is_finished() {
+            problems.push(format!(
+                "vcpu{i} did not leave KVM_RUN after {STOP_KICKS} kicks; its counters are missing"
+            ));
+            continue;
+        }
+        match h.join() {
+            Ok(s) => stats.push(s),
+            Err(p) => problems.push(format!(
+                "vcpu{i} panicked: {}; its counters are missing",
+                crate::panics::payload_text(&*p)
+            )),
+        }
+    }
+    (stats, problems)
+}
+
+/// Runs one vCPU on its thread. A panic (a bug in exitless) ends the VM with an error instead
+/// of leaving the other vCPUs running; the panic goes on to the join, which reports it.
+fn vcpu_thread(v: Vcpu, end: crate::devices::VmEndSender) -> VcpuStats {
+    let id = v.id;
+    match crate::panics::catch(|| v.run()) {
+        Ok(s) => s,
+        Err(msg) => {
+            let _ = end.send(VmEnd::Error(format!("vCPU {id} panicked")));
+            std::panic::resume_unwind(Box::new(msg))
+        }
+    }
 }
 
 /// LINT0 as ExtINT (the PIC's output) and LINT1 as NMI, as firmware leaves them.
@@ -764,5 +818,44 @@ mod tests {
         assert_ne!(exit_status(&VmEnd::Error("x".into()), &cfg), 0);
         assert_eq!(port_name(0x3fd), Some("serial"));
         assert_eq!(port_name(0x1234), None);
+    }
+
+    #[test]
+    fn a_panicked_vcpu_is_named_not_counted_as_zero() {
+        let ok = std::thread::spawn(VcpuStats::default);
+        let bad = std::thread::spawn(|| -> VcpuStats { panic!("vCPU bug") });
+        while !bad.is_finished() {
+            std::thread::yield_now();
+        }
+        let (stats, problems) = stop_vcpus(vec![ok, bad], &|_| {}, Duration::ZERO);
+        assert_eq!(stats.len(), 1, "only the vCPU that ended has counters");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].starts_with("vcpu1 panicked: vCPU bug"),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn a_vcpu_that_never_leaves_kvm_run_is_given_up_on() {
+        let (tx, rx) = mpsc::channel::<()>();
+        let stuck = std::thread::spawn(move || {
+            // Leaves only after far more kicks than the stop allows.
+            let _ = rx.recv();
+            VcpuStats::default()
+        });
+        let kicks = std::sync::atomic::AtomicU32::new(0);
+        let kick = |_: &VcpuThread| {
+            if kicks.fetch_add(1, Ordering::SeqCst) + 1 == 10 * STOP_KICKS {
+                let _ = tx.send(());
+            }
+        };
+        let (stats, problems) = stop_vcpus(vec![stuck], &kick, Duration::ZERO);
+        assert_eq!(kicks.load(Ordering::SeqCst), STOP_KICKS);
+        assert!(stats.is_empty());
+        assert!(
+            problems[0].contains("vcpu0 did not leave KVM_RUN"),
+            "{problems:?}"
+        );
     }
 }

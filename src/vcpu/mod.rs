@@ -29,6 +29,10 @@
 //!
 //! Anything rarer (emulation failures, system events, errors) leaves this path through
 //! [`Vcpu::slow_exit`].
+//!
+//! The VMM runs each vCPU with its panics caught: a panic ends the VM with an error, is named in
+//! the report (`panics`) and makes the status non-zero; at the stop, a thread that does not leave
+//! `KVM_RUN` after a bounded number of kicks is given up on, the same way.
 
 pub mod emulate;
 
