@@ -3,6 +3,13 @@
 //! Owns the console output path: bytes the guest writes go to stdout (and an optional log file),
 //! and a [`ConsoleWatch`] keeps the last lines so the VMM can recognise a guest kernel panic and
 //! explain a failed boot. Input from the host reaches the UART through [`Serial::enqueue`].
+//! The log file stops at its cap ([`CappedLog`]).
+//!
+//! Known limit (issue 14): output is written to stdout synchronously, on the vCPU thread and
+//! under the UART's lock, so a stdout that blocks (a full pipe nobody reads) stalls that vCPU
+//! and whoever waits for the lock (other vCPUs on COM1, the console input thread). The fix is a
+//! bounded buffer drained by a writer thread that the VMM joins before the summary (dropping,
+//! and counting, what does not fit); the kernel-panic watch stays synchronous.
 
 use std::collections::VecDeque;
 use std::io::Write;
