@@ -194,6 +194,9 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, a: Activation) -> Result<Box<dyn QueueHandler>, String>;
     /// The driver reset the device (the worker has already stopped).
     fn reset(&mut self) {}
+    /// The VM has ended: give back what other processes can see (a listening socket's path),
+    /// even while something still holds the device (the control API's last client).
+    fn release(&mut self) {}
     fn stats(&self) -> Arc<DeviceStats>;
 }
 
@@ -274,10 +277,12 @@ impl VirtioSet {
         Err("this VM has no balloon (start it with --balloon)".into())
     }
 
-    /// Stops every worker (at the end of the run).
+    /// Stops every worker and releases what the host sees of the devices (at the end of the run).
     pub fn shutdown(&self) {
         for d in &self.devices {
-            d.lock().unwrap_or_else(|p| p.into_inner()).stop_worker();
+            let mut d = d.lock().unwrap_or_else(|p| p.into_inner());
+            d.stop_worker();
+            d.release();
         }
     }
 }

@@ -281,6 +281,11 @@ impl VirtioPci {
         self.msix.reset();
     }
 
+    /// The VM has ended: the device gives back what other processes see.
+    pub fn release(&mut self) {
+        self.dev.release();
+    }
+
     pub fn stop_worker(&mut self) {
         if let Some((kill, h)) = self.worker.take() {
             let _ = kill.write(1);

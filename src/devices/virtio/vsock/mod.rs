@@ -83,15 +83,26 @@ impl Vsock {
     }
 }
 
+impl Vsock {
+    /// Removes the socket's path: host clients can no longer reach a VM that has ended.
+    fn remove_socket(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 impl Drop for Vsock {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        self.remove_socket();
     }
 }
 
 impl VirtioDevice for Vsock {
     fn name(&self) -> String {
         "virtio-vsock".into()
+    }
+
+    fn release(&mut self) {
+        self.remove_socket();
     }
     fn kind(&self) -> &'static str {
         "virtio-vsock"
@@ -402,6 +413,23 @@ mod tests {
             !dir.join("v.sock").exists(),
             "socket removed with the device"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_socket_goes_when_the_vm_ends_even_while_the_device_is_still_held() {
+        let dir = std::env::temp_dir().join(format!("exitless-vsock-rel-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut dev = Vsock::new(&VsockConfig {
+            cid: 3,
+            socket: dir.join("v.sock"),
+        })
+        .unwrap();
+        assert!(dir.join("v.sock").exists());
+        dev.release();
+        assert!(!dir.join("v.sock").exists(), "release removes the socket");
+        drop(dev);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
