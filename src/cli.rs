@@ -170,6 +170,17 @@ pub struct RunArgs {
     /// balloon's target, quit (`exitless ctl`; one JSON object per line).
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+    /// Hardware virtualization (AMD SVM, Intel VMX) for the guest, so that it can run VMs itself:
+    /// `on` or `off`. Default: on where the host KVM offers it to guests (its supported CPUID has
+    /// SVM or VMX: kvm_amd/kvm_intel loaded with nested=1), off elsewhere; never on PVM hosts
+    /// (`on` is refused there, as on any host that cannot give it).
+    #[arg(
+        long,
+        value_name = "on|off",
+        default_value = "auto",
+        hide_default_value = true
+    )]
+    pub nested: crate::arch::x86_64::nested::NestedMode,
 }
 
 impl RunArgs {
@@ -263,6 +274,7 @@ impl RunArgs {
             sample_rips: self.sample_rips,
             virtio: self.virtio_config()?,
             api_socket: self.api_socket.clone(),
+            nested: self.nested,
         })
     }
 }

@@ -100,6 +100,8 @@ pub struct VmConfig {
     pub virtio: crate::devices::virtio::config::VirtioConfig,
     /// The control socket (`--api-socket`, see `api`).
     pub api_socket: Option<PathBuf>,
+    /// Hardware virtualization for the guest (`--nested`, see `arch::x86_64::nested`).
+    pub nested: crate::arch::x86_64::nested::NestedMode,
 }
 
 impl VmConfig {

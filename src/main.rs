@@ -59,6 +59,7 @@ fn main() -> ExitCode {
                     host.banner()
                         .unwrap_or_else(|| "hardware-assisted KVM".into())
                 );
+                println!("{}", exitless::vmm::nested_line(&kvm, &host));
                 ExitCode::SUCCESS
             }
             Err(e) => fail(&e.to_string()),

@@ -325,6 +325,9 @@ pub struct RunReport {
     /// `KVM_RUN`): "virtio-rng0: worker panicked: ...", "vcpu1 panicked: ...".
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub panics: Vec<String>,
+    /// The hardware virtualization the guest was given ("SVM", "VMX"; `--nested`), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nested: Option<String>,
 }
 
 /// How many of the hottest sampled RIPs the report keeps.
@@ -428,6 +431,7 @@ impl RunReport {
             kvm: BTreeMap::new(),
             startup: Default::default(),
             panics: Vec::new(),
+            nested: None,
         }
     }
 
@@ -466,6 +470,12 @@ impl RunReport {
         );
         if let Some(line) = self.startup.summary_line() {
             let _ = writeln!(s, "{line}");
+        }
+        if let Some(hw) = &self.nested {
+            let _ = writeln!(
+                s,
+                "exitless: nested virtualization: {hw} given to the guest"
+            );
         }
         if self.total_exits > 0 {
             let _ = writeln!(

@@ -20,6 +20,7 @@ use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::arch::x86_64::nested::{self, HwVirt};
 use crate::arch::x86_64::{acpi, boot, cpuid, layout, msr};
 use crate::config::{KernelSource, VmConfig};
 use crate::devices::legacy::{debug_exit, i8042, pm, probe, rtc, serial};
@@ -63,6 +64,23 @@ pub fn open_kvm() -> Result<Kvm, VmmError> {
             _ => format!("cannot open /dev/kvm: {e}"),
         })
     })
+}
+
+/// One line for `exitless host`: the hardware virtualization guests get by default.
+pub fn nested_line(kvm: &Kvm, host: &HostInfo) -> String {
+    let offered = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .ok()
+        .and_then(|c| nested::offered(c.as_slice()));
+    match nested::resolve(nested::NestedMode::Auto, offered, host.is_pvm()) {
+        Ok(Some(hw)) => format!(
+            "nested virtualization: {} given to guests (--nested off hides it)",
+            hw.name()
+        ),
+        _ if host.is_pvm() => "nested virtualization: none (PVM has no VMX or SVM to give)".into(),
+        _ => "nested virtualization: none (the host KVM offers no SVM or VMX to guests; nested=1?)"
+            .into(),
+    }
 }
 
 /// How a run ended.
@@ -286,6 +304,20 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
         )));
     }
 
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("reading supported CPUID"))?;
+    let hw_virt = nested::resolve(
+        cfg.nested,
+        nested::offered(supported.as_slice()),
+        host.is_pvm(),
+    )
+    .map_err(VmmError::Config)?;
+    let vmx_msrs = match hw_virt {
+        Some(HwVirt::Vmx) => nested::vmx_capability_msrs(&kvm).map_err(VmmError::Kvm)?,
+        _ => Vec::new(),
+    };
+
     let mem = crate::memory::create(cfg.mem_bytes)?;
     let (low_ram, high_ram) = crate::memory::split(cfg.mem_bytes);
     let vm = kvm.create_vm().map_err(kvm_err("creating the VM"))?;
@@ -464,9 +496,6 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
     clock.mark("devices");
 
     // vCPUs.
-    let supported = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm_err("reading supported CPUID"))?;
     let msr_list = kvm
         .get_msr_index_list()
         .map_err(kvm_err("reading the MSR list"))?;
@@ -495,7 +524,11 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
             .map_err(kvm_err("creating a vCPU"))?;
         let mut c = supported.clone();
         cpuid::filter_cpuid(&mut c, id, cfg.cpus, &quirks);
+        if hw_virt.is_none() {
+            nested::hide(&mut c);
+        }
         fd.set_cpuid2(&c).map_err(kvm_err("setting CPUID"))?;
+        nested::set_vmx_capability_msrs(&fd, &vmx_msrs).map_err(VmmError::Kvm)?;
         let msrs = msr::boot_msr_entries(msr_list.as_slice());
         match fd.set_msrs(&msrs) {
             Ok(n) if n == msrs.as_slice().len() => {}
@@ -627,6 +660,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
     report.startup = clock.finish();
     report.panics.extend(problems);
     report.panics.extend(counters.panics());
+    report.nested = hw_virt.map(|h| h.name().to_string());
     drop(kvm_stats_fds);
     let console_tail = console_watch
         .lock()
@@ -810,6 +844,7 @@ mod tests {
             sample_rips: false,
             virtio: Default::default(),
             api_socket: None,
+            nested: Default::default(),
         };
         assert_eq!(exit_status(&VmEnd::PowerOff, &cfg), 0);
         assert_eq!(exit_status(&VmEnd::Reset, &cfg), 0);

@@ -6,6 +6,10 @@
 #   initrd.img  an UNCOMPRESSED newc cpio: busybox, the kernel's virtio/vsock modules (decompressed)
 #               and an /init that loads them and gives a shell on the console.
 #   initrd-tools.img  initrd.img plus mkfs.ext4, e2fsck and socat from this host (the tests' guest)
+#   initrd-nested.img initrd-tools.img plus the KVM modules (irqbypass, kvm, kvm-amd, kvm-intel and
+#               their dependencies), not loaded at boot: `load-kvm [ARGS]` in the guest loads them,
+#               the CPU vendor's module with ARGS (e.g. nested=1). The nested-virtualization tests
+#               append the exitless binary under test and its libraries as one more archive.
 #
 # Why uncompressed: on a PVM host every guest kernel instruction is emulated, and gunzip of a 1 MB
 # initramfs alone costs ~50 M emulated instructions (tens of seconds). Modules are decompressed here
@@ -144,9 +148,39 @@ fi
     (cd "$work/tools" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0)
 } >"$outdir/initrd-tools.img.tmp"
 mv "$outdir/initrd-tools.img.tmp" "$outdir/initrd-tools.img"
+
+# --- the nested variant: initrd-tools.img plus the KVM modules in /lib/modules/$kver/kvm (their own
+# load order, not loaded by init) and /sbin/load-kvm, which loads them.
+nested="$work/nested"
+kvmdir="$nested/lib/modules/$kver/kvm"
+module_closure "$moddir" "$kvmdir" irqbypass kvm kvm_amd kvm_intel
+printf '%s\n' "${MODULE_LOAD_ORDER[@]}" >"$kvmdir/load-order"
+log "KVM modules (load order): ${MODULE_LOAD_ORDER[*]}"
+mkdir -p "$nested/sbin"
+cat >"$nested/sbin/load-kvm" <<'LOADKVM'
+#!/bin/sh
+# load-kvm [ARGS...]: loads KVM's modules in order, the CPU vendor's (kvm_amd or kvm_intel) with
+# ARGS (e.g. nested=1), the other vendor's not at all. The first failure ends it with its status.
+d=/lib/modules/$(uname -r)/kvm
+vendor=kvm_intel
+grep -q AuthenticAMD /proc/cpuinfo && vendor=kvm_amd
+while read -r m; do
+    case "$m" in
+    kvm_amd | kvm_intel) [ "$m" = "$vendor" ] || continue; insmod "$d/$m.ko" "$@" || exit ;;
+    *) insmod "$d/$m.ko" || exit ;;
+    esac
+done <"$d/load-order"
+LOADKVM
+chmod 755 "$nested/sbin/load-kvm"
+{
+    cat "$outdir/initrd-tools.img"
+    (cd "$nested" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0)
+} >"$outdir/initrd-nested.img.tmp"
+mv "$outdir/initrd-nested.img.tmp" "$outdir/initrd-nested.img"
 cp "$kimage" "$outdir/vmlinuz"
 rm -rf "$work"
 
 log "wrote $outdir/vmlinuz ($(stat -c %s "$outdir/vmlinuz") bytes, kernel $kver)"
 log "wrote $outdir/initrd.img ($(stat -c %s "$outdir/initrd.img") bytes, uncompressed newc cpio)"
 log "wrote $outdir/initrd-tools.img ($(stat -c %s "$outdir/initrd-tools.img") bytes: initrd.img + ${tools[*]##*/})"
+log "wrote $outdir/initrd-nested.img ($(stat -c %s "$outdir/initrd-nested.img") bytes: initrd-tools.img + KVM modules)"

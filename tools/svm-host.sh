@@ -75,7 +75,8 @@ fi
 exitless_bin="$repo_root/target/release/exitless"
 [ -x "$exitless_bin" ] || die "$exitless_bin is missing (cargo build --release)"
 guest_dir="$repo_root/images/debian"
-if [ ! -f "$guest_dir/vmlinuz" ] || [ ! -f "$guest_dir/initrd-tools.img" ]; then
+if [ ! -f "$guest_dir/vmlinuz" ] || [ ! -f "$guest_dir/initrd-tools.img" ] ||
+    [ ! -f "$guest_dir/initrd-nested.img" ]; then
     log "building the Debian guest (tools/debian-guest.sh)"
     "$repo_root/tools/debian-guest.sh" "$guest_dir" >&2 || die "tools/debian-guest.sh failed"
 fi
@@ -180,7 +181,7 @@ copy_stripped() {
     fi
 }
 copy_stripped "$exitless_bin"
-for f in vmlinuz initrd.img initrd-tools.img; do
+for f in vmlinuz initrd.img initrd-tools.img initrd-nested.img; do
     copy_with_libs "$pay" "$guest_dir/$f"
 done
 for a in "${adds[@]}"; do

@@ -16,6 +16,8 @@ pub const KERNEL: &str = "images/debian/vmlinuz";
 pub const INITRD: &str = "images/debian/initrd.img";
 /// initrd.img plus mkfs.ext4, e2fsck and socat (AF_VSOCK) from the build host.
 pub const INITRD_TOOLS: &str = "images/debian/initrd-tools.img";
+/// initrd-tools.img plus KVM's modules and `load-kvm` (not loaded at boot).
+pub const INITRD_NESTED: &str = "images/debian/initrd-nested.img";
 
 /// Boot to the init's first line (seconds on hardware, ~10 s in the emulated SVM host).
 pub const BOOT_WAIT: Duration = Duration::from_secs(600);

@@ -47,6 +47,9 @@ pub enum Need {
     Qemu,
     /// The Debian guest of `tools/debian-guest.sh` (images/debian).
     DebianGuest,
+    /// A KVM that gives guests hardware virtualization (SVM or VMX: `--nested` on by default)
+    /// and the Debian guest's initramfs with KVM's modules (`initrd-nested.img`).
+    NestedGuest,
 }
 
 /// Why this host cannot give `need`, if it cannot.
@@ -62,7 +65,8 @@ pub fn lacks(need: Need) -> Option<String> {
         Need::Root => (unsafe { libc::geteuid() } != 0)
             .then(|| "not root: network namespaces and taps need CAP_NET_ADMIN".to_string()),
         Need::GuestUserspace => {
-            let text = exitless_cmd(&["host"]).stdout.trim().to_string();
+            let out = exitless_cmd(&["host"]).stdout;
+            let text = out.lines().next().unwrap_or_default().trim().to_string();
             text.contains("PVM").then(|| {
                 format!(
                     "no guest userspace runs on this host ({text}); tools/test.sh runs this \
@@ -78,6 +82,25 @@ pub fn lacks(need: Need) -> Option<String> {
                 format!("qemu-system-x86_64 is not runnable ({e}): apt-get install qemu-system-x86")
             }),
         Need::DebianGuest => debian::missing(),
+        Need::NestedGuest => {
+            let text = exitless_cmd(&["host"]).stdout;
+            let line = text
+                .lines()
+                .find(|l| l.starts_with("nested virtualization:"))
+                .unwrap_or("no nested virtualization line from `exitless host`");
+            if !line.contains(" given to guests") {
+                Some(format!(
+                    "guests get no hardware virtualization here ({line})"
+                ))
+            } else if !Path::new(debian::INITRD_NESTED).exists() {
+                Some(format!(
+                    "{} is not built (tools/debian-guest.sh images/debian)",
+                    debian::INITRD_NESTED
+                ))
+            } else {
+                None
+            }
+        }
     }
 }
 

@@ -15,6 +15,8 @@
 //! - leaf 6 (thermal and power management) cleared: the guest cannot manage the host's power. ARAT
 //!   (APIC timer always running) is kept: KVM's LAPIC timer never stops in idle states, and
 //!   without it Linux would set up a broadcast timer it does not need;
+//! - SVM (0x8000_0001 ECX, leaf 0x8000_000A) and VMX (leaf 1 ECX) stay as KVM reports them; the
+//!   `nested` module clears them when the guest is not to be a hypervisor itself;
 //! - [`CpuidQuirks`]: features hidden because the host's instruction emulator cannot run them
 //!   (PVM hosts, see `host`). The same function serves hardware VMX/SVM hosts, where the quirks
 //!   are normally all off.

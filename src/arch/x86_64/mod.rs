@@ -1,4 +1,5 @@
-//! x86_64 boot: address map, ACPI tables, CPUID, MSRs, E820, kernel loading and boot registers.
+//! x86_64 boot: address map, ACPI tables, CPUID, MSRs, E820, kernel loading and boot registers;
+//! nested virtualization.
 pub mod acpi;
 pub mod boot;
 pub mod bzimage;
@@ -6,3 +7,4 @@ pub mod cpuid;
 pub mod elf_stream;
 pub mod layout;
 pub mod msr;
+pub mod nested;

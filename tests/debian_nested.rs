@@ -1,0 +1,312 @@
+//! Nested virtualization (`--nested`): the Debian guest as a hypervisor itself. With nested on
+//! (the default where the host KVM offers SVM or VMX) the guest sees SVM, loads its own `kvm-amd`
+//! (`nested=1`), gets /dev/kvm, and the exitless binary under test, run inside the guest, boots its
+//! embedded demo guest to `PASS` (three levels: the host KVM, exitless's guest, the demo). With
+//! `--nested off` the guest's CPU has no `svm` flag and `kvm-amd` refuses to load. And everywhere:
+//! `--nested on` is refused, with the reason, on a host that cannot give it (PVM).
+//!
+//! The guest's initramfs is `initrd-nested.img` (`tools/debian-guest.sh`: the tools initramfs
+//! plus KVM's modules and `load-kvm`) followed by one more archive written here: the exitless
+//! binary under test and the shared libraries its loader lists. Needs a KVM that runs guest
+//! userspace and offers nesting; on a PVM host `tools/test.sh` runs these tests inside the
+//! emulated SVM host (`tools/svm-host.sh`, whose kvm-amd runs with nested=1).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::debian::{self, results, Vm};
+use common::*;
+
+const NEEDS: &[Need] = &[
+    Need::Kvm,
+    Need::GuestUserspace,
+    Need::DebianGuest,
+    Need::NestedGuest,
+];
+
+/// The inner demo run: seconds under TCG in the emulated host, far less on hardware.
+const L3_WAIT: Duration = Duration::from_secs(600);
+
+/// One newc archive entry (the format the kernel unpacks an initramfs from).
+fn newc_entry(out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8]) {
+    let name = name.trim_start_matches('/');
+    let fields = [
+        0,
+        mode,
+        0,
+        0,
+        1,
+        0,
+        data.len() as u32,
+        0,
+        0,
+        0,
+        0,
+        name.len() as u32 + 1,
+        0,
+    ];
+    out.extend_from_slice(b"070701");
+    for f in fields {
+        out.extend_from_slice(format!("{f:08X}").as_bytes());
+    }
+    out.extend_from_slice(name.as_bytes());
+    out.push(0);
+    out.resize(out.len().next_multiple_of(4), 0);
+    out.extend_from_slice(data);
+    out.resize(out.len().next_multiple_of(4), 0);
+}
+
+/// The ELF interpreter (PT_INTERP) of `elf`, e.g. /lib64/ld-linux-x86-64.so.2.
+fn interpreter(elf: &[u8]) -> Option<String> {
+    let u16_at = |o: usize| Some(u16::from_le_bytes(elf.get(o..o + 2)?.try_into().ok()?));
+    let u64_at = |o: usize| Some(u64::from_le_bytes(elf.get(o..o + 8)?.try_into().ok()?));
+    let (phoff, phentsize, phnum) = (u64_at(0x20)? as usize, u16_at(0x36)?, u16_at(0x38)?);
+    (0..phnum as usize).find_map(|i| {
+        let ph = phoff + i * phentsize as usize;
+        if u32::from_le_bytes(elf.get(ph..ph + 4)?.try_into().ok()?) != 3 {
+            return None;
+        }
+        let (off, size) = (u64_at(ph + 8)? as usize, u64_at(ph + 32)? as usize);
+        let s = elf.get(off..off + size)?;
+        Some(
+            String::from_utf8_lossy(s)
+                .trim_end_matches('\0')
+                .to_string(),
+        )
+    })
+}
+
+/// The shared libraries `binary` loads, as its dynamic loader lists them (`ld.so --list`, what
+/// `ldd` runs; the emulated host has the loader but no `ldd`), the loader included.
+fn shared_libraries(binary: &str, elf: &[u8]) -> Vec<String> {
+    let Some(interp) = interpreter(elf) else {
+        return Vec::new(); // static
+    };
+    let out = Command::new(&interp)
+        .arg("--list")
+        .arg(binary)
+        .output()
+        .unwrap_or_else(|e| panic!("{interp} --list {binary}: {e}"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{interp} --list {binary}: {text}");
+    let mut libs: Vec<String> = text
+        .lines()
+        .filter_map(|l| {
+            let path = l.split("=> ").last()?.split(" (").next()?.trim();
+            path.starts_with('/').then(|| path.to_string())
+        })
+        .collect();
+    if !libs.contains(&interp) {
+        libs.push(interp);
+    }
+    libs
+}
+
+/// `initrd-nested.img` followed by an archive with the exitless binary under test at
+/// /bin/exitless and its shared libraries at their paths.
+fn nested_initrd(dir: &TempDir) -> PathBuf {
+    let mut img = std::fs::read(debian::INITRD_NESTED).expect("read initrd-nested.img");
+    let elf = std::fs::read(exitless()).expect("read the exitless binary");
+    let mut files = vec![("/bin/exitless".to_string(), elf.clone())];
+    for lib in shared_libraries(exitless(), &elf) {
+        let data = std::fs::read(&lib).unwrap_or_else(|e| panic!("read {lib}: {e}"));
+        files.push((lib, data));
+    }
+    for (path, data) in &files {
+        for parent in Path::new(path).ancestors().skip(1) {
+            if parent.as_os_str().len() > 1 {
+                newc_entry(&mut img, parent.to_str().unwrap(), 0o040755, &[]);
+            }
+        }
+        newc_entry(&mut img, path, 0o100755, data);
+    }
+    newc_entry(&mut img, "TRAILER!!!", 0, &[]);
+    let out = dir.path("initrd-nested-exitless.img");
+    std::fs::write(&out, img).unwrap();
+    out
+}
+
+/// The Debian guest's arguments with the nested initramfs (and `extra`).
+fn nested_args(dir: &TempDir, cpus: u32, mem: &str, extra: &[&str]) -> Vec<String> {
+    let initrd = nested_initrd(dir);
+    let mut args = debian::args(cpus, mem);
+    let at = args.iter().position(|a| a == "--initrd").unwrap() + 1;
+    args[at] = initrd.display().to_string();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// Counts the guest's CPUs with hardware virtualization flags.
+fn hw_virt_cpus(vm: &mut Vm) -> u64 {
+    vm.number(
+        "r hwvirt $(grep -E '^flags' /proc/cpuinfo | grep -cwE 'svm|vmx')",
+        "hwvirt",
+    )
+}
+
+/// `load-kvm nested=1` in the guest: its status, and whether /dev/kvm appeared.
+fn load_kvm(vm: &mut Vm) -> (u64, String) {
+    let status = vm.number("load-kvm nested=1; r loadkvm $?", "loadkvm");
+    let dev = vm.value(
+        "r devkvm $([ -c /dev/kvm ] && echo present || echo absent)",
+        "devkvm",
+    );
+    (status, dev)
+}
+
+#[test]
+fn debian_guest_loads_kvm_and_runs_exitless_demo_as_l3() {
+    const TEST: &str = "debian_guest_loads_kvm_and_runs_exitless_demo_as_l3";
+    if !needs(TEST, NEEDS) {
+        return;
+    }
+    let dir = TempDir::new("debian-nested");
+    let started = Instant::now();
+    let args = nested_args(&dir, 2, "1G", &[]);
+    let mut vm = Vm::boot_shell(None, &args, &dir.path("report.json"));
+    eprintln!(
+        "{TEST}: shell after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(hw_virt_cpus(&mut vm), 2, "both vCPUs show svm or vmx");
+    let (status, dev) = load_kvm(&mut vm);
+    assert_eq!((status, dev.as_str()), (0, "present"), "kvm loads");
+    let host = vm.value("r l2host $(exitless host 2>&1 | head -n 1)", "l2host");
+    assert_eq!(host, "hardware-assisted KVM");
+
+    // The demo as L3, its console and summary into a file (stdin from /dev/null: the guest's
+    // console stays the test's).
+    let out = vm.step(
+        "a=$(cut -d' ' -f1 /proc/uptime); exitless run --timeout 300 </dev/null >/tmp/l3 2>&1; \
+         s=$?; b=$(cut -d' ' -f1 /proc/uptime); cat /tmp/l3; r l3status $s; r l3uptime $a $b; \
+         r l3pass $(grep -c '^kit: PASS demo' /tmp/l3); \
+         r l3end $(grep -o 'guest powered off after [0-9.]* s' /tmp/l3); \
+         r l3exits $(sed -n 's/^exitless: \\([0-9]*\\) exits to userspace.*/\\1/p' /tmp/l3); \
+         r l3kvmexits $(grep -o ' exits=[0-9]*' /tmp/l3 | cut -d= -f2)",
+        L3_WAIT,
+    );
+    let res = results(&out);
+    let get = |k: &str| res.get(k).cloned().unwrap_or_default();
+    eprintln!("{TEST}: the L3 run inside the guest:\n{out}");
+    if get("l3status") != "0" || get("l3pass") != "1" {
+        vm.fail(&format!(
+            "exitless inside the guest: status {:?}, PASS lines {:?}",
+            get("l3status"),
+            get("l3pass")
+        ));
+    }
+    assert!(get("l3end").starts_with("guest powered off after"), "{out}");
+    let l3_exits: u64 = get("l3exits").parse().unwrap_or(0);
+    assert!(l3_exits > 0, "the L3 run counted its exits: {out}");
+    let (a, b) = get("l3uptime")
+        .split_once(' ')
+        .map(|(a, b)| (a.parse().unwrap_or(0.0), b.parse().unwrap_or(0.0)))
+        .unwrap_or((0.0, 0.0));
+    eprintln!(
+        "{TEST}: L3 demo inside L2: {} exits to userspace, {} in-kernel exits (L2's KVM), \
+         {:.2} s of L2 uptime for the whole inner exitless run, {}",
+        l3_exits,
+        get("l3kvmexits"),
+        b - a,
+        get("l3end")
+    );
+
+    vm.send("poweroff -f");
+    let r = vm.finish();
+    assert_eq!(r.status, Some(0), "{}", r.describe());
+    assert!(
+        r.stderr
+            .contains("nested virtualization: SVM given to the guest")
+            || r.stderr
+                .contains("nested virtualization: VMX given to the guest"),
+        "{}",
+        r.describe()
+    );
+    let report = r.report.as_ref().expect("the outer report");
+    assert!(report["nested"] == "SVM" || report["nested"] == "VMX");
+    eprintln!(
+        "{TEST}: the outer exitless (L1's KVM running the guest): {} exits to userspace, KVM: \
+         exits {}, nested_run {}",
+        report["total_exits"], report["kvm"]["exits"], report["kvm"]["nested_run"]
+    );
+}
+
+#[test]
+fn debian_guest_with_nested_off_has_no_svm_and_kvm_refuses_to_load() {
+    const TEST: &str = "debian_guest_with_nested_off_has_no_svm_and_kvm_refuses_to_load";
+    if !needs(TEST, NEEDS) {
+        return;
+    }
+    let dir = TempDir::new("debian-nested-off");
+    let args = nested_args(&dir, 2, "512M", &["--nested", "off"]);
+    let mut vm = Vm::boot_shell(None, &args, &dir.path("report.json"));
+    assert_eq!(hw_virt_cpus(&mut vm), 0, "no vCPU shows svm or vmx");
+    let (status, dev) = load_kvm(&mut vm);
+    let why = vm.value(
+        "r why $(dmesg | grep -iE 'kvm|svm|vmx' | tail -n 3 | tr '\\n' ' ')",
+        "why",
+    );
+    eprintln!("{TEST}: load-kvm status {status}, /dev/kvm {dev}, kernel: {why}");
+    assert_ne!(status, 0, "kvm's vendor module must not load: {why}");
+    assert_eq!(dev, "absent");
+    assert!(why.contains("support"), "the kernel says why: {why}");
+    vm.send("poweroff -f");
+    let r = vm.finish();
+    assert_eq!(r.status, Some(0), "{}", r.describe());
+    assert!(
+        !r.stderr.contains("nested virtualization:"),
+        "{}",
+        r.describe()
+    );
+    assert!(r.report.as_ref().is_some_and(|j| j["nested"].is_null()));
+}
+
+/// `--nested on` runs where the host gives nesting and is refused, with the reason, elsewhere;
+/// `--nested off` runs everywhere. Runs on any host with KVM (the demo guest needs no userspace).
+#[test]
+fn nested_on_is_refused_where_the_host_cannot_give_it() {
+    const TEST: &str = "nested_on_is_refused_where_the_host_cannot_give_it";
+    if !needs(TEST, &[Need::Kvm]) {
+        return;
+    }
+    let host = exitless_cmd(&["host"]).stdout;
+    let on = run(&["--nested", "on", "--timeout", "120"]);
+    if host.contains("given to guests") {
+        assert_eq!(on.status, Some(0), "{}", on.describe());
+        assert!(
+            on.stderr.contains("nested virtualization: "),
+            "{}",
+            on.describe()
+        );
+    } else {
+        assert_eq!(on.status, Some(1), "{}", on.describe());
+        let want = if host.contains("PVM") {
+            "this host's KVM is PVM"
+        } else {
+            "offers neither SVM nor VMX"
+        };
+        assert!(
+            on.stderr.contains("exitless: error: --nested on: ") && on.stderr.contains(want),
+            "{}",
+            on.describe()
+        );
+    }
+    let off = run(&["--nested", "off", "--timeout", "120"]);
+    assert_eq!(off.status, Some(0), "{}", off.describe());
+    assert!(off.stdout.contains("kit: PASS demo"), "{}", off.describe());
+    assert!(
+        !off.stderr.contains("nested virtualization:"),
+        "{}",
+        off.describe()
+    );
+    let bad = exitless_cmd(&["run", "--nested", "maybe"]);
+    assert_eq!(bad.status, Some(2), "{}", bad.describe());
+    assert!(
+        bad.stderr.contains("is not on, off or auto"),
+        "{}",
+        bad.describe()
+    );
+}
