@@ -157,6 +157,37 @@ fn load_kvm(vm: &mut Vm) -> (u64, String) {
     (status, dev)
 }
 
+/// The outer exitless's live counters (`exitless ctl stats`): exits to userspace, KVM's exits
+/// and its nested VMRUNs (the guest entering its own guest).
+#[derive(Debug, Default)]
+struct OuterCounters {
+    userspace: u64,
+    kvm_exits: u64,
+    nested_run: u64,
+}
+
+impl OuterCounters {
+    fn read(sock: &Path) -> OuterCounters {
+        let r = exitless_cmd(&["ctl", "--socket", sock.to_str().unwrap(), "stats"]);
+        let v: serde_json::Value = serde_json::from_str(&r.stdout)
+            .unwrap_or_else(|e| panic!("exitless ctl stats: {e}\n{}", r.describe()));
+        let exits = v["exits"].as_object().expect("exits by reason");
+        OuterCounters {
+            userspace: exits.values().filter_map(|n| n.as_u64()).sum(),
+            kvm_exits: v["kvm"]["exits"].as_u64().unwrap_or(0),
+            nested_run: v["kvm"]["nested_run"].as_u64().unwrap_or(0),
+        }
+    }
+
+    fn since(&self, earlier: &OuterCounters) -> OuterCounters {
+        OuterCounters {
+            userspace: self.userspace - earlier.userspace,
+            kvm_exits: self.kvm_exits - earlier.kvm_exits,
+            nested_run: self.nested_run - earlier.nested_run,
+        }
+    }
+}
+
 #[test]
 fn debian_guest_loads_kvm_and_runs_exitless_demo_as_l3() {
     const TEST: &str = "debian_guest_loads_kvm_and_runs_exitless_demo_as_l3";
@@ -165,7 +196,8 @@ fn debian_guest_loads_kvm_and_runs_exitless_demo_as_l3() {
     }
     let dir = TempDir::new("debian-nested");
     let started = Instant::now();
-    let args = nested_args(&dir, 2, "1G", &[]);
+    let sock = dir.path("api.sock");
+    let args = nested_args(&dir, 2, "1G", &["--api-socket", sock.to_str().unwrap()]);
     let mut vm = Vm::boot_shell(None, &args, &dir.path("report.json"));
     eprintln!(
         "{TEST}: shell after {:.1} s",
@@ -177,17 +209,24 @@ fn debian_guest_loads_kvm_and_runs_exitless_demo_as_l3() {
     let host = vm.value("r l2host $(exitless host 2>&1 | head -n 1)", "l2host");
     assert_eq!(host, "hardware-assisted KVM");
 
+    let before = OuterCounters::read(&sock);
     // The demo as L3, its console and summary into a file (stdin from /dev/null: the guest's
-    // console stays the test's).
-    let out = vm.step(
+    // console stays the test's). The outer counters bracket the inner run alone; its output is
+    // read afterwards.
+    let run = vm.step(
         "a=$(cut -d' ' -f1 /proc/uptime); exitless run --timeout 300 </dev/null >/tmp/l3 2>&1; \
-         s=$?; b=$(cut -d' ' -f1 /proc/uptime); cat /tmp/l3; r l3status $s; r l3uptime $a $b; \
-         r l3pass $(grep -c '^kit: PASS demo' /tmp/l3); \
-         r l3end $(grep -o 'guest powered off after [0-9.]* s' /tmp/l3); \
-         r l3exits $(sed -n 's/^exitless: \\([0-9]*\\) exits to userspace.*/\\1/p' /tmp/l3); \
-         r l3kvmexits $(grep -o ' exits=[0-9]*' /tmp/l3 | cut -d= -f2)",
+         s=$?; b=$(cut -d' ' -f1 /proc/uptime); r l3status $s; r l3uptime $a $b",
         L3_WAIT,
     );
+    let during = OuterCounters::read(&sock).since(&before);
+    let out = run
+        + &vm.step(
+            "cat /tmp/l3; r l3pass $(grep -c '^kit: PASS demo' /tmp/l3); \
+             r l3end $(grep -o 'guest powered off after [0-9.]* s' /tmp/l3); \
+             r l3exits $(sed -n 's/^exitless: \\([0-9]*\\) exits to userspace.*/\\1/p' /tmp/l3); \
+             r l3kvmexits $(grep -o ' exits=[0-9]*' /tmp/l3 | cut -d= -f2)",
+            debian::STEP_WAIT,
+        );
     let res = results(&out);
     let get = |k: &str| res.get(k).cloned().unwrap_or_default();
     eprintln!("{TEST}: the L3 run inside the guest:\n{out}");
@@ -212,6 +251,22 @@ fn debian_guest_loads_kvm_and_runs_exitless_demo_as_l3() {
         get("l3kvmexits"),
         b - a,
         get("l3end")
+    );
+
+    let l3_kvm_exits: u64 = get("l3kvmexits").parse().unwrap_or(0);
+    eprintln!(
+        "{TEST}: meanwhile the outer exitless (L1's KVM running the guest): {} exits to \
+         userspace, {} KVM exits, {} nested VMRUNs: {:.1} KVM exits per L3 exit (L2's own work in \
+         that window included)",
+        during.userspace,
+        during.kvm_exits,
+        during.nested_run,
+        during.kvm_exits as f64 / l3_kvm_exits.max(1) as f64
+    );
+    assert!(
+        during.nested_run >= l3_kvm_exits,
+        "every L3 exit L2's KVM handled was one nested VMRUN on L1's KVM: {} < {l3_kvm_exits}",
+        during.nested_run
     );
 
     vm.send("poweroff -f");
