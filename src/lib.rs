@@ -22,6 +22,8 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod devices;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod host;
 pub mod kit;
 pub mod kvm_stats;

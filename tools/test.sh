@@ -12,6 +12,8 @@
 #   EXITLESS_PVM_STOCK_BOOT=1 also run the opt-in stock-kernel boot on this host (20-25 minutes
 #                             on a PVM host; the same kernel is covered in the emulated host)
 #   EXITLESS_NO_SVM_HOST=1    do not use the emulated SVM host (its tests then count as skipped)
+#   EXITLESS_NO_FUZZ=1        skip the brief fuzzing run (counted as skipped)
+#   EXITLESS_FUZZ_SECONDS=N   seconds per fuzz target in that run (default 10)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -91,6 +93,31 @@ target/release/exitless host 2>&1 | grep -q "hardware-assisted" || in_svm_host=1
 skip_here=(--skip linux_)
 [ "$in_svm_host" = 1 ] && skip_here+=(--skip debian_)
 stage "tests on this host" cargo test --release -- --test-threads=2 "${skip_here[@]}"
+# A brief fuzzing run (tools/fuzz.sh, 10 s per target; the build takes a few minutes the first
+# time, into target/fuzz): counted as one test, skipped with the reason where nightly or
+# cargo-fuzz is missing (or EXITLESS_NO_FUZZ=1).
+fuzz_stage() {
+    local why=""
+    if [ "${EXITLESS_NO_FUZZ:-0}" = 1 ]; then
+        why="EXITLESS_NO_FUZZ=1"
+    elif ! cargo +nightly --version >/dev/null 2>&1; then
+        why="no nightly toolchain (rustup toolchain install nightly)"
+    elif ! cargo +nightly fuzz --help >/dev/null 2>&1; then
+        why="cargo-fuzz is not installed (cargo install cargo-fuzz)"
+    fi
+    if [ -n "$why" ]; then
+        echo "exitless-skip: fuzz: $why"
+        echo "test result: ok. 1 passed; 0 failed; 0 ignored (fuzz, skipped)"
+        return 0
+    fi
+    if CARGO_TARGET_DIR="$PWD/target/fuzz" tools/fuzz.sh "${EXITLESS_FUZZ_SECONDS:-10}"; then
+        echo "test result: ok. 1 passed; 0 failed; 0 ignored (fuzz)"
+    else
+        echo "test result: FAILED. 0 passed; 1 failed; 0 ignored (fuzz)"
+        return 1
+    fi
+}
+stage "fuzzing (tools/fuzz.sh, briefly)" fuzz_stage
 # Real kernels one at a time: on a host that emulates guest kernel code, the guest's timer tick
 # alone can take most of a core, and a second VM beside it starves both.
 linux_args=(--test-threads=1)

@@ -1,0 +1,35 @@
+import gzip, bz2, lzma, struct, os
+c='fuzz/corpus/'
+def elf(body=b'\x90'*64, paddr=0x100000):
+    eh=b'\x7fELF'+bytes([2,1,1,0])+b'\0'*8
+    eh+=struct.pack('<HHIQQQIHHHHHH',2,62,1,paddr,64,0,0,64,56,1,64,0,0)
+    ph=struct.pack('<IIQQQQQQ',1,7,120,paddr,paddr,len(body),len(body)+64,0x1000)
+    return eh+ph+body
+e=elf()
+open(c+'elf_sink/one_load','wb').write(b'\x3f\x00'+e)
+sz=struct.pack('<I',len(e))
+for name,p in [('gzip',gzip.compress(e)),('bzip2',bz2.compress(e)+sz),('xz',lzma.compress(e,format=lzma.FORMAT_XZ,check=lzma.CHECK_CRC32)+sz),('lzma',lzma.compress(e,format=lzma.FORMAT_ALONE)+sz)]:
+    open(c+'bzimage/'+name,'wb').write(b'\0'+p)
+n=len(e); tok=bytes([0xf0])+bytes([255]*((n-15)//255))+bytes([(n-15)%255])+e
+open(c+'bzimage/lz4','wb').write(b'\0'+struct.pack('<I',0x184c2102)+struct.pack('<I',len(tok))+tok+sz)
+fh=bytes([0x28,0xb5,0x2f,0xfd,0x20,n])
+blk=struct.pack('<I',(n<<3)|1)[:3]
+open(c+'bzimage/zstd','wb').write(b'\0'+fh+blk+e+sz)
+for i,l in enumerate(['{"op":"stats"}','{"op":"balloon","size":"48M"}','{"op":"balloon","bytes":8192}','{"op":"quit"}','{"op":"nope"}']):
+    open(c+'api_line/%d'%i,'w').write(l)
+def desc(addr,ln,flags,nxt): return struct.pack('<HHBB',addr//16,ln,flags,nxt)
+B=0x10000
+q=bytes([3])+desc(B,16,1,1)+desc(B+0x100,512,3,2)+desc(B+0x400,1,2,0)+bytes([1,0])
+open(c+'virtio_block/read','wb').write(bytes([1])+q+struct.pack('<IIQ',0,0,0))
+q=bytes([3])+desc(B,16,1,1)+desc(B+0x100,512,1,2)+desc(B+0x400,1,2,0)+bytes([1,0])
+open(c+'virtio_block/write','wb').write(bytes([1])+q+struct.pack('<IIQ',1,0,2)+b'\x5a'*16)
+open(c+'virtio_rng/two','wb').write(bytes([0,2])+desc(B,64,2,0)+desc(B+64,32,2,0)+bytes([2,0,1]))
+open(c+'virtio_balloon/inflate','wb').write(bytes([0,1])+desc(B,8,0,0)+bytes([1,0])+bytes([0,0])+bytes([0,0])+bytes([0,0])+struct.pack('<II',0x20,0x21))
+hdr=struct.pack('<QQIIIHHIII',3,2,1000,1234,0,1,1,0,65536,0)
+open(c+'virtio_vsock/request','wb').write(bytes([0,1])+desc(B+0x1000,4096,2,0)+bytes([1,0])+bytes([1])+desc(B,44,0,0)+bytes([1,0])+bytes([0])+hdr)
+ops=bytes([12])+struct.pack('<I',0)[:3]+bytes(8)
+ops+=bytes([13])+struct.pack('<I',0x04)[:3]+struct.pack('<Q',0x6)
+ops+=bytes([5])+struct.pack('<I',0x14)[:3]+struct.pack('<Q',3)
+ops+=bytes([16])+struct.pack('<I',0x04)[:3]+bytes(8)
+ops+=bytes([16])+struct.pack('<I',0x2000)[:3]+bytes(8)
+open(c+'pci/setup','wb').write(ops)

@@ -1,0 +1,357 @@
+//! Entry points for the fuzz targets in `fuzz/` (cargo-fuzz): not part of exitless's API.
+//!
+//! Each function takes the fuzzer's bytes and drives one piece of code that parses guest- or
+//! user-controlled input, the way the VMM drives it; none may panic, whatever the bytes.
+//! `fuzz/fuzz_targets/*.rs` are one line each over these, and the regression tests of the
+//! modules they reach feed the crashing inputs to the same code.
+
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::arch::x86_64::bzimage::{Payload, VecOutput};
+use crate::arch::x86_64::elf_stream::ElfSink;
+use crate::devices::virtio::irq::{Msix, NoRoutes};
+use crate::devices::virtio::queue::{Identity, Vq};
+use crate::devices::virtio::{Activation, VirtioDevice};
+
+/// Largest unpacked size the bzImage target lets a `VecOutput` have (the code's own bound,
+/// `MAX_UNPACKED`, is 512 MiB: fine for a boot, too slow for a fuzzer's every input).
+const FUZZ_MAX_VEC: usize = 16 << 20;
+
+/// A bzImage around `payload`: a setup header (boot protocol 2.15, one setup sector) whose
+/// `payload_offset`/`payload_length` name `payload`, placed right after the setup.
+pub fn bzimage_around(payload: &[u8]) -> Vec<u8> {
+    let mut image = vec![0u8; 1024];
+    image[0x1f1] = 1;
+    image[0x202..0x206].copy_from_slice(b"HdrS");
+    image[0x206..0x208].copy_from_slice(&0x20fu16.to_le_bytes());
+    image[0x24c..0x250].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    image.extend_from_slice(payload);
+    image
+}
+
+/// bzImage unpacking: the first byte picks whether `data[1..]` is a whole image (the header
+/// parse) or a payload (wrapped by [`bzimage_around`], to reach the decoders); the payload is
+/// unpacked into a `VecOutput` (sizes up to 16 MiB) and streamed into an `ElfSink` over 4 MiB of
+/// guest memory (every size).
+pub fn bzimage(data: &[u8]) {
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let image = if mode & 1 == 0 {
+        bzimage_around(rest)
+    } else {
+        rest.to_vec()
+    };
+    let Some(payload) = Payload::of(&image) else {
+        return;
+    };
+    if payload.size() <= FUZZ_MAX_VEC {
+        let mut out = VecOutput::new(payload.size());
+        if payload.unpack_into(&mut out).is_some() {
+            assert_eq!(out.into_vec().len(), payload.size());
+        }
+    }
+    let mem = guest_memory(4 << 20);
+    let mut sink = ElfSink::new(&mem, payload.size() as u64);
+    let unpacked = payload.unpack_into(&mut sink);
+    let kernel = sink.finish();
+    if unpacked.is_none() || kernel.is_err() {
+        sink.wipe();
+    }
+}
+
+/// The kernel-ELF sink on its own: `data` is the unpacked file, fed in pieces whose sizes come
+/// from its first bytes (as a decoder's windows would be), into 4 MiB of guest memory.
+pub fn elf_sink(data: &[u8]) {
+    use crate::arch::x86_64::bzimage::Output;
+    if data.len() < 2 {
+        return;
+    }
+    let (step, file) = (
+        usize::from(u16::from_le_bytes([data[0], data[1]])) + 1,
+        &data[2..],
+    );
+    let mem = guest_memory(4 << 20);
+    let mut sink = ElfSink::new(&mem, file.len() as u64);
+    let mut done = 0;
+    while done < file.len() {
+        let want = step.min(file.len() - done);
+        let Some(w) = sink.window(1, want) else {
+            break;
+        };
+        let n = w.len().min(want);
+        w[..n].copy_from_slice(&file[done..done + n]);
+        if sink.commit(n).is_none() {
+            break;
+        }
+        done += n;
+    }
+    if sink.finish().is_err() {
+        sink.wipe();
+    }
+}
+
+/// A control-API client's request line, against a VM that does nothing.
+pub fn api_line(data: &[u8]) {
+    struct Idle;
+    impl crate::api::Control for Idle {
+        fn stats(&self) -> serde_json::Value {
+            serde_json::json!({"uptime_s": 1.0})
+        }
+        fn set_balloon(&self, bytes: u64) -> Result<u32, String> {
+            u32::try_from(bytes / 4096).map_err(|e| e.to_string())
+        }
+        fn quit(&self) {}
+    }
+    if let Ok(line) = std::str::from_utf8(data) {
+        let answer = crate::api::handle_line(line, &Idle);
+        assert!(answer.get("ok").is_some(), "an answer says ok: {answer}");
+    }
+}
+
+/// Guest memory of `size` bytes from address 0.
+pub fn guest_memory(size: usize) -> GuestMemoryMmap {
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).expect("guest memory")
+}
+
+/// Entries of each fuzzed queue.
+const QUEUE_SIZE: u16 = 16;
+/// Guest memory of the virtio targets.
+const VIRTIO_MEM: usize = 1 << 20;
+/// Where queue `q`'s rings go: `q * RING_STRIDE` + descriptor table, avail ring, used ring.
+const RING_STRIDE: u64 = 0x1000;
+const AVAIL_OFF: u64 = 0x100;
+const USED_OFF: u64 = 0x200;
+/// Where the fuzzer's buffer bytes go.
+const BUFFERS: u64 = 0x10000;
+
+/// A device's queues driven by a hostile driver. `data`, read in order (missing bytes are 0):
+/// one byte of options (bit 0: `EVENT_IDX`), then for each queue: a descriptor count `n` (at most
+/// the queue's 16 entries), `n` descriptors of 8 bytes (u16 address in 16-byte units, `0xffff`:
+/// far outside memory; u16 length, `0xffff`: 4 GiB - 1; u8 flags; u8 next), an available count
+/// `m`, `m` head bytes; then the bytes the buffers hold, from `BUFFERS` on. The device is
+/// activated with every queue and each queue is processed in turn, twice.
+fn virtio_queues(dev: &mut dyn VirtioDevice, mem: &GuestMemoryMmap, data: &[u8]) {
+    let mut pos = 0;
+    let mut next = || {
+        pos += 1;
+        data.get(pos - 1).copied().unwrap_or(0)
+    };
+    let event_idx = next() & 1 != 0;
+    let nq = dev.queue_max_sizes().len();
+    let msix = Arc::new(Msix::new(nq as u16 + 1, Arc::new(NoRoutes::default())).expect("msix"));
+    let mut queues = Vec::new();
+    for q in 0..nq {
+        let base = q as u64 * RING_STRIDE;
+        let n = next().min(QUEUE_SIZE as u8);
+        for i in 0..u64::from(n) {
+            let unit = u16::from_le_bytes([next(), next()]);
+            let addr = match unit {
+                0xffff => 0x7fff_ffff_f000u64,
+                u => u64::from(u) * 16,
+            };
+            let len = match u16::from_le_bytes([next(), next()]) {
+                0xffff => u32::MAX,
+                l => u32::from(l),
+            };
+            let (flags, nxt) = (u16::from(next()), u16::from(next()));
+            let d = base + 16 * i;
+            mem.write_obj(addr, GuestAddress(d)).unwrap();
+            mem.write_obj(len, GuestAddress(d + 8)).unwrap();
+            mem.write_obj(flags, GuestAddress(d + 12)).unwrap();
+            mem.write_obj(nxt, GuestAddress(d + 14)).unwrap();
+        }
+        let m = next();
+        for k in 0..u64::from(m) {
+            let slot = base + AVAIL_OFF + 4 + 2 * (k % u64::from(QUEUE_SIZE));
+            mem.write_obj(u16::from(next()), GuestAddress(slot))
+                .unwrap();
+        }
+        mem.write_obj(u16::from(m), GuestAddress(base + AVAIL_OFF + 2))
+            .unwrap();
+        let mut queue = Queue::new(QUEUE_SIZE).expect("queue");
+        queue.set_size(QUEUE_SIZE);
+        queue
+            .try_set_desc_table_address(GuestAddress(base))
+            .expect("aligned");
+        queue
+            .try_set_avail_ring_address(GuestAddress(base + AVAIL_OFF))
+            .expect("aligned");
+        queue
+            .try_set_used_ring_address(GuestAddress(base + USED_OFF))
+            .expect("aligned");
+        queue.set_event_idx(event_idx);
+        queue.set_ready(true);
+        queues.push(Vq {
+            queue,
+            index: q as u16,
+            mem: mem.clone(),
+            translate: Arc::new(Identity),
+            msix: msix.clone(),
+            vector: q as u16,
+            bad_chains: 0,
+            polling: false,
+        });
+    }
+    let rest = data.get(pos..).unwrap_or_default();
+    let rest = &rest[..rest.len().min(VIRTIO_MEM - BUFFERS as usize)];
+    mem.write_slice(rest, GuestAddress(BUFFERS)).unwrap();
+    let features = dev.features();
+    let stats = dev.stats();
+    let Ok(mut handler) = dev.activate(Activation {
+        mem: mem.clone(),
+        queues,
+        features,
+        stats,
+    }) else {
+        return;
+    };
+    for _ in 0..2 {
+        for q in 0..nq {
+            if handler.process(q).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// A directory of this process's own for the files and sockets of the device targets.
+fn scratch_dir() -> &'static std::path::Path {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!("exitless-fuzz-{}", std::process::id()));
+        std::fs::create_dir_all(&d).expect("scratch directory");
+        d
+    })
+}
+
+/// virtio-blk over a 64 KiB image (the same image for every input of a process; it is unlinked
+/// once open and reached through `/proc/self/fd`, so nothing is left behind), queues as
+/// [`virtio_queues`] lays them out; bit 1 of the options byte makes the disk read-only.
+pub fn virtio_block(data: &[u8]) {
+    use crate::devices::virtio::block::Block;
+    use crate::devices::virtio::config::DiskConfig;
+    use std::os::fd::AsRawFd;
+    static IMAGE: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
+    let image = IMAGE.get_or_init(|| {
+        let path = scratch_dir().join("disk.img");
+        std::fs::write(&path, vec![0xaau8; 64 << 10]).expect("disk image");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .expect("disk image");
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_dir(scratch_dir());
+        f
+    });
+    let cfg = DiskConfig {
+        path: format!("/proc/self/fd/{}", image.as_raw_fd()).into(),
+        readonly: data.first().is_some_and(|o| o & 2 != 0),
+        id: Some("fuzz".into()),
+        direct: false,
+    };
+    let mut dev = Block::open(&cfg, 0).expect("virtio-blk");
+    virtio_queues(&mut dev, &guest_memory(VIRTIO_MEM), data);
+}
+
+/// virtio-rng, queues as [`virtio_queues`] lays them out.
+pub fn virtio_rng(data: &[u8]) {
+    let mut dev = crate::devices::virtio::rng::Rng::new();
+    virtio_queues(&mut dev, &guest_memory(VIRTIO_MEM), data);
+}
+
+/// virtio-balloon with every queue offered (statistics, reporting), queues as
+/// [`virtio_queues`] lays them out.
+pub fn virtio_balloon(data: &[u8]) {
+    use crate::devices::virtio::balloon::Balloon;
+    use crate::devices::virtio::config::BalloonConfig;
+    let mem = guest_memory(VIRTIO_MEM);
+    let cfg = BalloonConfig {
+        size: 64 << 10,
+        stats_interval: 1,
+        reporting: true,
+        deflate_on_oom: data.first().is_some_and(|o| o & 2 != 0),
+    };
+    let mut dev = Balloon::new(&cfg, &mem).expect("virtio-balloon");
+    virtio_queues(&mut dev, &mem, data);
+}
+
+/// virtio-vsock (guest cid 3) with its host socket in a directory of this process's own, queues
+/// as [`virtio_queues`] lays them out: the guest's packets go through the muxer (connections
+/// to host ports find no socket), its replies back to the rx queue.
+pub fn virtio_vsock(data: &[u8]) {
+    use crate::devices::virtio::config::VsockConfig;
+    use crate::devices::virtio::vsock::Vsock;
+    let dir = scratch_dir();
+    let cfg = VsockConfig {
+        cid: 3,
+        socket: dir.join("v.sock"),
+    };
+    let mut dev = Vsock::new(&cfg).expect("virtio-vsock");
+    virtio_queues(&mut dev, &guest_memory(VIRTIO_MEM), data);
+    drop(dev);
+    let _ = std::fs::remove_dir(dir);
+}
+
+/// The PCI side of a virtio device as a guest reaches it: configuration space through ECAM and
+/// through 0xcf8/0xcfc, BAR 0 (common configuration, notifications, ISR, device configuration,
+/// MSI-X table and PBA). `data` is a list of 12-byte accesses: u8 kind (0-1 ECAM read/write,
+/// 2-3 0xcf8/0xcfc read/write, 4-5 BAR read/write, kind / 6 picks the length 1, 2, 4 or 8),
+/// u24 offset (within the region), u64 value for a write. The device is virtio-rng (a driver
+/// that gets as far as DRIVER_OK starts its worker thread, stopped at the end).
+pub fn pci(data: &[u8]) {
+    use crate::devices::pci::{ConfigAddress, ConfigData, Ecam, PciDevice, PciRoot};
+    use crate::devices::virtio::transport::{VirtioPci, BAR_SIZE};
+    use crate::devices::BusDevice;
+    use std::sync::atomic::AtomicU32;
+    use std::sync::Mutex;
+    const BAR0: u64 = 0xc000_0000;
+    let mem = guest_memory(VIRTIO_MEM);
+    let dev = VirtioPci::new(
+        Box::new(crate::devices::virtio::rng::Rng::new()),
+        BAR0,
+        mem,
+        Arc::new(Identity),
+        Arc::new(NoRoutes::default()),
+    )
+    .expect("virtio-pci");
+    let dev = Arc::new(Mutex::new(dev));
+    let mut root = PciRoot::default();
+    let as_pci: Arc<Mutex<dyn PciDevice>> = dev.clone();
+    root.add(as_pci).expect("a PCI slot");
+    let root = Arc::new(root);
+    let mut ecam = Ecam(root.clone());
+    let address = Arc::new(AtomicU32::new(0));
+    let mut cf8 = ConfigAddress(address.clone());
+    let mut cfc = ConfigData { address, root };
+    for op in data.chunks_exact(12) {
+        let kind = op[0] % 24;
+        let len = [1, 2, 4, 8][usize::from(kind / 6)];
+        let offset = u64::from(u32::from_le_bytes([op[1], op[2], op[3], 0]));
+        let mut value = [0u8; 8];
+        value.copy_from_slice(&op[4..12]);
+        let buf = &mut value[..len];
+        match kind % 6 {
+            0 => ecam.read(offset % (1 << 20), buf),
+            1 => ecam.write(offset % (1 << 20), buf),
+            // The I/O ports: 0xcf8 takes 4-byte accesses at offset 0, 0xcfc 1 to 4 bytes.
+            2 | 3 if offset & 0x100 != 0 && len == 4 => {
+                if kind % 6 == 2 {
+                    cf8.read(0, buf)
+                } else {
+                    cf8.write(0, buf)
+                }
+            }
+            2 if len <= 4 => cfc.read(offset % 4, buf),
+            3 if len <= 4 => cfc.write(offset % 4, buf),
+            2 | 3 => {}
+            4 => dev.lock().unwrap().read(offset % BAR_SIZE, buf),
+            _ => dev.lock().unwrap().write(offset % BAR_SIZE, buf),
+        }
+    }
+    dev.lock().unwrap().stop_worker();
+}
