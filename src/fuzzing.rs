@@ -287,6 +287,7 @@ pub fn virtio_vsock(data: &[u8]) {
     use crate::devices::virtio::config::VsockConfig;
     use crate::devices::virtio::vsock::Vsock;
     let dir = scratch_dir();
+    std::fs::create_dir_all(dir).expect("scratch directory");
     let cfg = VsockConfig {
         cid: 3,
         socket: dir.join("v.sock"),

@@ -240,21 +240,28 @@ impl Vq {
 
     /// With `VIRTIO_RING_F_EVENT_IDX`: re-enables notifications; true if more chains arrived
     /// meanwhile (the caller loops).
+    /// An avail index more than the queue's size ahead of the device (a broken ring, which `pop`
+    /// refuses) is no work: true there would make the caller spin forever.
     pub fn enable_notification(&mut self) -> bool {
         if self.polling {
             return self.has_avail();
         }
-        self.queue.enable_notification(&self.mem).unwrap_or(false)
+        self.queue.enable_notification(&self.mem).unwrap_or(false) && self.has_avail()
     }
 
     /// Whether the driver has made chains available that the device has not taken yet (one read
-    /// of the avail index: cheap enough to spin on).
+    /// of the avail index: cheap enough to spin on). Not when the index is more than the queue's
+    /// size ahead: `pop` refuses such a ring (virtio-queue's `InvalidAvailRingIndex`), so there
+    /// is nothing to take until the driver fixes it or resets the device.
     pub fn has_avail(&self) -> bool {
         self.queue.ready()
             && self
                 .queue
                 .avail_idx(&self.mem, std::sync::atomic::Ordering::Acquire)
-                .is_ok_and(|i| i.0 != self.queue.next_avail())
+                .is_ok_and(|i| {
+                    let ahead = i.0.wrapping_sub(self.queue.next_avail());
+                    ahead != 0 && ahead <= self.queue.size()
+                })
     }
 
     pub fn disable_notification(&mut self) {
@@ -384,6 +391,30 @@ mod tests {
     use super::testing::*;
     use super::*;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+
+    /// Found by fuzzing (`fuzz/`, virtio_rng, block and balloon timed out): an avail index more
+    /// than the queue's size ahead of the device makes `pop` refuse the ring (virtio-queue's
+    /// `InvalidAvailRingIndex`), but `enable_notification` said chains were waiting, so every
+    /// device's `while pop ..; if !enable_notification() return` loop spun forever on the
+    /// worker thread. Such a ring has nothing to serve until the driver fixes it or resets.
+    #[test]
+    fn an_avail_index_past_the_ring_is_not_work_to_spin_on() {
+        for event_idx in [false, true] {
+            let mem = memory();
+            let dq = DriverQueue::new(8);
+            let mut q = vq(&mem, &dq, 0, event_idx);
+            mem.write_obj(9u16, GuestAddress(AVAIL + 2)).unwrap();
+            assert!(q.pop().is_none());
+            assert!(!q.has_avail());
+            assert!(!q.enable_notification(), "event_idx {event_idx}");
+            q.polling = true;
+            assert!(!q.enable_notification());
+            // A ring exactly full is work.
+            mem.write_obj(8u16, GuestAddress(AVAIL + 2)).unwrap();
+            assert!(q.has_avail());
+            assert!(q.pop().is_some());
+        }
+    }
 
     #[test]
     fn hostile_chains_are_refused_and_the_queue_goes_on() {
