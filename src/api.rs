@@ -126,6 +126,8 @@ impl ApiServer {
         std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
+                // Its client threads inherit the filter.
+                crate::seccomp::apply(crate::seccomp::Kind::Api);
                 for stream in listener.incoming() {
                     if flag.load(Ordering::SeqCst) {
                         return;

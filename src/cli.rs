@@ -181,6 +181,16 @@ pub struct RunArgs {
         hide_default_value = true
     )]
     pub nested: crate::arch::x86_64::nested::NestedMode,
+    /// System call filters, one per kind of thread (vCPU, device worker, control API, main):
+    /// `on` stops a forbidden call with SIGSYS, names the call and the thread on stderr and
+    /// exits with status 159; `log` lets it through and the kernel logs it (audit log or dmesg);
+    /// `off` runs unfiltered.
+    #[arg(long, value_enum, default_value_t = crate::seccomp::Mode::On)]
+    pub seccomp: crate::seccomp::Mode,
+    /// Test only: make a thread of this kind (main, vcpu, worker, api, console) issue a
+    /// forbidden system call (getpgid) once its filter is on.
+    #[arg(long, hide = true, value_name = "KIND")]
+    pub seccomp_selftest: Option<String>,
 }
 
 impl RunArgs {
@@ -275,6 +285,8 @@ impl RunArgs {
             virtio: self.virtio_config()?,
             api_socket: self.api_socket.clone(),
             nested: self.nested,
+            seccomp: self.seccomp,
+            seccomp_selftest: self.seccomp_selftest.clone(),
         })
     }
 }

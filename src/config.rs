@@ -102,6 +102,10 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
     /// Hardware virtualization for the guest (`--nested`, see `arch::x86_64::nested`).
     pub nested: crate::arch::x86_64::nested::NestedMode,
+    /// Seccomp filters per thread kind (`--seccomp`, see `seccomp`).
+    pub seccomp: crate::seccomp::Mode,
+    /// Test only: the thread kind that makes a forbidden system call (`--seccomp-selftest`).
+    pub seccomp_selftest: Option<String>,
 }
 
 impl VmConfig {

@@ -7,6 +7,7 @@
 //! - [`devices`]: device models by tier (`legacy` = emulated platform devices) and the I/O buses;
 //! - [`stats`]: exit counters and the end-of-run summary;
 //! - [`panics`]: panics of device workers and vCPUs, caught and reported once;
+//! - [`seccomp`]: the system call filters of each kind of thread;
 //! - [`ratelimit`]: rate limits on the warnings a guest can trigger;
 //! - [`startup`]: where the time before the first `KVM_RUN` goes;
 //! - [`host`]: what the host KVM is and what it cannot run;
@@ -30,6 +31,7 @@ pub mod kvm_stats;
 pub mod memory;
 pub mod panics;
 pub mod ratelimit;
+pub mod seccomp;
 pub mod startup;
 pub mod stats;
 pub mod terminal;

@@ -289,6 +289,8 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
             err,
         })?;
     }
+    // Compiled now, installed by each thread once its set-up is done (see `seccomp`).
+    crate::seccomp::init(cfg.seccomp, cfg.seccomp_selftest.as_deref()).map_err(VmmError::Config)?;
     let kvm = open_kvm()?;
     check_caps(&kvm)?;
     let host = HostInfo::detect(&kvm);
@@ -582,6 +584,9 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
         unsafe { libc::signal(sig, on_stop_signal as *const () as libc::sighandler_t) };
     }
 
+    // Device workers start (at DRIVER_OK, on a vCPU thread) through the launcher, under their
+    // own filters (see `seccomp`).
+    let launcher = crate::seccomp::start_launcher().map_err(VmmError::Kvm)?;
     let raw = crate::terminal::RawModeGuard::new();
     spawn_console_input(serial.clone(), end_tx.clone());
     let mut handles = Vec::new();
@@ -595,6 +600,8 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
         handles.push(h);
     }
     drop(end_tx);
+    // From here on the main thread only waits, stops the VM and reports.
+    crate::seccomp::apply(crate::seccomp::Kind::Main);
     // Periodic kicks: RIP samples, and on PVM hosts the chance to complete a stuck hypercall.
     let sampled: Vec<libc::pthread_t> = if cfg.sample_rips || host.is_pvm() {
         use std::os::unix::thread::JoinHandleExt;
@@ -647,6 +654,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
     if let Some(set) = &counters.virtio {
         set.shutdown();
     }
+    drop(launcher);
     crate::ratelimit::flush();
 
     let mut status = exit_status(&end, cfg);
@@ -732,6 +740,8 @@ fn stop_vcpus(
 /// of leaving the other vCPUs running; the panic goes on to the join, which reports it.
 fn vcpu_thread(v: Vcpu, end: crate::devices::VmEndSender) -> VcpuStats {
     let id = v.id;
+    // The vCPU's descriptors and its kvm_run page were set up on the main thread.
+    crate::seccomp::apply(crate::seccomp::Kind::Vcpu);
     match crate::panics::catch(|| v.run()) {
         Ok(s) => s,
         Err(msg) => {
@@ -778,6 +788,7 @@ fn spawn_console_input(serial: Arc<Mutex<serial::Serial>>, end: mpsc::Sender<VmE
     let _ = std::thread::Builder::new()
         .name("console-in".into())
         .spawn(move || {
+            crate::seccomp::apply(crate::seccomp::Kind::Console);
             let mut stdin = std::io::stdin();
             let mut buf = [0u8; 64];
             let mut escape = false;
@@ -845,6 +856,8 @@ mod tests {
             virtio: Default::default(),
             api_socket: None,
             nested: Default::default(),
+            seccomp: Default::default(),
+            seccomp_selftest: None,
         };
         assert_eq!(exit_status(&VmEnd::PowerOff, &cfg), 0);
         assert_eq!(exit_status(&VmEnd::Reset, &cfg), 0);

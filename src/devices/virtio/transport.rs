@@ -385,6 +385,7 @@ impl VirtioPci {
         stats.driver_ok.fetch_add(1, Ordering::Relaxed);
         match worker::spawn(
             self.dev.name(),
+            self.dev.kind(),
             handler,
             evts,
             kill2,

@@ -100,6 +100,7 @@ impl Ending {
 #[allow(clippy::too_many_arguments)]
 pub fn spawn(
     name: String,
+    kind: &str,
     mut handler: Box<dyn QueueHandler>,
     queue_evts: Vec<EventFd>,
     kill: EventFd,
@@ -124,31 +125,31 @@ pub fn spawn(
     for (i, fd) in handler.extra_fds().iter().enumerate() {
         add(*fd, EXTRA + i as u64)?;
     }
-    std::thread::Builder::new()
-        .name(name.clone())
-        .spawn(move || {
-            let end = Ending {
-                name,
-                stats,
-                shared,
-                msix,
-            };
-            let served = crate::panics::catch(|| {
-                serve(
-                    &mut *handler,
-                    &epoll,
-                    &queue_evts,
-                    extra,
-                    &end.stats,
-                    poll_max,
-                )
-            });
-            match served {
-                Ok(Ok(())) => {}
-                Ok(Err(why)) => end.failed(&why),
-                Err(msg) => end.panicked(msg),
-            }
-        })
+    // Through the launcher when seccomp filters are on (see `seccomp`); the worker installs its
+    // device kind's filter before it runs.
+    crate::seccomp::spawn_worker(name.clone(), kind, move || {
+        let end = Ending {
+            name,
+            stats,
+            shared,
+            msix,
+        };
+        let served = crate::panics::catch(|| {
+            serve(
+                &mut *handler,
+                &epoll,
+                &queue_evts,
+                extra,
+                &end.stats,
+                poll_max,
+            )
+        });
+        match served {
+            Ok(Ok(())) => {}
+            Ok(Err(why)) => end.failed(&why),
+            Err(msg) => end.panicked(msg),
+        }
+    })
 }
 
 /// The worker's loop: serves the queues until the kill eventfd fires (`Ok`) or the handler
@@ -374,6 +375,7 @@ mod tests {
         let msix = Arc::new(Msix::new(1, Arc::new(NoRoutes::default())).unwrap());
         let h = spawn(
             "bomb".into(),
+            "bomb",
             Box::new(Bomb),
             vec![EventFd::new(libc::EFD_NONBLOCK).unwrap()],
             EventFd::new(libc::EFD_NONBLOCK).unwrap(),
