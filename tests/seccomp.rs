@@ -27,7 +27,7 @@ fn assert_caught(kind: &str, shown: &str, extra: &[&str]) {
     let r = selftest(kind, "on", extra);
     assert_eq!(r.status, Some(159), "{kind}: {}", r.stderr);
     let want = format!(
-        "exitless: seccomp: the {shown} thread made a forbidden system call: getpgid (121)"
+        "exitless: seccomp: the {shown} thread made a forbidden system call: getpgid (121) with 0x0,"
     );
     assert!(
         r.stderr.contains(&want),

@@ -27,8 +27,8 @@
 //!
 //! **What a forbidden call does.** With `on`, the kernel stops the call with `SIGSYS`
 //! (`SECCOMP_RET_TRAP`); exitless's handler restores the terminal, writes one line naming the
-//! thread kind and the system call (`exitless: seccomp: the vcpu thread made a forbidden system
-//! call: getpgid (121)`) and ends the process with status [`TRAP_STATUS`] (159 = 128 + SIGSYS).
+//! thread kind, the system call and its first three arguments (`exitless: seccomp: the vcpu
+//! thread made a forbidden system call: getpgid (121) with 0x0, ...`) and ends the process with status [`TRAP_STATUS`] (159 = 128 + SIGSYS).
 //! With `log`, the kernel logs the call (`SECCOMP_RET_LOG`: the audit log or `dmesg`) and lets it
 //! through: the way to find a missing entry on a new host without losing a VM.
 //!
@@ -175,6 +175,7 @@ ioctl_ior_nr!(KVM_GET_FPU, KVMIO, 0x8c, kvm_fpu);
 ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_lapic_state);
 ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
 ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
+ioctl_iow_nr!(KVM_SET_VCPU_EVENTS, KVMIO, 0xa0, kvm_vcpu_events);
 ioctl_iow_nr!(KVM_IRQ_LINE, KVMIO, 0x61, kvm_irq_level);
 ioctl_iowr_nr!(KVM_IRQ_LINE_STATUS, KVMIO, 0x67, kvm_irq_level);
 ioctl_iow_nr!(KVM_SET_GSI_ROUTING, KVMIO, 0x6a, kvm_irq_routing);
@@ -359,6 +360,9 @@ fn vcpu() -> Rules {
             KVM_GET_SREGS(),
             KVM_SET_SREGS(),
             KVM_TRANSLATE(),
+            // A completed emulation that faults injects the exception.
+            KVM_GET_VCPU_EVENTS(),
+            KVM_SET_VCPU_EVENTS(),
             // Not issued on the paths the tests take; allowed so that a new exit path reading
             // vCPU state does not kill a VM on a host these tests have not seen.
             KVM_GET_MSRS(),
@@ -366,7 +370,6 @@ fn vcpu() -> Rules {
             KVM_GET_FPU(),
             KVM_GET_LAPIC(),
             KVM_GET_MP_STATE(),
-            KVM_GET_VCPU_EVENTS(),
             // VM-level interrupt plumbing (MSI-X table writes, BAR moves).
             KVM_SET_GSI_ROUTING(),
             KVM_IRQFD(),
@@ -614,7 +617,7 @@ struct SigsysInfo {
 
 /// A fixed buffer that `write!` fills without allocating (a signal handler must not).
 struct StackBuf {
-    buf: [u8; 256],
+    buf: [u8; 512],
     len: usize,
 }
 
@@ -627,21 +630,29 @@ impl std::fmt::Write for StackBuf {
     }
 }
 
-extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     use std::fmt::Write;
     // SAFETY: the kernel passes a valid siginfo_t for SIGSYS, whose layout is `SigsysInfo`.
     let nr = i64::from(unsafe { (*(info as *const SigsysInfo)).syscall });
+    // The call's first three arguments, from the registers it was made with (rdi, rsi, rdx).
+    // SAFETY: with SA_SIGINFO the third argument is the thread's ucontext_t.
+    let regs = unsafe { &(*(ctx as *const libc::ucontext_t)).uc_mcontext.gregs };
+    let args = [libc::REG_RDI, libc::REG_RSI, libc::REG_RDX].map(|r| regs[r as usize] as u64);
     let kind = Kind::from_code(KIND.with(Cell::get)).map_or("unfiltered", Kind::name);
     crate::terminal::restore();
     let mut out = StackBuf {
-        buf: [0; 256],
+        buf: [0; 512],
         len: 0,
     };
     let _ = writeln!(
         out,
-        "\nexitless: seccomp: the {kind} thread made a forbidden system call: {} ({nr}); \
-         exiting with status {TRAP_STATUS} (--seccomp log allows and logs it)",
-        syscall_name(nr).unwrap_or("?")
+        "\nexitless: seccomp: the {kind} thread made a forbidden system call: {} ({nr}) \
+         with {:#x}, {:#x}, {:#x}; exiting with status {TRAP_STATUS} (--seccomp log allows and \
+         logs it)",
+        syscall_name(nr).unwrap_or("?"),
+        args[0],
+        args[1],
+        args[2],
     );
     // SAFETY: write and _exit are async-signal-safe; `out.buf` holds `out.len` bytes.
     unsafe {
@@ -776,5 +787,9 @@ mod tests {
         assert_eq!(syscall_name(libc::SYS_ioctl), Some("ioctl"));
         assert_eq!(syscall_name(100_000), None);
         assert!(!rules(Kind::Vcpu).contains_key(&libc::SYS_getpgid));
+        // What strace prints for them.
+        assert_eq!(KVM_RUN(), 0xae80);
+        assert_eq!(KVM_SET_VCPU_EVENTS(), 0x4040_aea0);
+        assert_eq!(KVM_SET_GSI_ROUTING(), 0x4008_ae6a);
     }
 }
