@@ -215,7 +215,13 @@ fn merge(into: &mut Rules, from: Rules) {
         match into.get_mut(&call) {
             Some(have) if have.is_empty() => {}
             Some(have) if rules.is_empty() => have.clear(),
-            Some(have) => have.extend(rules),
+            Some(have) => {
+                for rule in rules {
+                    if !have.contains(&rule) {
+                        have.push(rule);
+                    }
+                }
+            }
             None => {
                 into.insert(call, rules);
             }
@@ -779,6 +785,42 @@ mod tests {
                 assert!(have.is_empty() || !rules.is_empty(), "{call}");
             }
         }
+    }
+
+    #[test]
+    fn the_lists_stay_short_and_forbid_what_no_thread_needs() {
+        for k in [
+            Kind::Main,
+            Kind::Console,
+            Kind::Vcpu,
+            Kind::Api,
+            Kind::Launcher,
+        ]
+        .into_iter()
+        .chain(Device::ALL.into_iter().map(Kind::Worker))
+        {
+            let r = rules(k);
+            let ioctls = r.get(&libc::SYS_ioctl).map_or(0, Vec::len);
+            eprintln!(
+                "{}: {} system calls, {ioctls} ioctl requests",
+                k.name(),
+                r.len()
+            );
+            assert!(r.len() < 70, "{}: {}", k.name(), r.len());
+            for forbidden in [
+                libc::SYS_execve,
+                libc::SYS_ptrace,
+                libc::SYS_open_by_handle_at,
+                libc::SYS_mount,
+                libc::SYS_bpf,
+                libc::SYS_kill,
+            ] {
+                assert!(!r.contains_key(&forbidden), "{}: {forbidden}", k.name());
+            }
+            assert!(!r[&libc::SYS_ioctl].is_empty(), "{}: any ioctl", k.name());
+        }
+        assert!(!rules(Kind::Vcpu).contains_key(&libc::SYS_openat));
+        assert!(!rules(Kind::Worker(Device::Rng)).contains_key(&libc::SYS_socket));
     }
 
     #[test]
