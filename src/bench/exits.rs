@@ -417,6 +417,9 @@ pub struct Counters {
     pub probe: BTreeMap<String, u64>,
     /// Dispatch time by exit reason, when the report has it.
     pub vmm_ns_by_exit: BTreeMap<String, u64>,
+    /// KVM's `exits` statistic of the VM (every exit, in-kernel ones included), when the report
+    /// has it.
+    pub kvm_exits: Option<u64>,
 }
 
 impl Counters {
@@ -437,6 +440,8 @@ impl Counters {
             add(&mut t.probe, &c.probe);
             add(&mut t.vmm_ns_by_exit, &c.vmm_ns_by_exit);
         }
+        // Known only when every run's report had it.
+        t.kvm_exits = all.iter().map(|c| c.kvm_exits).sum();
         t
     }
 
@@ -471,6 +476,7 @@ impl Counters {
             mmio_pages: map("mmio_pages"),
             probe,
             vmm_ns_by_exit: map("vmm_ns_by_exit"),
+            kvm_exits: v["kvm"]["exits"].as_u64(),
         })
     }
 }
@@ -971,6 +977,15 @@ pub fn run(args: &ExitsArgs) -> Result<(), String> {
     }
     let rows = rows(&ours, &exits, peer.as_ref(), hz);
     let disp = dispatch(&counters);
+    if let Some(path) = &args.counts {
+        let counts = json!({
+            "rounds": rounds,
+            "kvm_exits": counters.kvm_exits,
+            "exits_to_userspace": counters.total_exits,
+        });
+        std::fs::write(path, format!("{counts}\n"))
+            .map_err(|e| format!("--counts {}: {e}", path.display()))?;
+    }
     if args.json {
         println!(
             "{}",
@@ -1159,7 +1174,25 @@ mod tests {
             mmio_pages: BTreeMap::from([("0xf0000000".into(), mmio)]),
             probe,
             vmm_ns_by_exit: BTreeMap::from([("mmio_read".into(), 500 * probe_mmio_reads(run))]),
+            kvm_exits: Some(pio + mmio + 500),
         }
+    }
+
+    #[test]
+    fn kvm_exits_add_up_only_when_every_run_has_them() {
+        let a = Counters {
+            kvm_exits: Some(7),
+            ..Counters::default()
+        };
+        let b = Counters {
+            kvm_exits: Some(5),
+            ..Counters::default()
+        };
+        assert_eq!(Counters::sum(&[a.clone(), b]).kvm_exits, Some(12));
+        assert_eq!(Counters::sum(&[a, Counters::default()]).kvm_exits, None);
+        let report = json!({"total_exits": 3, "kvm": {"exits": 42},
+            "devices": [{"device": "probe", "facts": {}}]});
+        assert_eq!(Counters::from_report(&report).unwrap().kvm_exits, Some(42));
     }
 
     fn probe_mmio_reads(run: &GuestRun) -> u64 {

@@ -9,10 +9,13 @@
 //!   overhead, side by side with QEMU microvm and q35 (`bench boot`).
 //! - [`io`]: virtio block (and later network) throughput and exits per request, side by side
 //!   with QEMU (`bench io`).
+//! - [`nested`]: the exit bench at L2 and at L3 (exitless inside exitless's guest), with L1's
+//!   exits per L3 exit (`bench nested`).
 
 pub mod boot;
 pub mod exits;
 pub mod io;
+pub mod nested;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
@@ -36,6 +39,11 @@ pub enum BenchCommand {
     /// VMM's private memory outside guest RAM, side by side with QEMU microvm and q35 (`--vs
     /// qemu`). Needs hardware-style KVM (e.g. tools/svm-host.sh on a host without it).
     Boot(boot::BootArgs),
+    /// The exit bench's operations at L2 (the bench guest under exitless here) and at L3 (under
+    /// exitless inside the Debian guest, itself under exitless here with --nested on), with L1's
+    /// KVM exits per L3 exit (Turtles' exit multiplication). Needs a host whose KVM gives guests
+    /// SVM or VMX (e.g. tools/svm-host.sh exitless bench nested on a host without it).
+    Nested(nested::NestedArgs),
 }
 
 /// Arguments of `exitless bench io`.
@@ -88,6 +96,11 @@ pub struct ExitsArgs {
     /// The kit guest to boot (tests use others to check the bench's error handling).
     #[arg(long, default_value = "bench", hide = true)]
     pub guest: String,
+    /// Also write the exit counts of exitless's runs (all rounds added up) to this file as JSON:
+    /// `rounds`, `kvm_exits` (KVM's `exits` statistic of the bench VMs: every exit, in-kernel
+    /// ones included) and `exits_to_userspace` (`bench nested` reads it inside its guest).
+    #[arg(long, hide = true)]
+    pub counts: Option<PathBuf>,
 }
 
 /// A VMM to compare with.
@@ -102,6 +115,7 @@ pub fn main(cmd: BenchCommand) -> ExitCode {
         BenchCommand::Exits(args) => exits::run(&args),
         BenchCommand::Io(args) => io::run(&args),
         BenchCommand::Boot(args) => boot::run(&args),
+        BenchCommand::Nested(args) => nested::run(&args),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
