@@ -8,7 +8,7 @@
 # then runs each target from its seed corpus (fuzz/corpus/TARGET, in the repository) plus what
 # earlier runs found (fuzz/corpus-run/TARGET, local, where new inputs go). Prints the executions
 # per target and every crash (the input is kept in fuzz/artifacts/TARGET/); exits 1 when a target
-# crashed, 3 when nightly or cargo-fuzz is missing. Targets run one at a time (the machine is
+# crashed, 2 when the build failed, 3 when nightly or cargo-fuzz is missing. Targets run one at a time (the machine is
 # shared); CARGO_TARGET_DIR is honoured (default fuzz/target).
 set -uo pipefail
 
@@ -45,12 +45,14 @@ if ! cargo +nightly fuzz --help >/dev/null 2>&1; then
 fi
 
 echo "fuzz: building ${targets[*]}"
-if ! cargo +nightly fuzz build >build.log 2>&1; then
-    tail -30 build.log >&2
+build_log=$(mktemp)
+if ! cargo +nightly fuzz build >"$build_log" 2>&1; then
+    tail -30 "$build_log" >&2
+    rm -f "$build_log"
     echo "fuzz: build failed" >&2
     exit 2
 fi
-rm -f build.log
+rm -f "$build_log"
 
 crashed=()
 for t in "${targets[@]}"; do
