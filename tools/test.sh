@@ -102,8 +102,10 @@ fuzz_stage() {
         why="EXITLESS_NO_FUZZ=1"
     elif ! cargo +nightly --version >/dev/null 2>&1; then
         why="no nightly toolchain (rustup toolchain install nightly)"
-    elif ! cargo +nightly fuzz --help >/dev/null 2>&1; then
-        why="cargo-fuzz is not installed (cargo install cargo-fuzz)"
+    elif ! cargo +nightly fuzz --help >/dev/null 2>&1 &&
+        ! { echo "tools/test.sh: installing cargo-fuzz (cargo install cargo-fuzz --locked)" &&
+            cargo install -q cargo-fuzz --locked; }; then
+        why="cargo-fuzz is not installed and cargo install cargo-fuzz failed"
     fi
     if [ -n "$why" ]; then
         echo "exitless-skip: fuzz: $why"
