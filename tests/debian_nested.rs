@@ -14,7 +14,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::debian::{self, results, Vm};
@@ -30,102 +29,16 @@ const NEEDS: &[Need] = &[
 /// The inner demo run: seconds under TCG in the emulated host, far less on hardware.
 const L3_WAIT: Duration = Duration::from_secs(600);
 
-/// One newc archive entry (the format the kernel unpacks an initramfs from).
-fn newc_entry(out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8]) {
-    let name = name.trim_start_matches('/');
-    let fields = [
-        0,
-        mode,
-        0,
-        0,
-        1,
-        0,
-        data.len() as u32,
-        0,
-        0,
-        0,
-        0,
-        name.len() as u32 + 1,
-        0,
-    ];
-    out.extend_from_slice(b"070701");
-    for f in fields {
-        out.extend_from_slice(format!("{f:08X}").as_bytes());
-    }
-    out.extend_from_slice(name.as_bytes());
-    out.push(0);
-    out.resize(out.len().next_multiple_of(4), 0);
-    out.extend_from_slice(data);
-    out.resize(out.len().next_multiple_of(4), 0);
-}
-
-/// The ELF interpreter (PT_INTERP) of `elf`, e.g. /lib64/ld-linux-x86-64.so.2.
-fn interpreter(elf: &[u8]) -> Option<String> {
-    let u16_at = |o: usize| Some(u16::from_le_bytes(elf.get(o..o + 2)?.try_into().ok()?));
-    let u64_at = |o: usize| Some(u64::from_le_bytes(elf.get(o..o + 8)?.try_into().ok()?));
-    let (phoff, phentsize, phnum) = (u64_at(0x20)? as usize, u16_at(0x36)?, u16_at(0x38)?);
-    (0..phnum as usize).find_map(|i| {
-        let ph = phoff + i * phentsize as usize;
-        if u32::from_le_bytes(elf.get(ph..ph + 4)?.try_into().ok()?) != 3 {
-            return None;
-        }
-        let (off, size) = (u64_at(ph + 8)? as usize, u64_at(ph + 32)? as usize);
-        let s = elf.get(off..off + size)?;
-        Some(
-            String::from_utf8_lossy(s)
-                .trim_end_matches('\0')
-                .to_string(),
-        )
-    })
-}
-
-/// The shared libraries `binary` loads, as its dynamic loader lists them (`ld.so --list`, what
-/// `ldd` runs; the emulated host has the loader but no `ldd`), the loader included.
-fn shared_libraries(binary: &str, elf: &[u8]) -> Vec<String> {
-    let Some(interp) = interpreter(elf) else {
-        return Vec::new(); // static
-    };
-    let out = Command::new(&interp)
-        .arg("--list")
-        .arg(binary)
-        .output()
-        .unwrap_or_else(|e| panic!("{interp} --list {binary}: {e}"));
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{interp} --list {binary}: {text}");
-    let mut libs: Vec<String> = text
-        .lines()
-        .filter_map(|l| {
-            let path = l.split("=> ").last()?.split(" (").next()?.trim();
-            path.starts_with('/').then(|| path.to_string())
-        })
-        .collect();
-    if !libs.contains(&interp) {
-        libs.push(interp);
-    }
-    libs
-}
-
 /// `initrd-nested.img` followed by an archive with the exitless binary under test at
 /// /bin/exitless and its shared libraries at their paths.
 fn nested_initrd(dir: &TempDir) -> PathBuf {
-    let mut img = std::fs::read(debian::INITRD_NESTED).expect("read initrd-nested.img");
-    let elf = std::fs::read(exitless()).expect("read the exitless binary");
-    let mut files = vec![("/bin/exitless".to_string(), elf.clone())];
-    for lib in shared_libraries(exitless(), &elf) {
-        let data = std::fs::read(&lib).unwrap_or_else(|e| panic!("read {lib}: {e}"));
-        files.push((lib, data));
-    }
-    for (path, data) in &files {
-        for parent in Path::new(path).ancestors().skip(1) {
-            if parent.as_os_str().len() > 1 {
-                newc_entry(&mut img, parent.to_str().unwrap(), 0o040755, &[]);
-            }
-        }
-        newc_entry(&mut img, path, 0o100755, data);
-    }
-    newc_entry(&mut img, "TRAILER!!!", 0, &[]);
     let out = dir.path("initrd-nested-exitless.img");
-    std::fs::write(&out, img).unwrap();
+    exitless::bench::nested::initrd_with_exitless(
+        Path::new(debian::INITRD_NESTED),
+        Path::new(exitless()),
+        &out,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     out
 }
 

@@ -211,15 +211,16 @@ fn shared_libraries(binary: &Path, elf: &[u8]) -> Result<Vec<String>, String> {
     Ok(libs)
 }
 
-/// `base` followed by an archive with this binary at /bin/exitless and its shared libraries at
-/// their paths, written to `out`.
-fn nested_initrd(base: &Path, out: &Path) -> Result<(), String> {
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find exitless itself: {e}"))?;
+/// `base` followed by an archive with `binary` at /bin/exitless and its shared libraries at their
+/// paths, written to `out` (an initramfs that runs exitless inside the guest; the nested test
+/// builds its own with the binary under test).
+pub fn initrd_with_exitless(base: &Path, binary: &Path, out: &Path) -> Result<(), String> {
     let mut img =
         std::fs::read(base).map_err(|e| format!("cannot read {}: {e}", base.display()))?;
-    let elf = std::fs::read(&exe).map_err(|e| format!("cannot read {}: {e}", exe.display()))?;
+    let elf =
+        std::fs::read(binary).map_err(|e| format!("cannot read {}: {e}", binary.display()))?;
     let mut files = vec![("/bin/exitless".to_string(), elf.clone())];
-    for lib in shared_libraries(&exe, &elf)? {
+    for lib in shared_libraries(binary, &elf)? {
         let data = std::fs::read(&lib).map_err(|e| format!("cannot read {lib}: {e}"))?;
         files.push((lib, data));
     }
@@ -591,7 +592,8 @@ fn demo_l2(args: &NestedArgs, dir: &Path) -> Result<(f64, f64), String> {
 /// L3: the Debian guest with nesting, its KVM, and `exitless bench exits` inside it.
 fn run_l3(args: &NestedArgs, dir: &Path, progress: &dyn Fn(&str)) -> Result<Inner, String> {
     let initrd = dir.join("initrd-nested-exitless.img");
-    nested_initrd(&args.initrd, &initrd)?;
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find exitless itself: {e}"))?;
+    initrd_with_exitless(&args.initrd, &exe, &initrd)?;
     let socket = dir.join("l2.sock");
     let limit = Duration::from_secs_f64(args.timeout);
     let s = |p: &Path| p.display().to_string();
