@@ -38,6 +38,9 @@ const TX: usize = 1;
 pub struct Vsock {
     cid: u64,
     path: PathBuf,
+    /// The socket's path was removed (it is removed once: whichever thread drops the device last,
+    /// e.g. a control-API client's, may not be allowed to unlink under seccomp).
+    removed: bool,
     listener: UnixListener,
     stats: Arc<DeviceStats>,
 }
@@ -77,6 +80,7 @@ impl Vsock {
         Ok(Vsock {
             cid: cfg.cid,
             path,
+            removed: false,
             listener,
             stats,
         })
@@ -86,7 +90,9 @@ impl Vsock {
 impl Vsock {
     /// Removes the socket's path: host clients can no longer reach a VM that has ended.
     fn remove_socket(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if !std::mem::replace(&mut self.removed, true) {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -429,7 +435,11 @@ mod tests {
         assert!(dir.join("v.sock").exists());
         dev.release();
         assert!(!dir.join("v.sock").exists(), "release removes the socket");
+        // Dropping it later (maybe on a thread whose seccomp filter has no unlink) removes
+        // nothing more: a new file at the path stays.
+        std::fs::write(dir.join("v.sock"), b"someone else's").unwrap();
         drop(dev);
+        assert!(dir.join("v.sock").exists(), "the path is removed once");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
