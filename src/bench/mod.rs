@@ -232,6 +232,19 @@ pub fn tail(text: &str, n: usize) -> String {
         .join("\n")
 }
 
+/// The `=R= KEY VALUE` lines a guest's shell printed, as KEY → VALUE (the last one wins); a
+/// result may follow the shell's prompt on the same line. The real-guest tests read them too.
+pub fn results(console: &str) -> std::collections::BTreeMap<String, String> {
+    console
+        .lines()
+        .filter_map(|l| Some(&l[l.find("=R= ")? + 4..]))
+        .map(|rest| match rest.trim().split_once(' ') {
+            Some((k, v)) => (k.to_string(), v.trim().to_string()),
+            None => (rest.trim().to_string(), String::new()),
+        })
+        .collect()
+}
+
 pub fn read_lossy(p: &Path) -> String {
     std::fs::read(p)
         .map(|b| String::from_utf8_lossy(&b).into_owned())

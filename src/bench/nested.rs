@@ -45,7 +45,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use serde_json::{json, Value};
 
-use super::{read_lossy, round1, round3, tail, wait_with_limit, TempDir};
+use super::{read_lossy, results, round1, round3, tail, wait_with_limit, TempDir};
 
 /// Arguments of `exitless bench nested`.
 #[derive(Args, Debug, Clone)]
@@ -383,17 +383,6 @@ impl Drop for Guest {
             let _ = self.child.wait();
         }
     }
-}
-
-/// The `=R= KEY VALUE` lines in `text`, as KEY → VALUE (the last one wins).
-pub fn results(text: &str) -> std::collections::BTreeMap<String, String> {
-    text.lines()
-        .filter_map(|l| Some(&l[l.find("=R= ")? + 4..]))
-        .map(|rest| match rest.trim().split_once(' ') {
-            Some((k, v)) => (k.to_string(), v.trim().to_string()),
-            None => (rest.trim().to_string(), String::new()),
-        })
-        .collect()
 }
 
 /// The lines between the `=R= BEGIN` and `=R= END` lines of `text` (a file the guest printed).

@@ -157,7 +157,8 @@ impl Kind {
         }
     }
 
-    fn from_code(c: u8) -> Option<Kind> {
+    /// Every thread kind, each device's worker included.
+    fn all() -> impl Iterator<Item = Kind> {
         [
             Kind::Main,
             Kind::Console,
@@ -168,7 +169,10 @@ impl Kind {
         .into_iter()
         .chain(Device::ALL.into_iter().map(Kind::Worker))
         .chain([Kind::Worker(Device::Other)])
-        .find(|k| k.code() == c)
+    }
+
+    fn from_code(c: u8) -> Option<Kind> {
+        Kind::all().find(|k| k.code() == c)
     }
 }
 
@@ -566,17 +570,7 @@ pub fn init(mode: Mode, selftest: Option<&str>) -> Result<(), String> {
         return Ok(());
     }
     let mut programs = Vec::new();
-    for k in [
-        Kind::Main,
-        Kind::Console,
-        Kind::Vcpu,
-        Kind::Api,
-        Kind::Launcher,
-    ]
-    .into_iter()
-    .chain(Device::ALL.into_iter().map(Kind::Worker))
-    .chain([Kind::Worker(Device::Other)])
-    {
+    for k in Kind::all() {
         programs.push((k, compile(k, mode)?));
     }
     install_sigsys_handler()?;

@@ -299,17 +299,7 @@ impl Drop for Vm {
 }
 
 /// The `=R= KEY VALUE` lines the guest printed, as KEY → VALUE (the last one wins).
-pub fn results(console: &str) -> std::collections::BTreeMap<String, String> {
-    console
-        .lines()
-        // A result may follow the shell's prompt on the same line.
-        .filter_map(|l| Some(&l[l.find("=R= ")? + 4..]))
-        .map(|rest| match rest.trim().split_once(' ') {
-            Some((k, v)) => (k.to_string(), v.trim().to_string()),
-            None => (rest.trim().to_string(), String::new()),
-        })
-        .collect()
-}
+pub use exitless::bench::results;
 
 /// A marker of fixed length (prefix + 8 hex digits) unique to this run.
 pub fn marker(prefix: &str) -> String {
