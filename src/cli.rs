@@ -187,6 +187,12 @@ pub struct RunArgs {
     /// `off` runs unfiltered.
     #[arg(long, value_enum, default_value_t = crate::seccomp::Mode::On)]
     pub seccomp: crate::seccomp::Mode,
+    /// Limit the memory the VMM (guest RAM included) may use, so that the host reclaims guest
+    /// RAM behind the guest's back (uncooperative swapping): `SIZE[,swap=SIZE][,cgroup=PATH]`.
+    /// exitless creates a memory cgroup for itself (root only) and removes it at the end, or
+    /// joins the existing group PATH (size 0 keeps that group's limit).
+    #[arg(long, value_name = "SIZE[,swap=SIZE][,cgroup=PATH]")]
+    pub mem_limit: Option<String>,
     /// Test only: make a thread of this kind (main, vcpu, worker, api, console) issue a
     /// forbidden system call (getpgid) once its filter is on.
     #[arg(long, hide = true, value_name = "KIND")]
@@ -287,6 +293,11 @@ impl RunArgs {
             nested: self.nested,
             seccomp: self.seccomp,
             seccomp_selftest: self.seccomp_selftest.clone(),
+            mem_limit: self
+                .mem_limit
+                .as_deref()
+                .map(crate::memlimit::parse)
+                .transpose()?,
         })
     }
 }

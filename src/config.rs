@@ -106,6 +106,8 @@ pub struct VmConfig {
     pub seccomp: crate::seccomp::Mode,
     /// Test only: the thread kind that makes a forbidden system call (`--seccomp-selftest`).
     pub seccomp_selftest: Option<String>,
+    /// `--mem-limit`: the VMM runs in a memory cgroup with this limit (see `memlimit`).
+    pub mem_limit: Option<crate::memlimit::MemLimitConfig>,
 }
 
 impl VmConfig {

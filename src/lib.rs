@@ -2,7 +2,7 @@
 //!
 //! Layout, one module per concern:
 //! - [`arch`]: x86_64 boot (address map, kernel loading, boot registers, E820, ACPI, CPUID, MSRs);
-//! - [`memory`]: guest RAM;
+//! - [`memory`]: guest RAM; [`memlimit`]: the VMM's memory cgroup (`--mem-limit`);
 //! - [`vcpu`]: the vCPU thread, its run loop and exit dispatch, completion of failed emulations;
 //! - [`devices`]: device models by tier (`legacy` = emulated platform devices) and the I/O buses;
 //! - [`stats`]: exit counters and the end-of-run summary;
@@ -28,6 +28,7 @@ pub mod fuzzing;
 pub mod host;
 pub mod kit;
 pub mod kvm_stats;
+pub mod memlimit;
 pub mod memory;
 pub mod panics;
 pub mod ratelimit;

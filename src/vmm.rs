@@ -320,6 +320,13 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
         _ => Vec::new(),
     };
 
+    // Before guest RAM exists: pages are charged to the cgroup of the task that first touches them.
+    let mem_cgroup = cfg
+        .mem_limit
+        .as_ref()
+        .map(crate::memlimit::MemCgroup::enter)
+        .transpose()
+        .map_err(VmmError::Config)?;
     let mem = crate::memory::create(cfg.mem_bytes)?;
     let (low_ram, high_ram) = crate::memory::split(cfg.mem_bytes);
     let vm = kvm.create_vm().map_err(kvm_err("creating the VM"))?;
@@ -669,6 +676,12 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
     report.panics.extend(problems);
     report.panics.extend(counters.panics());
     report.nested = hw_virt.map(|h| h.name().to_string());
+    if let Some(cg) = &mem_cgroup {
+        report.devices.push(crate::stats::DeviceFact {
+            device: "memory-cgroup".into(),
+            facts: cg.facts().into_iter().map(|(k, v)| (k.into(), v)).collect(),
+        });
+    }
     drop(kvm_stats_fds);
     let console_tail = console_watch
         .lock()
@@ -858,6 +871,7 @@ mod tests {
             nested: Default::default(),
             seccomp: Default::default(),
             seccomp_selftest: None,
+            mem_limit: None,
         };
         assert_eq!(exit_status(&VmEnd::PowerOff, &cfg), 0);
         assert_eq!(exit_status(&VmEnd::Reset, &cfg), 0);
