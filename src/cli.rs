@@ -181,6 +181,27 @@ pub struct RunArgs {
         hide_default_value = true
     )]
     pub nested: crate::arch::x86_64::nested::NestedMode,
+    /// x2APIC for the guest: `on` or `off`. With x2APIC the guest's LAPIC is driven by MSRs (an
+    /// EOI is a short in-kernel MSR exit, or none with APICv) instead of the xAPIC MMIO page
+    /// (an APIC-access exit KVM must decode). Default: on where the host KVM offers it (every
+    /// KVM emulates it); `off` hides the CPUID bit; `on` is refused where KVM lacks it.
+    #[arg(
+        long,
+        value_name = "on|off",
+        default_value = "auto",
+        hide_default_value = true
+    )]
+    pub x2apic: crate::arch::x86_64::irq_path::Toggle,
+    /// KVM's paravirtual EOI (KVM_FEATURE_PV_EOI): the guest acknowledges most interrupts in
+    /// shared memory instead of writing the EOI register, with no exit. Default: on where the
+    /// host KVM offers it; `off` hides the feature bit; `on` is refused where KVM lacks it.
+    #[arg(
+        long,
+        value_name = "on|off",
+        default_value = "auto",
+        hide_default_value = true
+    )]
+    pub pv_eoi: crate::arch::x86_64::irq_path::Toggle,
     /// System call filters, one per kind of thread (vCPU, device worker, control API, main):
     /// `on` stops a forbidden call with SIGSYS, names the call and the thread on stderr and
     /// exits with status 159; `log` lets it through and the kernel logs it (audit log or dmesg);
@@ -291,6 +312,10 @@ impl RunArgs {
             virtio: self.virtio_config()?,
             api_socket: self.api_socket.clone(),
             nested: self.nested,
+            irq_path: crate::arch::x86_64::irq_path::IrqPathRequest {
+                x2apic: self.x2apic,
+                pv_eoi: self.pv_eoi,
+            },
             seccomp: self.seccomp,
             seccomp_selftest: self.seccomp_selftest.clone(),
             mem_limit: self
@@ -323,6 +348,16 @@ mod tests {
         assert_eq!(c.mem_bytes, 64 << 20);
         assert!(c.debug_exit && c.probe && c.summary);
         assert!(c.cmdline.is_empty());
+        assert_eq!(c.irq_path, Default::default());
+        let c = run_args(&["--x2apic", "off", "--pv-eoi=on"])
+            .unwrap()
+            .to_config("")
+            .unwrap();
+        use crate::arch::x86_64::irq_path::Toggle;
+        assert_eq!(
+            (c.irq_path.x2apic, c.irq_path.pv_eoi),
+            (Toggle::Off, Toggle::On)
+        );
     }
 
     #[test]
@@ -380,6 +415,10 @@ mod tests {
         assert!(run_args(&["--timeout=-3"])
             .map(|a| a.to_config("").is_err())
             .unwrap_or(true));
+        for opt in ["--x2apic", "--pv-eoi"] {
+            let e = run_args(&[opt, "maybe"]).unwrap_err().to_string();
+            assert!(e.contains("on, off or auto"), "{e}");
+        }
         assert!(run_args(&["--timeout", "0"])
             .unwrap()
             .to_config("")

@@ -102,6 +102,8 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
     /// Hardware virtualization for the guest (`--nested`, see `arch::x86_64::nested`).
     pub nested: crate::arch::x86_64::nested::NestedMode,
+    /// x2APIC and PV EOI for the guest (`--x2apic`, `--pv-eoi`, see `arch::x86_64::irq_path`).
+    pub irq_path: crate::arch::x86_64::irq_path::IrqPathRequest,
     /// Seccomp filters per thread kind (`--seccomp`, see `seccomp`).
     pub seccomp: crate::seccomp::Mode,
     /// Test only: the thread kind that makes a forbidden system call (`--seccomp-selftest`).

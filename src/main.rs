@@ -60,6 +60,7 @@ fn main() -> ExitCode {
                         .unwrap_or_else(|| "hardware-assisted KVM".into())
                 );
                 println!("{}", exitless::vmm::nested_line(&kvm, &host));
+                println!("{}", exitless::vmm::irq_path_line(&kvm, &host));
                 ExitCode::SUCCESS
             }
             Err(e) => fail(&e.to_string()),

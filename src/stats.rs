@@ -328,6 +328,9 @@ pub struct RunReport {
     /// The hardware virtualization the guest was given ("SVM", "VMX"; `--nested`), if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nested: Option<String>,
+    /// x2APIC and PV EOI as the guest got them (`--x2apic`, `--pv-eoi`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub irq_path: Option<crate::arch::x86_64::irq_path::IrqPath>,
 }
 
 /// How many of the hottest sampled RIPs the report keeps.
@@ -432,6 +435,7 @@ impl RunReport {
             startup: Default::default(),
             panics: Vec::new(),
             nested: None,
+            irq_path: None,
         }
     }
 
@@ -476,6 +480,9 @@ impl RunReport {
                 s,
                 "exitless: nested virtualization: {hw} given to the guest"
             );
+        }
+        if let Some(p) = &self.irq_path {
+            let _ = writeln!(s, "exitless: interrupt completion: {}", p.describe());
         }
         if self.total_exits > 0 {
             let _ = writeln!(

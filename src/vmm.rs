@@ -21,7 +21,7 @@ use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion}
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::nested::{self, HwVirt};
-use crate::arch::x86_64::{acpi, boot, cpuid, layout, msr};
+use crate::arch::x86_64::{acpi, boot, cpuid, irq_path, layout, msr};
 use crate::config::{KernelSource, VmConfig};
 use crate::devices::legacy::{debug_exit, i8042, pm, probe, rtc, serial};
 use crate::devices::{Bus, BusDevice, VmEnd};
@@ -81,6 +81,31 @@ pub fn nested_line(kvm: &Kvm, host: &HostInfo) -> String {
         _ => "nested virtualization: none (the host KVM offers no SVM or VMX to guests; nested=1?)"
             .into(),
     }
+}
+
+/// One line for `exitless host`: the interrupt-completion path and KVM PV features guests get by
+/// default.
+pub fn irq_path_line(kvm: &Kvm, host: &HostInfo) -> String {
+    let Ok(supported) = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES) else {
+        return "interrupt completion: unknown (cannot read KVM's supported CPUID)".into();
+    };
+    let mut guest = supported.clone();
+    cpuid::filter_cpuid(&mut guest, 0, 1, &host.cpuid_quirks());
+    let path = irq_path::resolve(Default::default(), irq_path::offered(supported.as_slice()))
+        .unwrap_or(irq_path::IrqPath {
+            x2apic: false,
+            pv_eoi: false,
+        });
+    let pv = cpuid::kvm_pv_features(guest.as_slice());
+    format!(
+        "interrupt completion: {} (--x2apic/--pv-eoi off hide them); KVM PV features given: {}",
+        path.describe(),
+        if pv.is_empty() {
+            "none".to_string()
+        } else {
+            pv.join(" ")
+        }
+    )
 }
 
 /// How a run ended.
@@ -315,6 +340,8 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
         host.is_pvm(),
     )
     .map_err(VmmError::Config)?;
+    let irq_path = irq_path::resolve(cfg.irq_path, irq_path::offered(supported.as_slice()))
+        .map_err(VmmError::Config)?;
     let vmx_msrs = match hw_virt {
         Some(HwVirt::Vmx) => nested::vmx_capability_msrs(&kvm).map_err(VmmError::Kvm)?,
         _ => Vec::new(),
@@ -536,6 +563,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
         if hw_virt.is_none() {
             nested::hide(&mut c);
         }
+        irq_path::apply(&mut c, irq_path);
         fd.set_cpuid2(&c).map_err(kvm_err("setting CPUID"))?;
         nested::set_vmx_capability_msrs(&fd, &vmx_msrs).map_err(VmmError::Kvm)?;
         let msrs = msr::boot_msr_entries(msr_list.as_slice());
@@ -682,6 +710,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
             facts: cg.facts().into_iter().map(|(k, v)| (k.into(), v)).collect(),
         });
     }
+    report.irq_path = Some(irq_path);
     drop(kvm_stats_fds);
     let console_tail = console_watch
         .lock()
@@ -869,6 +898,7 @@ mod tests {
             virtio: Default::default(),
             api_socket: None,
             nested: Default::default(),
+            irq_path: Default::default(),
             seccomp: Default::default(),
             seccomp_selftest: None,
             mem_limit: None,

@@ -344,3 +344,59 @@ fn a_kernel_mode_hypercall_always_completes() {
         );
     }
 }
+
+/// `--x2apic` and `--pv-eoi` reach the guest's CPUID (the demo prints the bits it sees), the
+/// run report says what the guest got, and `on` is never refused where the default gave it.
+#[test]
+fn x2apic_and_pv_eoi_options_reach_the_guest_cpuid() {
+    if !kvm_available("x2apic/pv-eoi options") {
+        return;
+    }
+    let default = run(&[]);
+    assert_eq!(default.status, Some(0), "{}", default.describe());
+    let path = default.report.as_ref().unwrap()["irq_path"].clone();
+    let (x2apic, pv_eoi) = (path["x2apic"] == true, path["pv_eoi"] == true);
+    let bit = |b: bool| if b { 1 } else { 0 };
+    assert!(
+        default.stdout.contains(&format!(
+            "kit: cpuid x2apic {} pv-eoi {} ",
+            bit(x2apic),
+            bit(pv_eoi)
+        )),
+        "{}",
+        default.describe()
+    );
+    for (x, p) in [("off", "off"), ("off", "auto"), ("auto", "off")] {
+        let r = run(&["--x2apic", x, "--pv-eoi", p]);
+        assert_eq!(r.status, Some(0), "{}", r.describe());
+        let want_x = x2apic && x != "off";
+        let want_p = pv_eoi && p != "off";
+        assert!(
+            r.stdout.contains(&format!(
+                "kit: cpuid x2apic {} pv-eoi {} ",
+                bit(want_x),
+                bit(want_p)
+            )),
+            "--x2apic {x} --pv-eoi {p}: {}",
+            r.describe()
+        );
+        let got = &r.report.as_ref().unwrap()["irq_path"];
+        assert_eq!(
+            (got["x2apic"] == true, got["pv_eoi"] == true),
+            (want_x, want_p)
+        );
+    }
+    // `on` where the host offers it works; where it does not, it is refused before the guest runs.
+    for (opt, offered) in [("--x2apic", x2apic), ("--pv-eoi", pv_eoi)] {
+        let r = run(&[opt, "on"]);
+        if offered {
+            assert_eq!(r.status, Some(0), "{}", r.describe());
+        } else {
+            assert_eq!(r.status, Some(1), "{}", r.describe());
+            assert!(r.stderr.contains(&format!("{opt} on:")), "{}", r.describe());
+        }
+    }
+    let bad = run(&["--pv-eoi", "sometimes"]);
+    assert_ne!(bad.status, Some(0));
+    assert!(bad.stderr.contains("on, off or auto"), "{}", bad.describe());
+}

@@ -18,6 +18,18 @@ fn main(boot: &'static kit::BootInfo) -> ! {
         arch::text(&arch::vendor()),
         arch::text(&arch::brand())
     );
+    let x2apic = arch::cpuid(1, 0).2 >> 21 & 1;
+    let kvm_features = if arch::cpuid(0x4000_0000, 0).0 >= 0x4000_0001 {
+        arch::cpuid(0x4000_0001, 0).0
+    } else {
+        0
+    };
+    println!(
+        "kit: cpuid x2apic {} pv-eoi {} kvm-features {:#x}",
+        x2apic,
+        kvm_features >> 6 & 1,
+        kvm_features
+    );
     println!(
         "kit: ram {} MiB in {} memory map entries",
         boot.ram_bytes >> 20,

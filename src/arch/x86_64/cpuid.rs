@@ -59,10 +59,41 @@ pub mod bits {
     /// Leaf 0x4000_0001 EAX (KVM paravirtual features).
     pub const KVM_FEATURE_STEAL_TIME: u32 = 5;
     pub const KVM_FEATURE_CLOCKSOURCE_STABLE_BIT: u32 = 24;
+    pub const KVM_FEATURE_PV_EOI: u32 = 6;
     pub const KVM_FEATURE_PV_UNHALT: u32 = 7;
     pub const KVM_FEATURE_PV_TLB_FLUSH: u32 = 9;
     pub const KVM_FEATURE_PV_SEND_IPI: u32 = 11;
+    pub const KVM_FEATURE_POLL_CONTROL: u32 = 12;
     pub const KVM_FEATURE_PV_SCHED_YIELD: u32 = 13;
+    /// Leaf 0x4000_0001 EDX: the vCPUs never get preempted (dedicated cores).
+    pub const KVM_HINTS_REALTIME: u32 = 0;
+}
+
+/// The KVM paravirtual features of the interrupt and idle paths a guest can use without help from
+/// the VMM, by leaf 0x4000_0001 EAX bit, with the names `exitless host` prints.
+pub const KVM_PV_FEATURES: [(u32, &str); 6] = [
+    (bits::KVM_FEATURE_PV_EOI, "pv-eoi"),
+    (bits::KVM_FEATURE_PV_UNHALT, "pv-unhalt"),
+    (bits::KVM_FEATURE_PV_SEND_IPI, "pv-send-ipi"),
+    (bits::KVM_FEATURE_PV_TLB_FLUSH, "pv-tlb-flush"),
+    (bits::KVM_FEATURE_PV_SCHED_YIELD, "pv-sched-yield"),
+    (bits::KVM_FEATURE_POLL_CONTROL, "poll-control"),
+];
+
+/// The names of the [`KVM_PV_FEATURES`] set in a vCPU's (or KVM's supported) CPUID.
+pub fn kvm_pv_features(entries: &[kvm_cpuid_entry2]) -> Vec<&'static str> {
+    let signed = entries
+        .iter()
+        .any(|e| e.function == 0x4000_0000 && e.eax >= 0x4000_0001);
+    let eax = entries
+        .iter()
+        .find(|e| e.function == 0x4000_0001)
+        .map_or(0, |e| e.eax);
+    KVM_PV_FEATURES
+        .iter()
+        .filter(|(bit, _)| signed && eax & (1 << bit) != 0)
+        .map(|&(_, name)| name)
+        .collect()
 }
 
 /// Leaf 0x4000_0001 EAX bits hidden with [`CpuidQuirks::hide_kvm_hypercalls`].
@@ -696,6 +727,43 @@ mod tests {
         // kvmclock, PV EOI (an MSR, the exitless EOI path) and the rest stay.
         assert_eq!(f, 0x0100_7efb & !(1 << 7 | 1 << 9 | 1 << 11 | 1 << 13));
         assert_ne!(f & (1 << 6), 0, "PV EOI kept");
+    }
+
+    /// Hardware-style hosts: every PV feature of the interrupt and idle paths KVM offers reaches
+    /// the guest. PVM hosts: only those that need no kernel-mode hypercall (PV EOI, poll control).
+    #[test]
+    fn pv_feature_sets_per_host_kind() {
+        let all = [
+            "pv-eoi",
+            "pv-unhalt",
+            "pv-send-ipi",
+            "pv-tlb-flush",
+            "pv-sched-yield",
+            "poll-control",
+        ];
+        for host in [intel(), amd()] {
+            assert_eq!(kvm_pv_features(&host), all, "KVM's supported set");
+            let c = filtered(&host, 0, 2, &CpuidQuirks::default());
+            assert_eq!(kvm_pv_features(c.as_slice()), all, "hardware host");
+            let pvm = crate::host::HostInfo {
+                pvm: Some(crate::host::PvmInfo {
+                    native_guests_emulated: true,
+                    version: None,
+                    features: None,
+                    tsc_khz: None,
+                    emul_batch: None,
+                    evidence: crate::host::PvmEvidence::Module,
+                }),
+                kvm_module: Some("kvm_pvm"),
+                cpu_vendor: String::new(),
+            };
+            let c = filtered(&host, 0, 2, &pvm.cpuid_quirks());
+            assert_eq!(kvm_pv_features(c.as_slice()), ["pv-eoi", "poll-control"]);
+        }
+        // No KVM signature: no KVM features, whatever the bits say.
+        let mut unsigned = intel();
+        unsigned.retain(|e| e.function != 0x4000_0000);
+        assert!(kvm_pv_features(&unsigned).is_empty());
     }
 
     #[test]

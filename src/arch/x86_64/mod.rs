@@ -5,6 +5,7 @@ pub mod boot;
 pub mod bzimage;
 pub mod cpuid;
 pub mod elf_stream;
+pub mod irq_path;
 pub mod layout;
 pub mod msr;
 pub mod nested;
