@@ -10,7 +10,8 @@
 //! - [`seccomp`]: the system call filters of each kind of thread;
 //! - [`ratelimit`]: rate limits on the warnings a guest can trigger;
 //! - [`startup`]: where the time before the first `KVM_RUN` goes;
-//! - [`host`]: what the host KVM is and what it cannot run;
+//! - [`host`]: what the host KVM is and what it cannot run; [`apicv`]: whether it virtualizes
+//!   the guest's APIC (APICv/AVIC, posted interrupts), and why not;
 //! - [`kvm_stats`]: KVM's own per-vCPU exit counters (binary statistics);
 //! - [`vmm`]: builds a VM from a [`config::VmConfig`] and runs it to the end;
 //! - [`kit`]: the embedded test-kit guests;
@@ -18,6 +19,7 @@
 //! - [`cli`] and [`terminal`]: the command line and the console.
 
 pub mod api;
+pub mod apicv;
 pub mod arch;
 pub mod bench;
 pub mod cli;

@@ -331,6 +331,9 @@ pub struct RunReport {
     /// x2APIC and PV EOI as the guest got them (`--x2apic`, `--pv-eoi`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub irq_path: Option<crate::arch::x86_64::irq_path::IrqPath>,
+    /// The host's APIC virtualization for this VM: active or not, and why (see `apicv`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub apic_virt: Option<crate::apicv::ApicVirt>,
 }
 
 /// How many of the hottest sampled RIPs the report keeps.
@@ -436,6 +439,7 @@ impl RunReport {
             panics: Vec::new(),
             nested: None,
             irq_path: None,
+            apic_virt: None,
         }
     }
 
@@ -483,6 +487,9 @@ impl RunReport {
         }
         if let Some(p) = &self.irq_path {
             let _ = writeln!(s, "exitless: interrupt completion: {}", p.describe());
+        }
+        if let Some(a) = &self.apic_virt {
+            let _ = writeln!(s, "exitless: interrupt delivery: {}", a.describe());
         }
         if self.total_exits > 0 {
             let _ = writeln!(

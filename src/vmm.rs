@@ -91,20 +91,27 @@ pub fn irq_path_line(kvm: &Kvm, host: &HostInfo) -> String {
     };
     let mut guest = supported.clone();
     cpuid::filter_cpuid(&mut guest, 0, 1, &host.cpuid_quirks());
-    let path = irq_path::resolve(Default::default(), irq_path::offered(supported.as_slice()))
-        .unwrap_or(irq_path::IrqPath {
+    let host_apic = crate::apicv::HostApic::detect(host.kvm_module);
+    let path = irq_path::resolve(
+        Default::default(),
+        irq_path::offered(supported.as_slice()),
+        host_apic.x2apic_inhibits(),
+    )
+    .unwrap_or(irq_path::IrqPath {
             x2apic: false,
             pv_eoi: false,
         });
     let pv = cpuid::kvm_pv_features(guest.as_slice());
     format!(
-        "interrupt completion: {} (--x2apic/--pv-eoi off hide them); KVM PV features given: {}",
+        "interrupt completion: {} (--x2apic/--pv-eoi off hide them); KVM PV features given: {}\n\
+         interrupt delivery: {}",
         path.describe(),
         if pv.is_empty() {
             "none".to_string()
         } else {
             pv.join(" ")
-        }
+        },
+        host_apic.assess(path.x2apic).describe()
     )
 }
 
@@ -340,8 +347,14 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
         host.is_pvm(),
     )
     .map_err(VmmError::Config)?;
-    let irq_path = irq_path::resolve(cfg.irq_path, irq_path::offered(supported.as_slice()))
-        .map_err(VmmError::Config)?;
+    let host_apic = crate::apicv::HostApic::detect(host.kvm_module);
+    let irq_path = irq_path::resolve(
+        cfg.irq_path,
+        irq_path::offered(supported.as_slice()),
+        host_apic.x2apic_inhibits(),
+    )
+    .map_err(VmmError::Config)?;
+    let apic_virt = host_apic.assess(irq_path.x2apic);
     let vmx_msrs = match hw_virt {
         Some(HwVirt::Vmx) => nested::vmx_capability_msrs(&kvm).map_err(VmmError::Kvm)?,
         _ => Vec::new(),
@@ -368,6 +381,11 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
         ..Default::default()
     })
     .map_err(kvm_err("creating the in-kernel PIT"))?;
+    if apic_virt.pit_reinject_off {
+        if let Err(e) = crate::apicv::set_pit_reinject(&vm, false) {
+            log::warn!("cannot turn PIT reinjection off (it inhibits AVIC): {e}");
+        }
+    }
     register_memory(&vm, &mem)?;
     clock.mark("vm_and_memory");
 
@@ -711,6 +729,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
         });
     }
     report.irq_path = Some(irq_path);
+    report.apic_virt = Some(apic_virt);
     drop(kvm_stats_fds);
     let console_tail = console_watch
         .lock()

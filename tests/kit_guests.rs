@@ -396,6 +396,26 @@ fn x2apic_and_pv_eoi_options_reach_the_guest_cpuid() {
             assert!(r.stderr.contains(&format!("{opt} on:")), "{}", r.describe());
         }
     }
+    // The interrupt delivery path: active exactly where the vendor module says APICv/AVIC runs
+    // (and for AVIC, the guest is not an x2APIC guest on a CPU without x2AVIC), with a reason.
+    let apic = &default.report.as_ref().unwrap()["apic_virt"];
+    let param = |m: &str, p: &str| {
+        std::fs::read_to_string(format!("/sys/module/{m}/parameters/{p}"))
+            .is_ok_and(|v| v.trim() == "Y" || v.trim() == "1")
+    };
+    let host_virtualizes = param("kvm_intel", "enable_apicv") || param("kvm_amd", "avic");
+    assert!(apic["why"].as_str().is_some_and(|w| !w.is_empty()), "{apic}");
+    if !host_virtualizes {
+        assert_eq!(apic["active"], false, "{apic}");
+        assert_eq!(apic["kind"], "none", "{apic}");
+    } else {
+        assert_ne!(apic["kind"], "none", "{apic}");
+    }
+    assert!(
+        default.stderr.contains("exitless: interrupt delivery: APIC virtualization: "),
+        "{}",
+        default.describe()
+    );
     let bad = run(&["--pv-eoi", "sometimes"]);
     assert_ne!(bad.status, Some(0));
     assert!(bad.stderr.contains("on, off or auto"), "{}", bad.describe());

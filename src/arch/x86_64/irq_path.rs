@@ -94,12 +94,18 @@ fn resolve_one(option: &str, what: Toggle, offered: bool, why_not: &str) -> Resu
 }
 
 /// Turns the request into what the guest gets; `on` for what the host lacks is an error.
-pub fn resolve(req: IrqPathRequest, offered: Offered) -> Result<IrqPath, String> {
+/// `prefer_xapic`: the host's APIC virtualization works only for xAPIC guests (AMD AVIC without
+/// x2AVIC, see `apicv`), so the default leaves x2APIC off; `on` is still honoured.
+pub fn resolve(
+    req: IrqPathRequest,
+    offered: Offered,
+    prefer_xapic: bool,
+) -> Result<IrqPath, String> {
     Ok(IrqPath {
         x2apic: resolve_one(
             "--x2apic",
             req.x2apic,
-            offered.x2apic,
+            offered.x2apic && !(prefer_xapic && req.x2apic == Toggle::Auto),
             "the host KVM does not offer x2APIC to guests (not in KVM_GET_SUPPORTED_CPUID)",
         )?,
         pv_eoi: resolve_one(
@@ -193,14 +199,14 @@ mod tests {
         };
         let auto = IrqPathRequest::default();
         assert_eq!(
-            resolve(auto, all).unwrap(),
+            resolve(auto, all, false).unwrap(),
             IrqPath {
                 x2apic: true,
                 pv_eoi: true
             }
         );
         assert_eq!(
-            resolve(auto, none).unwrap(),
+            resolve(auto, none, false).unwrap(),
             IrqPath {
                 x2apic: false,
                 pv_eoi: false
@@ -208,7 +214,7 @@ mod tests {
         );
         for host in [all, none] {
             assert_eq!(
-                resolve(req(Toggle::Off, Toggle::Off), host).unwrap(),
+                resolve(req(Toggle::Off, Toggle::Off), host, false).unwrap(),
                 IrqPath {
                     x2apic: false,
                     pv_eoi: false
@@ -216,7 +222,7 @@ mod tests {
             );
         }
         assert_eq!(
-            resolve(req(Toggle::On, Toggle::Off), all).unwrap(),
+            resolve(req(Toggle::On, Toggle::Off), all, false).unwrap(),
             IrqPath {
                 x2apic: true,
                 pv_eoi: false
@@ -225,18 +231,27 @@ mod tests {
     }
 
     #[test]
+    fn avic_without_x2avic_makes_the_default_xapic_but_on_still_works() {
+        let all = offered(&hw());
+        let auto = resolve(IrqPathRequest::default(), all, true).unwrap();
+        assert_eq!((auto.x2apic, auto.pv_eoi), (false, true));
+        let on = resolve(req(Toggle::On, Toggle::Auto), all, true).unwrap();
+        assert!(on.x2apic);
+    }
+
+    #[test]
     fn on_is_refused_where_the_host_lacks_it() {
         let only_x2apic = Offered {
             x2apic: true,
             pv_eoi: false,
         };
-        let e = resolve(req(Toggle::Auto, Toggle::On), only_x2apic).unwrap_err();
+        let e = resolve(req(Toggle::Auto, Toggle::On), only_x2apic, false).unwrap_err();
         assert!(e.starts_with("--pv-eoi on:"), "{e}");
         let only_eoi = Offered {
             x2apic: false,
             pv_eoi: true,
         };
-        let e = resolve(req(Toggle::On, Toggle::Auto), only_eoi).unwrap_err();
+        let e = resolve(req(Toggle::On, Toggle::Auto), only_eoi, false).unwrap_err();
         assert!(e.starts_with("--x2apic on:"), "{e}");
     }
 
