@@ -166,6 +166,17 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 32, value_name = "MICROSECONDS",
           value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub queue_poll_us: u64,
+    /// An emulated Intel VT-d IOMMU in front of the virtio devices (they then offer
+    /// VIRTIO_F_ACCESS_PLATFORM): `[mode=samecore|sidecore][,caching-mode=on|off][,cpu=N]`.
+    /// Samecore traps every register access; sidecore polls the register page from a VMM thread
+    /// (pinned to host CPU N if given). A Linux guest needs `intel_iommu=on`.
+    #[arg(
+        long,
+        num_args = 0..=1,
+        default_missing_value = "",
+        value_name = "mode=samecore|sidecore,caching-mode=on|off,cpu=N"
+    )]
+    pub iommu: Option<String>,
     /// Listen for control requests on this Unix socket while the VM runs: live statistics, the
     /// balloon's target, quit (`exitless ctl`; one JSON object per line).
     #[arg(long, value_name = "PATH")]
@@ -245,6 +256,11 @@ impl RunArgs {
                 .map_err(|e| format!("--balloon: {e}"))?,
             vsock: self.vsock.as_deref().map(vc::parse_vsock).transpose()?,
             queue_poll_us: self.queue_poll_us,
+            iommu: self
+                .iommu
+                .as_deref()
+                .map(crate::devices::iommu::parse)
+                .transpose()?,
         })
     }
 }

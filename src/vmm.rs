@@ -395,6 +395,8 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
         &acpi::AcpiConfig {
             num_cpus: cfg.cpus,
             pci_ecam: cfg.virtio.any().then(crate::devices::virtio::ecam_region),
+            dmar: (cfg.virtio.any() && cfg.virtio.iommu.is_some())
+                .then(crate::devices::iommu::register_base),
         },
     )?;
     clock.mark("acpi");

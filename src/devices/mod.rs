@@ -6,6 +6,7 @@
 //! its own range; the [`Bus`] owns the address map. Devices may end the VM only through a
 //! [`VmEndSender`], never by touching the VM or vCPUs.
 
+pub mod iommu;
 pub mod legacy;
 pub mod pci;
 pub mod virtio;

@@ -65,6 +65,8 @@ impl EcamRegion {
 pub struct AcpiConfig {
     pub num_cpus: u8,
     pub pci_ecam: Option<EcamRegion>,
+    /// The emulated VT-d's register base, for a DMAR table (`--iommu`).
+    pub dmar: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -317,6 +319,26 @@ fn madt(num_cpus: u8) -> Vec<u8> {
     sdt.as_slice().to_vec()
 }
 
+/// The DMAR (Intel VT-d 3.4 §8): one remapping unit (DRHD) for every PCI device of segment 0
+/// (INCLUDE_PCI_ALL, so no device scopes), its two register pages at `reg_base`. Flags are 0: no
+/// interrupt remapping (so no x2APIC opt-out either); Linux then keeps x2APIC in physical mode
+/// under KVM, and enables DMA remapping with `intel_iommu=on`.
+fn dmar(reg_base: u64) -> Vec<u8> {
+    let mut sdt = Sdt::new(*b"DMAR", 48, 1, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    // Host address width minus one (48 bits), flags, 10 reserved bytes.
+    sdt.write_u8(36, 47);
+    sdt.write_u8(37, 0);
+    let mut drhd = Vec::with_capacity(16);
+    drhd.extend_from_slice(&0u16.to_le_bytes()); // type: DRHD
+    drhd.extend_from_slice(&16u16.to_le_bytes()); // length
+    drhd.push(1); // flags: INCLUDE_PCI_ALL
+    drhd.push(1); // size: 2^1 pages of registers
+    drhd.extend_from_slice(&0u16.to_le_bytes()); // segment
+    drhd.extend_from_slice(&reg_base.to_le_bytes());
+    sdt.append_slice(&drhd);
+    sdt.as_slice().to_vec()
+}
+
 /// The FADT, pointing at the FACS and the DSDT.
 fn fadt(facs_addr: u64, dsdt_addr: u64) -> Vec<u8> {
     let io = |width_bits: u8, access: AccessSize, port: u16| {
@@ -368,7 +390,8 @@ pub fn setup_acpi_tables(
         mcfg.add_ecam(ecam.base, 0, ecam.start_bus, ecam.end_bus);
         serialize(&mcfg)
     });
-    let num_xsdt_entries = 2 + usize::from(mcfg.is_some());
+    let dmar = cfg.dmar.map(dmar);
+    let num_xsdt_entries = 2 + usize::from(mcfg.is_some()) + usize::from(dmar.is_some());
 
     // Placement: RSDP first, at the start of the area.
     let mut alloc = Allocator::new(layout::ACPI_START, layout::ACPI_END);
@@ -382,12 +405,19 @@ pub fn setup_acpi_tables(
         Some(mcfg) => Some(alloc.alloc(mcfg.len(), TABLE_ALIGN)?),
         None => None,
     };
+    let dmar_addr = match &dmar {
+        Some(t) => Some(alloc.alloc(t.len(), TABLE_ALIGN)?),
+        None => None,
+    };
 
     let fadt = fadt(facs_addr, dsdt_addr);
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
     if let Some(addr) = mcfg_addr {
+        xsdt.add_entry(addr);
+    }
+    if let Some(addr) = dmar_addr {
         xsdt.add_entry(addr);
     }
     let xsdt = serialize(&xsdt);
@@ -403,6 +433,9 @@ pub fn setup_acpi_tables(
     ];
     if let (Some(addr), Some(mcfg)) = (mcfg_addr, &mcfg) {
         writes.push((addr, mcfg));
+    }
+    if let (Some(addr), Some(dmar)) = (dmar_addr, &dmar) {
+        writes.push((addr, dmar));
     }
     for (addr, bytes) in writes {
         mem.write_slice(bytes, GuestAddress(addr))
@@ -428,7 +461,11 @@ mod tests {
     }
 
     fn cfg(num_cpus: u8, pci_ecam: Option<EcamRegion>) -> AcpiConfig {
-        AcpiConfig { num_cpus, pci_ecam }
+        AcpiConfig {
+            num_cpus,
+            pci_ecam,
+            dmar: None,
+        }
     }
 
     fn read(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {

@@ -42,6 +42,9 @@ pub const PLATFORM_MMIO_START: u64 = 0xf000_0000;
 pub const PROBE_MMIO_START: u64 = 0xf000_0000;
 pub const PROBE_MMIO_SIZE: u64 = 0x1000;
 pub const IOAPIC_START: u64 = 0xfec0_0000;
+/// The emulated VT-d's register file (`--iommu`), two pages (QEMU's intel-iommu is here too).
+pub const IOMMU_MMIO_START: u64 = 0xfed9_0000;
+pub const IOMMU_MMIO_SIZE: u64 = 0x2000;
 pub const LAPIC_START: u64 = 0xfee0_0000;
 /// Start of high RAM.
 pub const HIGH_RAM_START: u64 = 0x1_0000_0000;

@@ -15,6 +15,8 @@ pub struct VirtioConfig {
     /// The longest window a device worker polls its request queues for between bursts, in
     /// microseconds (0: never; see `worker`).
     pub queue_poll_us: u64,
+    /// The emulated VT-d the devices sit behind (`--iommu`).
+    pub iommu: Option<crate::devices::iommu::IommuConfig>,
 }
 
 impl VirtioConfig {

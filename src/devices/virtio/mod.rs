@@ -231,11 +231,16 @@ pub fn common_features() -> u64 {
 /// The PCI devices of a running VM.
 pub struct VirtioSet {
     devices: Vec<Arc<Mutex<transport::VirtioPci>>>,
+    iommu: Option<Arc<crate::devices::iommu::Iommu>>,
 }
 
 impl VirtioSet {
     /// Each device's facts for the summary.
     pub fn facts(&self) -> Vec<DeviceFact> {
+        let iommu = self.iommu.iter().map(|m| DeviceFact {
+            device: "iommu".into(),
+            facts: m.facts(),
+        });
         self.devices
             .iter()
             .map(|d| {
@@ -250,6 +255,7 @@ impl VirtioSet {
                     facts,
                 }
             })
+            .chain(iommu)
             .collect()
     }
 
@@ -355,14 +361,30 @@ pub fn build(
     let mut root = PciRoot::default();
     let mut bars = BarAllocator::new(layout::PCI_MMIO_START, layout::PCI_MMIO_SIZE);
     let mut devices = Vec::new();
-    let translate: Arc<dyn queue::Translate> = Arc::new(queue::Identity);
-    for dev in devs {
+    let iommu = match &cfg.iommu {
+        Some(c) => Some(Arc::new(crate::devices::iommu::Iommu::new(
+            mem.clone(),
+            *c,
+            routes.clone(),
+        )?)),
+        None => None,
+    };
+    let identity: Arc<dyn queue::Translate> = Arc::new(queue::Identity);
+    for (i, dev) in devs.into_iter().enumerate() {
         let kind = dev.kind();
+        // Slot 0 is the host bridge: device i is 00:(i+1).0.
+        let translate = match &iommu {
+            Some(m) => Arc::new(crate::devices::iommu::DeviceTranslate {
+                iommu: m.clone(),
+                sid: (i as u16 + 1) << 3,
+            }) as Arc<dyn queue::Translate>,
+            None => identity.clone(),
+        };
         let bar = bars
             .alloc(transport::BAR_SIZE)
             .ok_or("PCI MMIO window is full")?;
         let mut t =
-            transport::VirtioPci::new(dev, bar, mem.clone(), translate.clone(), routes.clone())?;
+            transport::VirtioPci::new(dev, bar, mem.clone(), translate, routes.clone())?;
         t.set_queue_poll(std::time::Duration::from_micros(cfg.queue_poll_us));
         for (addr, evt) in t.notify_events() {
             vm.register_ioevent(evt, &IoEventAddress::Mmio(addr), kvm_ioctls::NoDatamatch)
@@ -401,5 +423,8 @@ pub fn build(
         Arc::new(Mutex::new(Ecam(root))),
     )
     .map_err(|e| e.to_string())?;
-    Ok(Some(VirtioSet { devices }))
+    if let Some(m) = &iommu {
+        crate::devices::iommu::attach(m, vm, mem, mmio)?;
+    }
+    Ok(Some(VirtioSet { devices, iommu }))
 }

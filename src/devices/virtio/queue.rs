@@ -3,9 +3,10 @@
 //!
 //! Owns the rules every device relies on for hostile input. `virtio-queue` walks the descriptor
 //! table (bounded by the queue size, so a looping chain ends) and this module then checks each
-//! buffer: its address goes through the [`Translate`] hook (identity today; a vIOMMU for
-//! `VIRTIO_F_ACCESS_PLATFORM` plugs in there), it must lie in guest RAM, and a chain's total length
-//! is capped. A chain that fails is [`ChainError`]: the device completes it as failed (or with
+//! buffer: its address goes through the [`Translate`] hook (identity without an IOMMU; with
+//! `--iommu` and `VIRTIO_F_ACCESS_PLATFORM` the emulated VT-d in `devices::iommu`, which may split
+//! a buffer into guest-physical pieces or refuse it with a recorded fault), every piece must lie
+//! in guest RAM, and a chain's total length is capped. A chain that fails is [`ChainError`]: the device completes it as failed (or with
 //! length 0) and goes on; the VMM never trusts a guest address or length.
 
 use std::sync::Arc;
@@ -20,6 +21,25 @@ use super::irq::Msix;
 pub trait Translate: Send + Sync {
     /// The guest-physical address of `len` bytes at `iova`, or None when unmapped.
     fn translate(&self, iova: u64, len: u64) -> Option<u64>;
+
+    /// The guest-physical pieces of `len` bytes at `iova` for a DMA that reads guest memory
+    /// (`write` false) or writes it, appended to `out`; false when refused (an IOMMU records the
+    /// fault). The default is [`Self::translate`] in one piece.
+    fn map(&self, iova: u64, len: u64, write: bool, out: &mut Vec<Seg>) -> bool {
+        let _ = write;
+        match self.translate(iova, len) {
+            Some(addr) => {
+                out.push(Seg { addr, len });
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether devices sit behind a platform IOMMU (they offer `VIRTIO_F_ACCESS_PLATFORM`).
+    fn platform(&self) -> bool {
+        false
+    }
 }
 
 /// No IOMMU: addresses are guest-physical.
@@ -38,6 +58,8 @@ pub const MAX_CHAIN_BYTES: u64 = 64 << 20;
 pub enum ChainError {
     #[error("buffer {0:#x}+{1:#x} is outside guest memory")]
     OutOfMemory(u64, u64),
+    #[error("DMA to I/O virtual address {0:#x}+{1:#x} refused by the IOMMU")]
+    IommuFault(u64, u64),
     #[error("chain longer than {MAX_CHAIN_BYTES} bytes")]
     TooLong,
     #[error("readable buffer after a writable one")]
@@ -193,27 +215,35 @@ impl Vq {
                 res = Err(ChainError::TooLong);
                 break;
             }
-            let Some(gpa) = self.translate.translate(d.addr().0, len) else {
-                res = Err(ChainError::OutOfMemory(d.addr().0, len));
+            let write = d.is_write_only();
+            if !write && !c.writable.is_empty() {
+                res = Err(ChainError::Order);
                 break;
+            }
+            let out = if write {
+                &mut c.writable
+            } else {
+                &mut c.readable
             };
-            let perm = if d.is_write_only() {
+            let first = out.len();
+            if !self.translate.map(d.addr().0, len, write, out) {
+                res = Err(ChainError::IommuFault(d.addr().0, len));
+                break;
+            }
+            let perm = if write {
                 Permissions::Write
             } else {
                 Permissions::Read
             };
-            if len > 0 && !self.mem.check_range(GuestAddress(gpa), len as usize, perm) {
-                res = Err(ChainError::OutOfMemory(gpa, len));
+            let outside = out[first..].iter().find(|s| {
+                s.len > 0
+                    && !self
+                        .mem
+                        .check_range(GuestAddress(s.addr), s.len as usize, perm)
+            });
+            if let Some(s) = outside {
+                res = Err(ChainError::OutOfMemory(s.addr, s.len));
                 break;
-            }
-            let seg = Seg { addr: gpa, len };
-            if d.is_write_only() {
-                c.writable.push(seg);
-            } else if !c.writable.is_empty() {
-                res = Err(ChainError::Order);
-                break;
-            } else {
-                c.readable.push(seg);
             }
         }
         if res.is_ok() && truncated {

@@ -26,7 +26,7 @@ use std::thread::JoinHandle;
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
-    VIRTIO_F_VERSION_1,
+    VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
@@ -260,6 +260,12 @@ impl VirtioPci {
             .collect()
     }
 
+    /// The device's features, plus ACCESS_PLATFORM when it sits behind the IOMMU.
+    fn offered_features(&self) -> u64 {
+        let platform = u64::from(self.translate.platform()) << VIRTIO_F_ACCESS_PLATFORM;
+        self.dev.features() | platform
+    }
+
     fn status(&self) -> u8 {
         self.status | self.shared.device_status.load(Ordering::SeqCst)
     }
@@ -314,25 +320,49 @@ impl VirtioPci {
     /// Validates the queues and starts the worker (on DRIVER_OK).
     fn activate(&mut self) {
         let event_idx = self.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        // Behind the IOMMU only if the driver accepted ACCESS_PLATFORM; otherwise addresses are
+        // guest-physical (a legacy driver bypasses it, as on QEMU).
+        let translate: Arc<dyn Translate> =
+            if self.driver_features & (1 << VIRTIO_F_ACCESS_PLATFORM) != 0 {
+                self.translate.clone()
+            } else {
+                Arc::new(super::queue::Identity)
+            };
         let mut vqs = Vec::new();
         for (i, s) in self.queues.iter().enumerate() {
             let mut q = Queue::new(s.max).expect("max sizes are powers of two");
             if s.ready {
+                // The rings go through the translation hook like every buffer, once, here:
+                // virtio-queue reads them by guest-physical address, so each must be one
+                // contiguous piece (Linux maps them with dma_alloc_coherent for the device's
+                // life).
+                let ring = |iova: u64, len: u64, write: bool| {
+                    let mut v = Vec::new();
+                    match translate.map(iova, len, write, &mut v) {
+                        true if v.len() == 1 => Some(v[0].addr),
+                        _ => None,
+                    }
+                };
+                let rings = (
+                    ring(s.desc, 16 * u64::from(s.size), false),
+                    ring(s.avail, 6 + 2 * u64::from(s.size), false),
+                    ring(s.used, 6 + 8 * u64::from(s.size), true),
+                );
+                let (Some(desc), Some(avail), Some(used)) = rings else {
+                    let why = format!(
+                        "queue {i}: rings {:#x}/{:#x}/{:#x} are not mapped by the IOMMU",
+                        s.desc, s.avail, s.used
+                    );
+                    self.needs_reset(&why);
+                    return;
+                };
                 let ok = q.try_set_size(s.size).is_ok()
-                    && q.try_set_desc_table_address(GuestAddress(s.desc)).is_ok()
-                    && q.try_set_avail_ring_address(GuestAddress(s.avail)).is_ok()
-                    && q.try_set_used_ring_address(GuestAddress(s.used)).is_ok();
+                    && q.try_set_desc_table_address(GuestAddress(desc)).is_ok()
+                    && q.try_set_avail_ring_address(GuestAddress(avail)).is_ok()
+                    && q.try_set_used_ring_address(GuestAddress(used)).is_ok();
                 q.set_event_idx(event_idx);
                 q.set_ready(true);
-                // The rings go through the translation hook like every buffer.
-                let rings_mapped = [
-                    (s.desc, 16 * u64::from(s.size)),
-                    (s.avail, 6 + 2 * u64::from(s.size)),
-                    (s.used, 6 + 8 * u64::from(s.size)),
-                ]
-                .iter()
-                .all(|&(a, l)| self.translate.translate(a, l) == Some(a));
-                if !ok || !rings_mapped || !q.is_valid(&self.mem) {
+                if !ok || !q.is_valid(&self.mem) {
                     let why = format!(
                         "queue {i} is invalid (size {}, rings {:#x}/{:#x}/{:#x})",
                         s.size, s.desc, s.avail, s.used
@@ -345,7 +375,7 @@ impl VirtioPci {
                 queue: q,
                 index: i as u16,
                 mem: self.mem.clone(),
-                translate: self.translate.clone(),
+                translate: translate.clone(),
                 msix: self.msix.clone(),
                 vector: s.vector,
                 bad_chains: 0,
@@ -429,7 +459,7 @@ impl VirtioPci {
 
     fn common_read(&self, off: u64, data: &mut [u8]) {
         let q = self.queues.get(self.queue_select as usize);
-        let features = self.dev.features();
+        let features = self.offered_features();
         let v: u64 = match off {
             0x00 => u64::from(self.device_feature_select),
             0x04 => match self.device_feature_select {
@@ -483,7 +513,7 @@ impl VirtioPci {
             0x0c => {
                 // Only before FEATURES_OK, and only bits the device offered.
                 if self.status & VIRTIO_CONFIG_S_FEATURES_OK as u8 == 0 {
-                    let offered = self.dev.features();
+                    let offered = self.offered_features();
                     match self.driver_feature_select {
                         0 => set_lo(&mut self.driver_features, v & offered),
                         1 => set_hi(&mut self.driver_features, (v << 32 & offered) >> 32),
