@@ -359,11 +359,12 @@ impl Iommu {
                     inner.regs.iotlb = (v & !(1 << 63) & !(3 << 57)) | (iirg << 57);
                 }
             }
-            b if (FRCD..FRCD + 16 * NUM_FRCD as u64).contains(&b) && (b - FRCD) % 16 == 8 => {
-                // F (bit 63 of the high qword) is write-1-to-clear; the rest is read-only.
-                if written >> 63 != 0 {
-                    r.frcd[((b - FRCD) / 16) as usize].1 &= !(1 << 63);
-                }
+            // F (bit 63 of a record's high qword) is write-1-to-clear; the rest is read-only.
+            b if (FRCD..FRCD + 16 * NUM_FRCD as u64).contains(&b)
+                && (b - FRCD) % 16 == 8
+                && written >> 63 != 0 =>
+            {
+                r.frcd[((b - FRCD) / 16) as usize].1 &= !(1 << 63);
             }
             _ => {} // VER, CAP, ECAP, GSTS, IQH, FRCD low: read-only.
         }
@@ -433,7 +434,14 @@ impl Iommu {
     }
 
     /// Records a primary fault in the next fault recording register.
-    fn record_fault(&self, inner: &mut Inner, sid: u16, iova: u64, reason: FaultReason, write: bool) {
+    fn record_fault(
+        &self,
+        inner: &mut Inner,
+        sid: u16,
+        iova: u64,
+        reason: FaultReason,
+        write: bool,
+    ) {
         self.stats.faults.fetch_add(1, Ordering::Relaxed);
         let i = inner.fri;
         if inner.regs.fsts & FSTS_PFO != 0 || inner.regs.frcd[i].1 >> 63 != 0 {
@@ -603,7 +611,9 @@ pub struct DeviceTranslate {
 impl Translate for DeviceTranslate {
     fn translate(&self, iova: u64, len: u64) -> Option<u64> {
         let mut v = Vec::new();
-        self.iommu.translate(self.sid, iova, len, false, &mut v).ok()?;
+        self.iommu
+            .translate(self.sid, iova, len, false, &mut v)
+            .ok()?;
         match v.as_slice() {
             [s] => Some(s.addr),
             _ => None,
@@ -611,7 +621,9 @@ impl Translate for DeviceTranslate {
     }
 
     fn map(&self, iova: u64, len: u64, write: bool, out: &mut Vec<Seg>) -> bool {
-        self.iommu.translate(self.sid, iova, len, write, out).is_ok()
+        self.iommu
+            .translate(self.sid, iova, len, write, out)
+            .is_ok()
     }
 
     fn platform(&self) -> bool {
@@ -627,7 +639,9 @@ pub fn register_base() -> u64 {
 /// Reads a 16-byte invalidation descriptor (None outside RAM).
 fn read_desc(mem: &GuestMemoryMmap, addr: u64) -> Option<(u64, u64)> {
     let lo = mem.read_obj::<u64>(GuestAddress(addr)).ok()?;
-    let hi = mem.read_obj::<u64>(GuestAddress(addr.checked_add(8)?)).ok()?;
+    let hi = mem
+        .read_obj::<u64>(GuestAddress(addr.checked_add(8)?))
+        .ok()?;
     Some((lo, hi))
 }
 

@@ -121,14 +121,17 @@ impl Regs {
     }
 
     /// FSTS as the guest reads it: PPF is set while any record holds a fault; FRI (15:8) names
-    /// the next record.
-    pub fn fsts_value(&self, fri: usize) -> u32 {
-        let ppf = if self.frcd.iter().any(|r| r.1 >> 63 != 0) {
-            FSTS_PPF
-        } else {
-            0
+    /// the oldest pending record (Linux reads records from there on). `next` is the record the
+    /// next fault goes to, so the oldest is the first pending one from there, circularly.
+    pub fn fsts_value(&self, next: usize) -> u32 {
+        let oldest = (0..NUM_FRCD)
+            .map(|k| (next + k) % NUM_FRCD)
+            .find(|&i| self.frcd[i].1 >> 63 != 0);
+        let (ppf, fri) = match oldest {
+            Some(i) => (FSTS_PPF, i as u32),
+            None => (0, 0),
         };
-        (self.fsts & FSTS_RW1C) | ppf | ((fri as u32) << 8)
+        (self.fsts & FSTS_RW1C) | ppf | (fri << 8)
     }
 
     /// The invalidation queue: base, number of 16-byte descriptors, or None when the guest asked
@@ -174,7 +177,14 @@ mod tests {
 
     #[test]
     fn partial_writes_merge() {
-        assert_eq!(merge(0x1111_2222_3333_4444, 8, 4, &[0xaa, 0xbb, 0xcc, 0xdd]), 0xddcc_bbaa_3333_4444);
-        assert_eq!(merge(0x1234, 4, 3, &[1, 2, 3]), 0x0100_1234, "clipped to the register");
+        assert_eq!(
+            merge(0x1111_2222_3333_4444, 8, 4, &[0xaa, 0xbb, 0xcc, 0xdd]),
+            0xddcc_bbaa_3333_4444
+        );
+        assert_eq!(
+            merge(0x1234, 4, 3, &[1, 2, 3]),
+            0x0100_1234,
+            "clipped to the register"
+        );
     }
 }

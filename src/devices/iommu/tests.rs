@@ -55,7 +55,8 @@ fn submit(m: &Iommu, mem: &GuestMemoryMmap, descs: &[(u64, u64)]) {
     let mut t = r64(m, IQT) >> 4;
     for &(lo, hi) in descs {
         mem.write_obj(lo, GuestAddress(IQ_BASE + 16 * t)).unwrap();
-        mem.write_obj(hi, GuestAddress(IQ_BASE + 16 * t + 8)).unwrap();
+        mem.write_obj(hi, GuestAddress(IQ_BASE + 16 * t + 8))
+            .unwrap();
         t = (t + 1) % 256;
     }
     w64(m, IQT, t << 4);
@@ -103,7 +104,13 @@ fn linux_enable_sequence_and_translation() {
     t.map(&mem, 0xffff_f000, 0x80_3000, 1, 3);
     t.map(&mem, 0xffff_e000, 0x80_1000, 1, 1);
     // Before translation is on, DMA is untranslated.
-    assert_eq!(dma(&m, 0x1234, 8, true).unwrap(), vec![Seg { addr: 0x1234, len: 8 }]);
+    assert_eq!(
+        dma(&m, 0x1234, 8, true).unwrap(),
+        vec![Seg {
+            addr: 0x1234,
+            len: 8
+        }]
+    );
     enable(&m, t.rta);
     // A buffer crossing two IOVA pages that are not contiguous in guest memory: two pieces.
     let segs = dma(&m, 0xffff_eff0, 0x20, false).unwrap();
@@ -210,7 +217,7 @@ fn faults_are_recorded_then_overflow_and_clear() {
     );
     let fsts = r32(&m, FSTS);
     assert_ne!(fsts & FSTS_PPF, 0);
-    assert_eq!((fsts >> 8) & 0xff, 1, "FRI moved on");
+    assert_eq!((fsts >> 8) & 0xff, 0, "FRI: the oldest pending record");
     let hi = r64(&m, FRCD + 8);
     assert_eq!(r64(&m, FRCD), 0x4000_0000);
     assert_eq!(hi & 0xffff, u64::from(SID));
@@ -224,6 +231,9 @@ fn faults_are_recorded_then_overflow_and_clear() {
     }
     assert_ne!(r32(&m, FSTS) & FSTS_PFO, 0);
     assert_eq!(m.stats.faults_dropped.load(Ordering::Relaxed), 1);
+    // Record 0 cleared: the oldest pending is record 1.
+    w32(&m, FRCD + 12, 1 << 31);
+    assert_eq!((r32(&m, FSTS) >> 8) & 0xff, 1);
     // Linux clears F in each record (a 32-bit write of bit 31 at +12), then PFO.
     for i in 0..NUM_FRCD as u64 {
         w32(&m, FRCD + 16 * i + 12, 1 << 31);

@@ -323,7 +323,8 @@ pub mod tests {
             walk(&mem, 0x9_0000_0000, 0),
             Err(FaultReason::TableUnreadable)
         );
-        mem.write_obj(0x30000u64 | 3, GuestAddress(0x30000)).unwrap();
+        mem.write_obj(0x30000u64 | 3, GuestAddress(0x30000))
+            .unwrap();
         assert_eq!(walk(&mem, 0x30000, 0).unwrap().unwrap().gpa, 0x30000);
         // A superpage at level 4 is reserved; a misaligned 2 MiB page too.
         mem.write_obj(0x80u64 | 3, GuestAddress(0x40000)).unwrap();

@@ -383,8 +383,7 @@ pub fn build(
         let bar = bars
             .alloc(transport::BAR_SIZE)
             .ok_or("PCI MMIO window is full")?;
-        let mut t =
-            transport::VirtioPci::new(dev, bar, mem.clone(), translate, routes.clone())?;
+        let mut t = transport::VirtioPci::new(dev, bar, mem.clone(), translate, routes.clone())?;
         t.set_queue_poll(std::time::Duration::from_micros(cfg.queue_poll_us));
         for (addr, evt) in t.notify_events() {
             vm.register_ioevent(evt, &IoEventAddress::Mmio(addr), kvm_ioctls::NoDatamatch)

@@ -343,12 +343,12 @@ impl VirtioPci {
                         _ => None,
                     }
                 };
-                let rings = (
-                    ring(s.desc, 16 * u64::from(s.size), false),
-                    ring(s.avail, 6 + 2 * u64::from(s.size), false),
-                    ring(s.used, 6 + 8 * u64::from(s.size), true),
-                );
-                let (Some(desc), Some(avail), Some(used)) = rings else {
+                // In order, stopping at the first that faults (as a device's first access would).
+                let rings = ring(s.desc, 16 * u64::from(s.size), false).and_then(|d| {
+                    let a = ring(s.avail, 6 + 2 * u64::from(s.size), false)?;
+                    Some((d, a, ring(s.used, 6 + 8 * u64::from(s.size), true)?))
+                });
+                let Some((desc, avail, used)) = rings else {
                     let why = format!(
                         "queue {i}: rings {:#x}/{:#x}/{:#x} are not mapped by the IOMMU",
                         s.desc, s.avail, s.used
