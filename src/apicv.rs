@@ -157,9 +157,9 @@ impl HostApic {
                 ),
                 pit_reinject_off: true,
             },
-            Some(false) if self.cpu_avic => none(
-                "kvm_amd avic=N although the CPU has AVIC: load kvm_amd with avic=1".into(),
-            ),
+            Some(false) if self.cpu_avic => {
+                none("kvm_amd avic=N although the CPU has AVIC: load kvm_amd with avic=1".into())
+            }
             Some(false) => none(
                 "kvm_amd avic=N: the CPU has no AVIC (an emulated or older CPU): every \
                  interrupt to a running vCPU costs an exit"
@@ -230,7 +230,10 @@ mod tests {
     #[test]
     fn intel_apicv_and_ipiv() {
         let a = intel(true, Some(true)).assess(true);
-        assert!(a.active && a.ipi_virtualization && a.kind == "APICv", "{a:?}");
+        assert!(
+            a.active && a.ipi_virtualization && a.kind == "APICv",
+            "{a:?}"
+        );
         assert!(!a.pit_reinject_off);
         let a = intel(true, Some(false)).assess(true);
         assert!(a.active && !a.ipi_virtualization);

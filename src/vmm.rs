@@ -98,9 +98,9 @@ pub fn irq_path_line(kvm: &Kvm, host: &HostInfo) -> String {
         host_apic.x2apic_inhibits(),
     )
     .unwrap_or(irq_path::IrqPath {
-            x2apic: false,
-            pv_eoi: false,
-        });
+        x2apic: false,
+        pv_eoi: false,
+    });
     let pv = cpuid::kvm_pv_features(guest.as_slice());
     format!(
         "interrupt completion: {} (--x2apic/--pv-eoi off hide them); KVM PV features given: {}\n\

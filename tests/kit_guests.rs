@@ -404,7 +404,10 @@ fn x2apic_and_pv_eoi_options_reach_the_guest_cpuid() {
             .is_ok_and(|v| v.trim() == "Y" || v.trim() == "1")
     };
     let host_virtualizes = param("kvm_intel", "enable_apicv") || param("kvm_amd", "avic");
-    assert!(apic["why"].as_str().is_some_and(|w| !w.is_empty()), "{apic}");
+    assert!(
+        apic["why"].as_str().is_some_and(|w| !w.is_empty()),
+        "{apic}"
+    );
     if !host_virtualizes {
         assert_eq!(apic["active"], false, "{apic}");
         assert_eq!(apic["kind"], "none", "{apic}");
@@ -412,7 +415,9 @@ fn x2apic_and_pv_eoi_options_reach_the_guest_cpuid() {
         assert_ne!(apic["kind"], "none", "{apic}");
     }
     assert!(
-        default.stderr.contains("exitless: interrupt delivery: APIC virtualization: "),
+        default
+            .stderr
+            .contains("exitless: interrupt delivery: APIC virtualization: "),
         "{}",
         default.describe()
     );
