@@ -213,6 +213,25 @@ pub struct RunArgs {
         hide_default_value = true
     )]
     pub pv_eoi: crate::arch::x86_64::irq_path::Toggle,
+    /// Dedicated cores (for hosts with a core per vCPU to spare): pin vCPU i to the i-th CPU of
+    /// CPULIST (e.g. `2,3` or `2-3`; default: the last --cpus CPUs this process may use), move
+    /// exitless's other threads to the remaining CPUs, and keep HLT (and MWAIT, PAUSE, C-state
+    /// changes where the host allows) in the guest (KVM_CAP_X86_DISABLE_EXITS): an idle vCPU
+    /// halts on its own core with no exit. The guest is told its vCPUs are never preempted
+    /// (KVM_HINTS_REALTIME). Refused where the host cannot keep HLT in the guest (PVM).
+    #[arg(
+        long,
+        value_name = "CPULIST",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = ""
+    )]
+    pub dedicated_cores: Option<String>,
+    /// How long KVM polls for a wake-up before it puts a halted vCPU thread to sleep, for this VM
+    /// (KVM_CAP_HALT_POLL; default: the host's kvm.halt_poll_ns). 0 sleeps at once.
+    #[arg(long, value_name = "NS",
+          value_parser = clap::value_parser!(u64).range(0..=crate::dedicated::MAX_HALT_POLL_NS))]
+    pub halt_poll_ns: Option<u64>,
     /// System call filters, one per kind of thread (vCPU, device worker, control API, main):
     /// `on` stops a forbidden call with SIGSYS, names the call and the thread on stderr and
     /// exits with status 159; `log` lets it through and the kernel logs it (audit log or dmesg);
@@ -332,6 +351,12 @@ impl RunArgs {
                 x2apic: self.x2apic,
                 pv_eoi: self.pv_eoi,
             },
+            dedicated: self
+                .dedicated_cores
+                .as_deref()
+                .map(crate::dedicated::DedicatedRequest::parse)
+                .transpose()?,
+            halt_poll_ns: self.halt_poll_ns,
             seccomp: self.seccomp,
             seccomp_selftest: self.seccomp_selftest.clone(),
             mem_limit: self
@@ -365,6 +390,18 @@ mod tests {
         assert!(c.debug_exit && c.probe && c.summary);
         assert!(c.cmdline.is_empty());
         assert_eq!(c.irq_path, Default::default());
+        assert_eq!((c.dedicated.clone(), c.halt_poll_ns), (None, None));
+        let c = run_args(&["--dedicated-cores", "--halt-poll-ns", "0"])
+            .unwrap()
+            .to_config("")
+            .unwrap();
+        assert_eq!(c.dedicated.unwrap().cpus, None);
+        assert_eq!(c.halt_poll_ns, Some(0));
+        let c = run_args(&["--dedicated-cores=2,3"])
+            .unwrap()
+            .to_config("")
+            .unwrap();
+        assert_eq!(c.dedicated.unwrap().cpus, Some(vec![2, 3]));
         let c = run_args(&["--x2apic", "off", "--pv-eoi=on"])
             .unwrap()
             .to_config("")
@@ -431,6 +468,13 @@ mod tests {
         assert!(run_args(&["--timeout=-3"])
             .map(|a| a.to_config("").is_err())
             .unwrap_or(true));
+        assert!(run_args(&["--dedicated-cores=1-0"])
+            .unwrap()
+            .to_config("")
+            .unwrap_err()
+            .starts_with("--dedicated-cores: "));
+        assert!(run_args(&["--halt-poll-ns", "-5"]).is_err());
+        assert!(run_args(&["--halt-poll-ns", "2000000000"]).is_err());
         for opt in ["--x2apic", "--pv-eoi"] {
             let e = run_args(&[opt, "maybe"]).unwrap_err().to_string();
             assert!(e.contains("on, off or auto"), "{e}");

@@ -104,6 +104,10 @@ pub struct VmConfig {
     pub nested: crate::arch::x86_64::nested::NestedMode,
     /// x2APIC and PV EOI for the guest (`--x2apic`, `--pv-eoi`, see `arch::x86_64::irq_path`).
     pub irq_path: crate::arch::x86_64::irq_path::IrqPathRequest,
+    /// Dedicated cores (`--dedicated-cores`, see `dedicated`).
+    pub dedicated: Option<crate::dedicated::DedicatedRequest>,
+    /// The VM's halt-polling time (`--halt-poll-ns`).
+    pub halt_poll_ns: Option<u64>,
     /// Seccomp filters per thread kind (`--seccomp`, see `seccomp`).
     pub seccomp: crate::seccomp::Mode,
     /// Test only: the thread kind that makes a forbidden system call (`--seccomp-selftest`).

@@ -2,6 +2,8 @@
 //!
 //! Layout, one module per concern:
 //! - [`arch`]: x86_64 boot (address map, kernel loading, boot registers, E820, ACPI, CPUID, MSRs);
+//! - [`dedicated`]: dedicated cores (vCPU pinning, HLT/MWAIT/PAUSE kept in the guest), halt
+//!   polling;
 //! - [`memory`]: guest RAM; [`memlimit`]: the VMM's memory cgroup (`--mem-limit`);
 //! - [`vcpu`]: the vCPU thread, its run loop and exit dispatch, completion of failed emulations;
 //! - [`devices`]: device models by tier (`legacy` = emulated platform devices) and the I/O buses;
@@ -24,6 +26,7 @@ pub mod arch;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod dedicated;
 pub mod devices;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -334,6 +334,12 @@ pub struct RunReport {
     /// The host's APIC virtualization for this VM: active or not, and why (see `apicv`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub apic_virt: Option<crate::apicv::ApicVirt>,
+    /// `--dedicated-cores`: where the threads ran and which exits stayed in the guest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dedicated: Option<crate::dedicated::Dedicated>,
+    /// `--halt-poll-ns`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub halt_poll_ns: Option<u64>,
 }
 
 /// How many of the hottest sampled RIPs the report keeps.
@@ -440,6 +446,8 @@ impl RunReport {
             nested: None,
             irq_path: None,
             apic_virt: None,
+            dedicated: None,
+            halt_poll_ns: None,
         }
     }
 
@@ -490,6 +498,26 @@ impl RunReport {
         }
         if let Some(a) = &self.apic_virt {
             let _ = writeln!(s, "exitless: interrupt delivery: {}", a.describe());
+        }
+        if let Some(d) = &self.dedicated {
+            let cpus = |c: &[usize]| {
+                c.iter()
+                    .map(|c| c.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            let _ = writeln!(
+                s,
+                "exitless: dedicated cores: vCPUs on CPU {}, exitless's other threads on {}; \
+                 kept in the guest: {}",
+                cpus(&d.placement.vcpu_cpus),
+                if d.placement.vmm_cpus.is_empty() {
+                    "the same CPUs".to_string()
+                } else {
+                    format!("CPU {}", cpus(&d.placement.vmm_cpus))
+                },
+                d.exits_disabled.join(" ")
+            );
         }
         if self.total_exits > 0 {
             let _ = writeln!(

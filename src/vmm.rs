@@ -386,6 +386,10 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
             log::warn!("cannot turn PIT reinjection off (it inhibits AVIC): {e}");
         }
     }
+    let dedicated = set_up_dedicated_cores(&vm, cfg, host.is_pvm())?;
+    if let Some(ns) = cfg.halt_poll_ns {
+        crate::dedicated::set_halt_poll(&vm, ns).map_err(VmmError::Config)?;
+    }
     register_memory(&vm, &mem)?;
     clock.mark("vm_and_memory");
 
@@ -584,6 +588,9 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
             nested::hide(&mut c);
         }
         irq_path::apply(&mut c, irq_path);
+        if let Some((_, mask)) = &dedicated {
+            crate::dedicated::apply_cpuid(&mut c, *mask);
+        }
         fd.set_cpuid2(&c).map_err(kvm_err("setting CPUID"))?;
         nested::set_vmx_capability_msrs(&fd, &vmx_msrs).map_err(VmmError::Kvm)?;
         let msrs = msr::boot_msr_entries(msr_list.as_slice());
@@ -616,6 +623,14 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
     let kvm_stats_fds = Arc::new(kvm_stats_fds);
     let quit = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
+    // With dedicated cores, the threads started from here on (control API, device launcher and
+    // workers, console) inherit the main thread's CPUs, away from the vCPUs'.
+    if let Some((d, _)) = &dedicated {
+        if !d.placement.vmm_cpus.is_empty() {
+            crate::dedicated::set_thread_affinity(&d.placement.vmm_cpus)
+                .map_err(|e| VmmError::Config(format!("--dedicated-cores: {e}")))?;
+        }
+    }
     let _api = match &cfg.api_socket {
         Some(path) => Some(
             crate::api::ApiServer::start(
@@ -648,9 +663,12 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
     for v in vcpus {
         let name = format!("vcpu{}", v.id);
         let end = end_tx.clone();
+        let pin = dedicated
+            .as_ref()
+            .map(|(d, _)| d.placement.vcpu_cpus[usize::from(v.id)]);
         let h = std::thread::Builder::new()
             .name(name)
-            .spawn(move || vcpu_thread(v, end))
+            .spawn(move || vcpu_thread(v, pin, end))
             .map_err(|e| VmmError::Kvm(format!("cannot start a vCPU thread: {e}")))?;
         handles.push(h);
     }
@@ -732,6 +750,8 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
     }
     report.irq_path = Some(irq_path);
     report.apic_virt = Some(apic_virt);
+    report.dedicated = dedicated.map(|(d, _)| d);
+    report.halt_poll_ns = cfg.halt_poll_ns;
     drop(kvm_stats_fds);
     let console_tail = console_watch
         .lock()
@@ -760,6 +780,33 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
 }
 
 type VcpuThread = std::thread::JoinHandle<VcpuStats>;
+
+/// `--dedicated-cores`: the placement and the exits kept in the guest (`KVM_CAP_X86_DISABLE_EXITS`,
+/// which KVM takes only before the first vCPU exists), with the mask for the CPUID hints.
+fn set_up_dedicated_cores(
+    vm: &VmFd,
+    cfg: &VmConfig,
+    pvm: bool,
+) -> Result<Option<(crate::dedicated::Dedicated, u32)>, VmmError> {
+    use crate::dedicated as d;
+    let Some(req) = &cfg.dedicated else {
+        return Ok(None);
+    };
+    let offered = vm.check_extension_raw(kvm_bindings::KVM_CAP_X86_DISABLE_EXITS.into());
+    let mask =
+        d::exits_to_disable(u32::try_from(offered).unwrap_or(0), pvm).map_err(VmmError::Config)?;
+    let allowed = d::allowed_cpus().map_err(VmmError::Config)?;
+    let placement =
+        d::place(req.cpus.as_deref(), &allowed, cfg.cpus.into()).map_err(VmmError::Config)?;
+    d::disable_exits(vm, mask).map_err(VmmError::Config)?;
+    Ok(Some((
+        d::Dedicated {
+            placement,
+            exits_disabled: d::exit_names(mask),
+        },
+        mask,
+    )))
+}
 
 /// Kicks before a vCPU thread that stays in `KVM_RUN` is given up on (5 s at 2 ms).
 const STOP_KICKS: u32 = 2500;
@@ -801,8 +848,14 @@ fn stop_vcpus(
 
 /// Runs one vCPU on its thread. A panic (a bug in exitless) ends the VM with an error instead
 /// of leaving the other vCPUs running; the panic goes on to the join, which reports it.
-fn vcpu_thread(v: Vcpu, end: crate::devices::VmEndSender) -> VcpuStats {
+/// With dedicated cores it first pins itself to its CPU (`pin`), before its filter is on.
+fn vcpu_thread(v: Vcpu, pin: Option<usize>, end: crate::devices::VmEndSender) -> VcpuStats {
     let id = v.id;
+    if let Some(cpu) = pin {
+        if let Err(e) = crate::dedicated::set_thread_affinity(&[cpu]) {
+            let _ = end.send(VmEnd::Error(format!("vCPU {id}: --dedicated-cores: {e}")));
+        }
+    }
     // The vCPU's descriptors and its kvm_run page were set up on the main thread.
     crate::seccomp::apply(crate::seccomp::Kind::Vcpu);
     match crate::panics::catch(|| v.run()) {
@@ -920,6 +973,8 @@ mod tests {
             api_socket: None,
             nested: Default::default(),
             irq_path: Default::default(),
+            dedicated: None,
+            halt_poll_ns: None,
             seccomp: Default::default(),
             seccomp_selftest: None,
             mem_limit: None,
@@ -937,7 +992,8 @@ mod tests {
     fn a_panicked_vcpu_is_named_not_counted_as_zero() {
         let ok = std::thread::spawn(VcpuStats::default);
         let bad = std::thread::spawn(|| -> VcpuStats { panic!("vCPU bug") });
-        while !bad.is_finished() {
+        // Both have ended (a zero wait gives up on any thread still running, loaded host or not).
+        while !bad.is_finished() || !ok.is_finished() {
             std::thread::yield_now();
         }
         let (stats, problems) = stop_vcpus(vec![ok, bad], &|_| {}, Duration::ZERO);

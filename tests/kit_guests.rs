@@ -425,3 +425,59 @@ fn x2apic_and_pv_eoi_options_reach_the_guest_cpuid() {
     assert_ne!(bad.status, Some(0));
     assert!(bad.stderr.contains("on, off or auto"), "{}", bad.describe());
 }
+
+/// `--dedicated-cores` keeps HLT in the guest: KVM counts halt exits for the demo guest's HLTs
+/// without it and none with it, the vCPU runs on the CPU the report names, and `--halt-poll-ns`
+/// is taken. Where the host cannot keep HLT in the guest (PVM) the option is refused with the
+/// reason, and the test checks that instead.
+#[test]
+fn dedicated_cores_keep_hlt_in_the_guest() {
+    if !kvm_available("dedicated cores") {
+        return;
+    }
+    let halt_exits = |r: &Run| {
+        r.report.as_ref().unwrap()["kvm"]["halt_exits"]
+            .as_u64()
+            .expect("KVM's halt_exits statistic")
+    };
+    let base = run(&["--halt-poll-ns", "0"]);
+    assert_eq!(base.status, Some(0), "{}", base.describe());
+    assert!(halt_exits(&base) > 0, "{}", base.describe());
+    assert_eq!(base.report.as_ref().unwrap()["halt_poll_ns"], 0);
+    let d = run(&["--dedicated-cores"]);
+    let pvm = exitless_cmd(&["host"]).stdout.contains("PVM");
+    if pvm {
+        assert_eq!(d.status, Some(1), "{}", d.describe());
+        assert!(
+            d.stderr
+                .contains("--dedicated-cores: this host's KVM is PVM"),
+            "{}",
+            d.describe()
+        );
+        return skip(
+            "dedicated_cores_keep_hlt_in_the_guest",
+            "PVM cannot keep HLT in the guest (refusal checked)",
+        );
+    }
+    assert_eq!(d.status, Some(0), "{}", d.describe());
+    assert!(d.stdout.contains("kit: hlt woken by the LAPIC timer"));
+    assert_eq!(halt_exits(&d), 0, "{}", d.describe());
+    let report = d.report.as_ref().unwrap();
+    let ded = &report["dedicated"];
+    assert!(
+        ded["exits_disabled"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e == "hlt"),
+        "{ded}"
+    );
+    assert_eq!(ded["vcpu_cpus"].as_array().unwrap().len(), 1, "{ded}");
+    assert!(d
+        .stderr
+        .contains("exitless: dedicated cores: vCPUs on CPU "));
+    // A CPU list this process cannot use is refused before the guest runs.
+    let bad = run(&["--dedicated-cores=1000"]);
+    assert_eq!(bad.status, Some(1), "{}", bad.describe());
+    assert!(bad.stderr.contains("is not one this process may run on"));
+}
