@@ -253,6 +253,7 @@ pub fn virtio_block(data: &[u8]) {
         readonly: data.first().is_some_and(|o| o & 2 != 0),
         id: Some("fuzz".into()),
         direct: false,
+        swap_mapper: false,
     };
     let mut dev = Block::open(&cfg, 0).expect("virtio-blk");
     virtio_queues(&mut dev, &guest_memory(VIRTIO_MEM), data);

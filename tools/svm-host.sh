@@ -21,6 +21,9 @@
 #
 # Options:
 #   --add PATH        copy PATH (file or directory; ELF files with their libraries) into L1
+#   --drive FILE      give L1 the host file FILE as a virtio disk (/dev/vda, /dev/vdb, ... in
+#                     order; writable, host-cached): L1's only storage besides RAM, e.g. for
+#                     swap (`mkswap /dev/vdb; swapon /dev/vdb`) or a guest's disk image
 #   --timeout SECS    end L1 after SECS (default 3600)
 #   --mem SIZE        L1's memory (default 3G)    --cpus N   L1's CPUs (default 2)
 #   --console FILE    keep L1's console log in FILE
@@ -38,9 +41,11 @@ log() { [ "${quiet:-0}" = 1 ] || echo "svm-host.sh: $*" >&2; }
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 timeout_s=3600 mem=3G cpus=2 console_keep="" build=1 quiet=0
 adds=()
+drives=()
 while [ $# -gt 0 ]; do
     case "$1" in
     --add) adds+=("$(readlink -f "$2")"); shift 2 ;;
+    --drive) [ -f "$2" ] || die "--drive $2: no such file"; drives+=("$(readlink -f "$2")"); shift 2 ;;
     --timeout) timeout_s="$2"; shift 2 ;;
     --mem) mem="$2"; shift 2 ;;
     --cpus) cpus="$2"; shift 2 ;;
@@ -113,7 +118,7 @@ if [ ! -f "$cache/base.cpio" ] || [ "$(cat "$cache/base.stamp" 2>/dev/null)" != 
     busybox_tree "$root" "$work/busybox/bin/busybox"
     copy_libs "$root" "$work/busybox/bin/busybox"
     module_closure "$work/kernel/lib/modules/$kver" "$root/lib/modules/$kver" \
-        irqbypass kvm kvm_amd tun veth vhost_net vhost_vsock loop
+        irqbypass kvm kvm_amd tun veth vhost_net vhost_vsock loop virtio_pci virtio_blk
     printf '%s\n' "${MODULE_LOAD_ORDER[@]}" >"$root/lib/modules/$kver/load-order"
     # Programs shadowed by busybox applets of the same name: the real ones come first on PATH.
     copy_with_libs "$root" "${host_progs[@]}"
@@ -212,6 +217,10 @@ cat "$cache/base.cpio" "$run/payload.cpio" >"$run/initrd.cpio"
 rm -rf "$pay" "$run/payload.cpio"
 
 # --- boot L1 ----------------------------------------------------------------------------------
+drive_args=()
+for d in "${drives[@]}"; do
+    drive_args+=(-drive "file=$d,format=raw,if=virtio,cache=writeback")
+done
 mkfifo "$run/out" "$run/err"
 cat "$run/out" &
 cat_pids="$!"
@@ -224,7 +233,7 @@ log "booting the emulated SVM host ($(($(stat -c %s "$run/initrd.cpio") >> 20)) 
     -kernel "$cache/vmlinuz" -initrd "$run/initrd.cpio" \
     -append "console=ttyS0 quiet panic=-1 rdinit=/init mitigations=off tsc=reliable" \
     -serial "file:$console" -serial "file:$run/out" -serial "file:$run/err" \
-    -serial "file:$run/status" </dev/null >"$run/qemu.log" 2>&1 &
+    -serial "file:$run/status" "${drive_args[@]}" </dev/null >"$run/qemu.log" 2>&1 &
 qemu_pid=$!
 deadline=$(($(date +%s) + timeout_s))
 while kill -0 "$qemu_pid" 2>/dev/null; do

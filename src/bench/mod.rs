@@ -11,11 +11,14 @@
 //!   with QEMU (`bench io`).
 //! - [`nested`]: the exit bench at L2 and at L3 (exitless inside exitless's guest), with L1's
 //!   exits per L3 exit (`bench nested`).
+//! - [`vswap`]: uncooperative overcommit, baseline swapping vs balloon vs swap mapper (`bench
+//!   vswap`).
 
 pub mod boot;
 pub mod exits;
 pub mod io;
 pub mod nested;
+pub mod vswap;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
@@ -44,6 +47,11 @@ pub enum BenchCommand {
     /// KVM exits per L3 exit (Turtles' exit multiplication). Needs a host whose KVM gives guests
     /// SVM or VMX (e.g. tools/svm-host.sh exitless bench nested on a host without it).
     Nested(nested::NestedArgs),
+    /// VSWAPPER's Fig 4.3/4.9 at small scale: a Linux guest limited by --mem-limit reads its disk
+    /// sequentially, baseline swapping vs balloon vs swap mapper; time per pass, host swap traffic,
+    /// image reads, major faults. Needs root, host swap and hardware-style KVM (e.g. inside
+    /// tools/svm-host.sh with --drive disks for the image and the swap).
+    Vswap(vswap::VswapArgs),
 }
 
 /// Arguments of `exitless bench io`.
@@ -116,6 +124,7 @@ pub fn main(cmd: BenchCommand) -> ExitCode {
         BenchCommand::Io(args) => io::run(&args),
         BenchCommand::Boot(args) => boot::run(&args),
         BenchCommand::Nested(args) => nested::run(&args),
+        BenchCommand::Vswap(args) => vswap::run(&args),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -239,7 +239,7 @@ pub fn initrd_with_exitless(base: &Path, binary: &Path, out: &Path) -> Result<()
 // --- the L2 guest's console ------------------------------------------------------------------
 
 /// The Debian guest under exitless: its console read as it arrives, commands typed into it.
-struct Guest {
+pub(crate) struct Guest {
     child: Child,
     stdin: Option<ChildStdin>,
     out: Arc<Mutex<Vec<u8>>>,
@@ -253,7 +253,7 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 impl Guest {
-    fn start(args: &[String], errors: &Path) -> Result<Guest, String> {
+    pub(crate) fn start(args: &[String], errors: &Path) -> Result<Guest, String> {
         let exe =
             std::env::current_exe().map_err(|e| format!("cannot find exitless itself: {e}"))?;
         let err_file = std::fs::File::create(errors).map_err(|e| e.to_string())?;
@@ -291,11 +291,15 @@ impl Guest {
         })
     }
 
-    fn console(&self) -> Vec<u8> {
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub(crate) fn console(&self) -> Vec<u8> {
         self.out.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.out.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
@@ -309,7 +313,7 @@ impl Guest {
     }
 
     /// Waits until `pat` shows after byte `from`; returns the offset just past it.
-    fn wait_for(
+    pub(crate) fn wait_for(
         &mut self,
         pat: &str,
         from: usize,
@@ -341,7 +345,7 @@ impl Guest {
         }
     }
 
-    fn send(&mut self, line: &str) -> Result<(), String> {
+    pub(crate) fn send(&mut self, line: &str) -> Result<(), String> {
         let ok = self.stdin.as_mut().is_some_and(|s| {
             s.write_all(line.as_bytes())
                 .and_then(|_| s.write_all(b"\n"))
@@ -356,7 +360,7 @@ impl Guest {
     }
 
     /// Types one command line and waits for its end marker; returns the console from then on.
-    fn step(&mut self, cmd: &str, limit: Duration) -> Result<String, String> {
+    pub(crate) fn step(&mut self, cmd: &str, limit: Duration) -> Result<String, String> {
         self.steps += 1;
         let n = self.steps;
         let from = self.len();
@@ -366,7 +370,7 @@ impl Guest {
     }
 
     /// Ends the guest: `poweroff -f`, then a kill when it does not go.
-    fn stop(mut self) {
+    pub(crate) fn stop(mut self) {
         let _ = self.send("poweroff -f");
         drop(self.stdin.take());
         let _ = wait_with_limit(&mut self.child, Duration::from_secs(60));

@@ -452,6 +452,7 @@ fn worker(d: Device) -> Rules {
                 SYS_fsync,
                 SYS_fdatasync,
                 SYS_fallocate,
+                SYS_readahead,
                 SYS_lseek,
                 SYS_fstat,
                 SYS_statx,

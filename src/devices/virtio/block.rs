@@ -48,6 +48,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::config::DiskConfig;
 use super::queue::{Chain, Cursor, Seg, Vq};
+use super::swap_mapper::{Mapper, Setup as MapperSetup};
 use super::{common_features, Activation, DeviceStats, QueueHandler, VirtioDevice};
 
 pub const SECTOR: u64 = 512;
@@ -73,6 +74,8 @@ pub struct Block {
     align: u64,
     id: [u8; 20],
     stats: Arc<DeviceStats>,
+    /// What the data path's mapper needs (see `swap_mapper`).
+    mapper_setup: MapperSetup,
 }
 
 impl Block {
@@ -102,6 +105,21 @@ impl Block {
         } else {
             0
         };
+        let mapper_image = if cfg.swap_mapper {
+            if !super::swap_mapper::supported() {
+                return Err(format!(
+                    "disk image {}: swap-mapper=on needs madvise(MADV_POPULATE_READ/WRITE) \
+                     (Linux 5.14 or later)",
+                    cfg.path.display()
+                ));
+            }
+            let f = File::open(&cfg.path)
+                .map_err(|e| format!("disk image {} (swap mapper): {e}", cfg.path.display()))?;
+            Some(f)
+        } else {
+            None
+        };
+        let mapper_setup = MapperSetup::new(mapper_image);
         let mut id = [0u8; 20];
         let name = cfg
             .id
@@ -117,7 +135,25 @@ impl Block {
             align,
             id,
             stats: Arc::default(),
+            mapper_setup,
         })
+    }
+
+    /// The data path's mapper (see `swap_mapper`): mappings where `swap-mapper=on`, stale-read
+    /// avoidance always.
+    fn mapper(&self) -> Mapper {
+        Mapper::new(&self.mapper_setup)
+    }
+
+    /// The block size the guest is told: what `O_DIRECT` needs, 4 KiB with the mapper (whole
+    /// pages), else a sector.
+    fn blk_size(&self) -> u64 {
+        let page = if self.mapper_setup.image.is_some() {
+            4096
+        } else {
+            0
+        };
+        self.align.max(page).max(SECTOR)
     }
 
     fn config_bytes(&self) -> [u8; 60] {
@@ -125,7 +161,7 @@ impl Block {
         c[0..8].copy_from_slice(&self.sectors.to_le_bytes());
         // seg_max: a request's data segments (chain minus header and status).
         c[12..16].copy_from_slice(&(u32::from(QUEUE_SIZE) - 2).to_le_bytes());
-        c[20..24].copy_from_slice(&(self.align.max(SECTOR) as u32).to_le_bytes());
+        c[20..24].copy_from_slice(&(self.blk_size() as u32).to_le_bytes());
         c[34..36].copy_from_slice(&1u16.to_le_bytes());
         // Discard and write zeroes: one segment per request, 4 KiB aligned.
         c[36..40].copy_from_slice(&(u32::MAX >> 9).to_le_bytes());
@@ -184,6 +220,7 @@ impl VirtioDevice for Block {
             stats: a.stats,
             buf: Vec::new(),
             run: Vec::new(),
+            mapper: self.mapper(),
         }))
     }
     fn stats(&self) -> Arc<DeviceStats> {
@@ -203,6 +240,8 @@ pub struct BlockHandler {
     buf: Vec<u8>,
     /// The run being gathered by [`Self::serve_batch`], kept for its allocation.
     run: Vec<Rw>,
+    /// Reads into guest RAM as mappings, and what must happen before writes (`swap_mapper`).
+    mapper: Mapper,
 }
 
 impl BlockHandler {
@@ -237,8 +276,11 @@ impl BlockHandler {
         }
         if let Some(mut g) = guest_iovecs(mem, segs, skip, len) {
             if iov_aligned(&g.iov, self.align) {
-                return rw_all(&self.file, &mut g.iov, pos, !to_guest).is_ok();
+                return self.io(&mut g.iov, pos, !to_guest).is_ok();
             }
+        }
+        if !to_guest && self.mapper.before_write(pos, len).is_err() {
+            return false;
         }
         self.stats.add_extra("bounced", 1);
         let mut c = Cursor::new(mem, segs);
@@ -261,6 +303,42 @@ impl BlockHandler {
             left -= n as u64;
         }
         true
+    }
+
+    /// One read or write between the image at `pos` and guest memory described by `iov`: a write
+    /// first breaks the mappings of the blocks it changes, a read goes through the mapper (which
+    /// maps whole pages where it is on, and copies the rest). See `swap_mapper`.
+    fn io(&mut self, iov: &mut [libc::iovec], pos: u64, write: bool) -> io::Result<()> {
+        if write {
+            let len = iov.iter().map(|v| v.iov_len as u64).sum();
+            if let Err(e) = self.mapper.before_write(pos, len) {
+                crate::warn_limited!("virtio-blk", "virtio-blk: breaking mappings: {e}");
+                return Err(e);
+            }
+            return rw_all(&self.file, iov, pos, true);
+        }
+        self.mapper.read(&self.file, iov, pos)
+    }
+
+    /// The mapper's counts into the device's facts (once per batch).
+    fn mapper_facts(&mut self) {
+        let (c, extents) = self.mapper.take_counts();
+        let s = &self.stats;
+        for (k, v) in [
+            ("mapper_pages", c.mapped_pages),
+            ("mapper_calls", c.map_calls),
+            ("mapper_breaks", c.broken_pages),
+            ("mapper_full", c.full),
+            ("mapper_failures", c.map_failures),
+            ("stale_dropped", c.stale_dropped),
+        ] {
+            if v > 0 {
+                s.add_extra(k, v);
+            }
+        }
+        if self.mapper.enabled() {
+            s.set_extra("mapper_extents", extents as u64);
+        }
     }
 
     /// Serves one request other than a read or write that passed [`Self::rw_of`]; returns
@@ -331,6 +409,9 @@ impl BlockHandler {
 
     /// Discard (`zero` false: advisory, failures ignored) or write zeroes over a byte range.
     fn deallocate(&mut self, off: u64, len: u64, zero: bool, unmap: bool) -> bool {
+        if self.mapper.before_write(off, len).is_err() {
+            return false;
+        }
         let fd = self.file.as_raw_fd();
         let falloc = |mode: i32| {
             // SAFETY: fallocate on a descriptor we own, with checked in-range arguments.
@@ -457,7 +538,7 @@ impl BlockHandler {
             whole
                 && iov.len() <= IOV_MAX
                 && iov_aligned(&iov, self.align)
-                && rw_all(&self.file, &mut iov, pos, write).is_ok()
+                && self.io(&mut iov, pos, write).is_ok()
         };
         if merged {
             self.stats.add_extra("merged", run.len() as u64 - 1);
@@ -556,6 +637,7 @@ impl QueueHandler for BlockHandler {
             self.vq.disable_notification();
             while self.serve_batch() > 0 {
                 self.signal();
+                self.mapper_facts();
             }
             if !self.vq.enable_notification() {
                 break;
@@ -653,7 +735,12 @@ fn guest_iovecs(mem: &GuestMemoryMmap, segs: &[Seg], skip: u64, len: u64) -> Opt
 
 /// All of `iov` from the file at `pos`: `pwritev` (`write`) or `preadv`, resumed after a short
 /// transfer or a signal. A transfer of 0 bytes (a read at the end of the file) is an error.
-fn rw_all(file: &File, iov: &mut [libc::iovec], mut pos: u64, write: bool) -> io::Result<()> {
+pub(super) fn rw_all(
+    file: &File,
+    iov: &mut [libc::iovec],
+    mut pos: u64,
+    write: bool,
+) -> io::Result<()> {
     let fd = file.as_raw_fd();
     let mut at = 0;
     while at < iov.len() {
@@ -724,6 +811,7 @@ mod tests {
                 readonly,
                 id: Some("serial-1".into()),
                 direct,
+                swap_mapper: false,
             },
             0,
         );
@@ -767,6 +855,7 @@ mod tests {
             stats: b.stats(),
             buf: Vec::new(),
             run: Vec::new(),
+            mapper: b.mapper(),
         }
     }
 
@@ -1342,6 +1431,167 @@ mod tests {
         assert_eq!(file[at - 1], 0xaa);
     }
 
+    /// A 256 KiB image whose every 4 KiB page is filled with its own number, behind a disk with
+    /// the swap mapper on.
+    fn mapper_disk() -> (tempfile_path::TempPath, Block, Vec<u8>) {
+        let p = tempfile_path::TempPath::new("blk-mapper");
+        let img: Vec<u8> = (0..64u8).flat_map(|i| vec![i + 1; 4096]).collect();
+        std::fs::write(&p.0, &img).unwrap();
+        let cfg = DiskConfig {
+            path: p.0.clone(),
+            readonly: false,
+            id: None,
+            direct: false,
+            swap_mapper: true,
+        };
+        let b = Block::open(&cfg, 0).unwrap();
+        (p, b, img)
+    }
+
+    /// Whether the page at `gpa` is backed by a file now (`/proc/self/pagemap` bit 61, present).
+    fn file_backed(mem: &GuestMemoryMmap, gpa: u64) -> bool {
+        let host = mem.get_host_address(GuestAddress(gpa)).unwrap() as u64;
+        let pm = std::fs::File::open("/proc/self/pagemap").unwrap();
+        let mut e = [0u8; 8];
+        pm.read_exact_at(&mut e, host / 4096 * 8).unwrap();
+        let e = u64::from_le_bytes(e);
+        e & (1 << 63) != 0 && e & (1 << 61) != 0
+    }
+
+    fn page(mem: &GuestMemoryMmap, gpa: u64) -> Vec<u8> {
+        let mut v = vec![0u8; 4096];
+        mem.read_slice(&mut v, GuestAddress(gpa)).unwrap();
+        v
+    }
+
+    #[test]
+    fn the_swap_mapper_maps_whole_pages_and_keeps_them_when_the_disk_is_written() {
+        if !super::super::swap_mapper::supported() {
+            return crate::test_skip(
+                "the_swap_mapper_maps_whole_pages_and_keeps_them_when_the_disk_is_written",
+                "no MADV_POPULATE_WRITE (Linux < 5.14)",
+            );
+        }
+        let (path, mut b, img) = mapper_disk();
+        let mut cfg = [0u8; 4];
+        b.read_config(20, &mut cfg);
+        assert_eq!(u32::from_le_bytes(cfg), 4096, "blk_size");
+        let mem = memory();
+        let mut dq = DriverQueue::new(32);
+        let mut h = handler(&mut b, &mem, &dq);
+        // 1. Blocks 2..5 (3 pages) into 0x40000, block 2 again into 0x50000, and an unaligned
+        // read (block 6 into 0x60200): mapped, mapped, copied.
+        rw(
+            &mut dq,
+            &mem,
+            VIRTIO_BLK_T_IN,
+            16,
+            (0x10000, 0x40000, 0x12000),
+            3 * 4096,
+        );
+        rw(
+            &mut dq,
+            &mem,
+            VIRTIO_BLK_T_IN,
+            16,
+            (0x10100, 0x50000, 0x12001),
+            4096,
+        );
+        rw(
+            &mut dq,
+            &mem,
+            VIRTIO_BLK_T_IN,
+            48,
+            (0x10200, 0x60200, 0x12002),
+            4096,
+        );
+        h.process(0).unwrap();
+        let st = |i: u64| mem.read_obj::<u8>(GuestAddress(0x12000 + i)).unwrap();
+        for i in 0..3 {
+            assert_eq!(st(i), VIRTIO_BLK_S_OK as u8, "request {i}");
+        }
+        for i in 0..3u64 {
+            assert_eq!(
+                page(&mem, 0x40000 + i * 4096),
+                img[(2 + i as usize) * 4096..][..4096]
+            );
+            assert!(file_backed(&mem, 0x40000 + i * 4096), "page {i} mapped");
+        }
+        assert_eq!(page(&mem, 0x50000), img[2 * 4096..3 * 4096]);
+        let mut got = vec![0u8; 4096];
+        mem.read_slice(&mut got, GuestAddress(0x60200)).unwrap();
+        assert_eq!(got, img[6 * 4096..7 * 4096]);
+        assert_eq!(extra(&b, "mapper_pages"), 4);
+        assert_eq!(extra(&b, "mapper_calls"), 2);
+        assert_eq!(extra(&b, "mapper_extents"), 2);
+
+        // 2. The guest stores into a mapped page: its copy changes, the image does not.
+        mem.write_obj(0xeeu8, GuestAddress(0x41000)).unwrap();
+        assert!(!file_backed(&mem, 0x41000));
+        assert_eq!(std::fs::read(&path.0).unwrap()[3 * 4096], 4);
+
+        // 3. The guest writes block 2 (mapped at 0x40000 and 0x50000) and half of block 4: both
+        // pages keep the old bytes, the image gets the new ones, and a new read sees them.
+        mem.write_slice(&[0x77u8; 4096], GuestAddress(0x30000))
+            .unwrap();
+        rw(
+            &mut dq,
+            &mem,
+            VIRTIO_BLK_T_OUT,
+            16,
+            (0x10300, 0x30000, 0x12003),
+            4096,
+        );
+        rw(
+            &mut dq,
+            &mem,
+            VIRTIO_BLK_T_OUT,
+            32,
+            (0x10400, 0x30000, 0x12004),
+            512,
+        );
+        h.process(0).unwrap();
+        assert_eq!(st(3), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(st(4), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(page(&mem, 0x40000), img[2 * 4096..3 * 4096]);
+        assert_eq!(page(&mem, 0x50000), img[2 * 4096..3 * 4096]);
+        assert_eq!(page(&mem, 0x42000), img[4 * 4096..5 * 4096]);
+        assert!(!file_backed(&mem, 0x40000) && !file_backed(&mem, 0x50000));
+        assert_eq!(extra(&b, "mapper_breaks"), 3);
+        let file = std::fs::read(&path.0).unwrap();
+        assert!(file[2 * 4096..3 * 4096].iter().all(|&x| x == 0x77));
+        assert!(file[4 * 4096..4 * 4096 + 512].iter().all(|&x| x == 0x77));
+        rw(
+            &mut dq,
+            &mem,
+            VIRTIO_BLK_T_IN,
+            16,
+            (0x10500, 0x70000, 0x12005),
+            4096,
+        );
+        // 4. Discard of block 7 while it is mapped: the page keeps its bytes.
+        rw(
+            &mut dq,
+            &mem,
+            VIRTIO_BLK_T_IN,
+            56,
+            (0x10600, 0x71000, 0x12006),
+            4096,
+        );
+        h.process(0).unwrap();
+        assert!(page(&mem, 0x70000).iter().all(|&x| x == 0x77));
+        assert!(file_backed(&mem, 0x71000));
+        header(&mem, 0x10700, VIRTIO_BLK_T_DISCARD, 0);
+        mem.write_obj(56u64, GuestAddress(0x10710)).unwrap();
+        mem.write_obj(8u32, GuestAddress(0x10718)).unwrap();
+        mem.write_obj(0u32, GuestAddress(0x1071c)).unwrap();
+        dq.add(&mem, &[(0x10700, 32, false), (0x12007, 1, true)]);
+        h.process(0).unwrap();
+        assert_eq!(st(7), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(page(&mem, 0x71000), img[7 * 4096..8 * 4096]);
+        assert!(!file_backed(&mem, 0x71000));
+    }
+
     #[test]
     fn disk_options_parse_direct() {
         use crate::devices::virtio::config::parse_disk;
@@ -1359,6 +1609,7 @@ mod tests {
                 readonly: false,
                 id: None,
                 direct: false,
+                swap_mapper: false,
             },
             0,
         )

@@ -1,5 +1,5 @@
 //! The virtio devices a VM is asked for, and the parsing of their command-line forms
-//! (`--disk path=IMG[,readonly=on][,id=NAME][,direct=on]`, `--rng`, `--net tap=NAME[,mac=MAC]`,
+//! (`--disk path=IMG[,readonly=on][,id=NAME][,direct=on][,swap-mapper=on]`, `--rng`, `--net tap=NAME[,mac=MAC]`,
 //! `--balloon [size=SIZE][,stats=SECONDS][,reporting=on|off][,deflate_on_oom=on|off]`,
 //! `--vsock cid=N,socket=PATH`).
 
@@ -38,6 +38,9 @@ pub struct DiskConfig {
     pub id: Option<String>,
     /// `direct=on`: the image is opened `O_DIRECT`, bypassing the host's page cache.
     pub direct: bool,
+    /// `swap-mapper=on`: whole-page reads become private file mappings of the image in guest RAM
+    /// (see `swap_mapper`).
+    pub swap_mapper: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -137,6 +140,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, String> {
         readonly: false,
         id: None,
         direct: false,
+        swap_mapper: false,
     };
     for (k, v) in pairs(s, "path")? {
         match k {
@@ -149,9 +153,10 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, String> {
                 d.id = Some(v.to_string())
             }
             "direct" => d.direct = on_off(v)?,
+            "swap-mapper" | "swap_mapper" => d.swap_mapper = on_off(v)?,
             _ => {
                 return Err(format!(
-                    "unknown --disk option {k:?} (path, readonly, id, direct)"
+                    "unknown --disk option {k:?} (path, readonly, id, direct, swap-mapper)"
                 ))
             }
         }

@@ -40,6 +40,7 @@ pub mod irq;
 pub mod net;
 pub mod queue;
 pub mod rng;
+pub mod swap_mapper;
 pub mod tap;
 pub mod transport;
 pub mod vsock;
