@@ -368,11 +368,14 @@ impl MemCgroup {
     }
 }
 
-/// `name value` lines (memory.stat, /proc/vmstat): the value of `name`.
+/// `name value` lines (memory.stat, /proc/vmstat; /proc/meminfo without its colons): the value
+/// of `name` (its first word after the name).
 pub fn field_of(text: &str, name: &str) -> Option<u64> {
     text.lines().find_map(|l| {
         let (k, v) = l.split_once(' ')?;
-        (k == name).then(|| v.trim().parse().ok()).flatten()
+        (k == name)
+            .then(|| v.split_whitespace().next()?.parse().ok())
+            .flatten()
     })
 }
 
@@ -537,5 +540,10 @@ mod tests {
         assert_eq!(field_of(t, "pgmajfault"), Some(7));
         assert_eq!(field_of(t, "pswpin"), Some(12));
         assert_eq!(field_of(t, "pswp"), None);
+        // /proc/meminfo's form once its colons are gone: the number, not the unit.
+        assert_eq!(
+            field_of("SwapTotal       1048572 kB\n", "SwapTotal"),
+            Some(1048572)
+        );
     }
 }

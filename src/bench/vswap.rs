@@ -14,7 +14,8 @@
 //! Per configuration: seconds per pass (the guest's `/proc/uptime` around each `dd`), the host's
 //! swap reads and writes (`pswpin`/`pswpout` of /proc/vmstat over the passes, in 4 KiB pages:
 //! host-wide, so the bench must be the only thing swapping), the image bytes the VMM read from
-//! storage (`read_bytes` of /proc/PID/io), the cgroup's major faults (`pgmajfault`) and the
+//! storage (`read_bytes` of /proc/PID/io, which counts swap-ins too, less the swap reads' bytes),
+//! the cgroup's major faults (`pgmajfault`) and the
 //! mapper's and stale-read facts from the run's report. Ratios within the run: baseline over
 //! mapper and mapper over balloon per pass.
 //!
@@ -102,6 +103,9 @@ pub struct Outcome {
     pub seconds_per_pass: Vec<f64>,
     pub swap_reads: u64,
     pub swap_writes: u64,
+    /// Everything the VMM read from storage (`read_bytes`: image reads and swap-ins alike).
+    pub storage_bytes_read: Option<u64>,
+    /// `storage_bytes_read` less the swap-ins' bytes: what came from the image.
     pub image_bytes_read: Option<u64>,
     pub major_faults: Option<u64>,
     pub mapper_pages: u64,
@@ -295,10 +299,13 @@ fn run_config(args: &VswapArgs, cfg: Config, image: &Path, dir: &Path) -> Result
         seconds_per_pass: seconds,
         swap_reads: vmstat("pswpin") - swin,
         swap_writes: vmstat("pswpout") - swout,
-        image_bytes_read: read_bytes(pid).zip(rb).map(|(b, a)| b - a),
+        storage_bytes_read: read_bytes(pid).zip(rb).map(|(b, a)| b - a),
         major_faults: major_faults(pid).zip(mf).map(|(b, a)| b - a),
         ..Outcome::default()
     };
+    o.image_bytes_read = o
+        .storage_bytes_read
+        .map(|b| b.saturating_sub(o.swap_reads * 4096));
     g.stop();
     if let Ok(text) = std::fs::read_to_string(&report) {
         if let Ok(r) = serde_json::from_str::<Value>(&text) {
@@ -329,6 +336,7 @@ pub fn to_json(outcomes: &[Outcome]) -> Value {
                     "swap_reads": o.swap_reads,
                     "swap_writes": o.swap_writes,
                     "image_bytes_read": o.image_bytes_read,
+                    "storage_bytes_read": o.storage_bytes_read,
                     "major_faults": o.major_faults,
                     "mapper_pages": o.mapper_pages,
                     "stale_dropped": o.stale_dropped,
@@ -452,6 +460,7 @@ mod tests {
             seconds_per_pass: vec![s, s / 2.0],
             swap_reads: 10,
             swap_writes: 20,
+            storage_bytes_read: Some(2 << 20),
             image_bytes_read: Some(1 << 20),
             major_faults: None,
             mapper_pages: 5,
