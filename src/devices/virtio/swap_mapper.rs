@@ -3,7 +3,9 @@
 //!
 //! Owns the file mappings of a disk image inside guest RAM and their bookkeeping; touches guest
 //! memory only through the host addresses the block device hands it (the destination pages of a
-//! read, the pages mapped to blocks about to be written), never the layout of guest RAM.
+//! read, the pages mapped to blocks about to be written), never the layout of guest RAM. Behind
+//! `--iommu` the queue has already translated the driver's I/O virtual addresses into guest
+//! physical ones (`queue::Translate`), so the mapper only ever sees guest RAM.
 //!
 //! # Why
 //! Under uncooperative overcommit (`--mem-limit`, `memlimit`) the host reclaims guest RAM as if it
