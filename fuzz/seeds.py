@@ -33,3 +33,16 @@ ops+=bytes([5])+struct.pack('<I',0x14)[:3]+struct.pack('<Q',3)
 ops+=bytes([16])+struct.pack('<I',0x04)[:3]+bytes(8)
 ops+=bytes([16])+struct.pack('<I',0x2000)[:3]+bytes(8)
 open(c+'pci/setup','wb').write(ops)
+# iommu: root table 0x1000, context table 0x2000 (00:01.0, domain 1), page tables 0x3000-0x6000
+# mapping I/O address 0x10000 to 0x80000, invalidation queue 0x7000 with a wait descriptor
+# (status at 0x7800); then Linux's enable sequence, a DMA write and the queue tail.
+img=bytearray(0x8000)
+def q(a,v): img[a:a+8]=struct.pack('<Q',v)
+q(0x1000,0x2000|1); q(0x2000+16*8,0x3000|1); q(0x2008+16*8,2|(1<<8))
+q(0x3000,0x4000|3); q(0x4000,0x5000|3); q(0x5000,0x6000|3); q(0x6000+8*0x10,0x80000|3)
+q(0x7000,5|(1<<5)|(7<<32)); q(0x7008,0x7800)
+def op(kind,at,ln,val): return bytes([kind])+struct.pack('<HBQ',at,ln,val)
+ops=op(1,0x90,0,0x7000)+op(0,0x18,0,1<<26)+op(1,0x20,0,0x1000)+op(0,0x18,0,(1<<26)|(1<<30))
+ops+=op(0,0x18,0,(1<<26)|(1<<31))+op(3,0x0008,4,0x10001)+op(1,0x88,0,0x10)+op(2,0x34,0,0)
+os.makedirs(c+'iommu',exist_ok=True)
+open(c+'iommu/enable_dma_wait','wb').write(bytes(img)+ops)

@@ -170,3 +170,11 @@ fn debian_guest_uses_disk_and_network_behind_the_samecore_iommu_and_sees_a_bad_d
         "samecore",
     );
 }
+
+#[test]
+fn debian_guest_uses_disk_and_network_behind_the_sidecore_iommu_and_sees_a_bad_dma_fault() {
+    iommu_guest(
+        "debian_guest_uses_disk_and_network_behind_the_sidecore_iommu_and_sees_a_bad_dma_fault",
+        "sidecore",
+    );
+}

@@ -20,7 +20,7 @@ if [[ $# -gt 0 && $1 =~ ^[0-9]+$ ]]; then
     shift
 fi
 
-all=(bzimage elf_sink api_line virtio_block virtio_rng virtio_balloon virtio_vsock pci)
+all=(bzimage elf_sink api_line virtio_block virtio_rng virtio_balloon virtio_vsock pci iommu)
 targets=("$@")
 [[ ${#targets[@]} -gt 0 ]] || targets=("${all[@]}")
 

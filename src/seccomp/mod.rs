@@ -11,6 +11,7 @@
 //! | `api` | `api` and `api-client` (the control socket) | [`Kind::Api`] |
 //! | `worker-*` | device workers: `blk`, `net`, `rng`, `balloon`, `vsock` | [`Kind::Worker`] |
 //! | `launcher` | the thread that starts device workers | [`Kind::Launcher`] |
+//! | `iommu-sidecore` | polls the emulated IOMMU's register page (`--iommu mode=sidecore`) | [`Kind::Sidecore`] |
 //!
 //! The lists are Rust functions here rather than seccompiler JSON files: the system calls are
 //! named by `libc::SYS_*` and the ioctls by the same constants the code issues (kvm-bindings
@@ -127,6 +128,8 @@ pub enum Kind {
     Api,
     Launcher,
     Worker(Device),
+    /// The IOMMU's sidecore poller.
+    Sidecore,
 }
 
 impl Kind {
@@ -137,6 +140,7 @@ impl Kind {
             Kind::Vcpu => "vcpu",
             Kind::Api => "api",
             Kind::Launcher => "launcher",
+            Kind::Sidecore => "iommu-sidecore",
             Kind::Worker(Device::Block) => "virtio-blk worker",
             Kind::Worker(Device::Net) => "virtio-net worker",
             Kind::Worker(Device::Rng) => "virtio-rng worker",
@@ -154,6 +158,7 @@ impl Kind {
             Kind::Api => 4,
             Kind::Launcher => 5,
             Kind::Worker(d) => 6 + d as u8,
+            Kind::Sidecore => 20,
         }
     }
 
@@ -168,7 +173,7 @@ impl Kind {
         ]
         .into_iter()
         .chain(Device::ALL.into_iter().map(Kind::Worker))
-        .chain([Kind::Worker(Device::Other)])
+        .chain([Kind::Worker(Device::Other), Kind::Sidecore])
     }
 
     fn from_code(c: u8) -> Option<Kind> {
@@ -502,6 +507,14 @@ fn launcher() -> Rules {
     r
 }
 
+/// The IOMMU's sidecore: polling and sleeping (base), interrupts through eventfd writes (base),
+/// and the fault / invalidation event routes when the guest programs them in the polled page.
+fn sidecore() -> Rules {
+    let mut r = base();
+    allow_args(&mut r, libc::SYS_ioctl, 1, &[KVM_SET_GSI_ROUTING()]);
+    r
+}
+
 /// The list of a kind of thread.
 pub fn rules(kind: Kind) -> Rules {
     match kind {
@@ -511,6 +524,7 @@ pub fn rules(kind: Kind) -> Rules {
         Kind::Api => api(),
         Kind::Launcher => launcher(),
         Kind::Worker(d) => worker(d),
+        Kind::Sidecore => sidecore(),
     }
 }
 
@@ -769,6 +783,7 @@ mod tests {
                 Kind::Vcpu,
                 Kind::Api,
                 Kind::Launcher,
+                Kind::Sidecore,
             ]
             .into_iter()
             .chain(Device::ALL.into_iter().map(Kind::Worker))
@@ -800,6 +815,7 @@ mod tests {
             Kind::Vcpu,
             Kind::Api,
             Kind::Launcher,
+            Kind::Sidecore,
         ]
         .into_iter()
         .chain(Device::ALL.into_iter().map(Kind::Worker))

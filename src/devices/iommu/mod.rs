@@ -42,9 +42,10 @@
 
 pub mod qi;
 pub mod regs;
+pub mod sidecore;
 pub mod walk;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -187,6 +188,10 @@ pub struct Iommu {
     irqs: Irqs,
     pub stats: IommuStats,
     pub config: IommuConfig,
+    /// Sidecore: the shared register page (status is published there before an interrupt).
+    page: std::sync::OnceLock<Arc<sidecore::Page>>,
+    /// Ends the sidecore poller.
+    stop: AtomicBool,
 }
 
 /// A DMA the IOMMU refused (the fault is recorded, unless the context disabled it).
@@ -213,6 +218,8 @@ impl Iommu {
             irqs: Irqs::new(routes)?,
             stats: IommuStats::default(),
             config,
+            page: std::sync::OnceLock::new(),
+            stop: AtomicBool::new(false),
         })
     }
 
@@ -411,6 +418,10 @@ impl Iommu {
         if r.fectl & IM != 0 {
             r.fectl |= IP;
         } else {
+            if let Some(page) = self.page.get() {
+                // Sidecore: the handler reads FSTS and the records right away.
+                self.publish(inner, page);
+            }
             self.stats.fault_events.fetch_add(1, Ordering::Relaxed);
             self.irqs.fire(0);
         }
@@ -426,6 +437,9 @@ impl Iommu {
         if r.iectl & IM != 0 {
             r.iectl |= IP;
         } else {
+            if let Some(page) = self.page.get() {
+                self.publish(inner, page);
+            }
             self.stats
                 .invalidation_events
                 .fetch_add(1, Ordering::Relaxed);
@@ -590,15 +604,19 @@ impl Iommu {
     }
 }
 
-/// Samecore: the register pages as an MMIO device (each access an exit on the vCPU thread).
-pub struct IommuMmio(pub Arc<Iommu>);
+/// The trapped register pages as an MMIO device (each access an exit on the vCPU thread): both
+/// pages in samecore, page 1 in sidecore (`first` is where the device's range starts).
+pub struct IommuMmio {
+    pub iommu: Arc<Iommu>,
+    pub first: u64,
+}
 
 impl BusDevice for IommuMmio {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        self.0.read_reg(offset, data)
+        self.iommu.read_reg(self.first + offset, data)
     }
     fn write(&mut self, offset: u64, data: &[u8]) {
-        self.0.write_reg(offset, data)
+        self.iommu.write_reg(self.first + offset, data)
     }
 }
 
@@ -648,14 +666,31 @@ fn read_desc(mem: &GuestMemoryMmap, addr: u64) -> Option<(u64, u64)> {
 #[cfg(test)]
 mod tests;
 
-/// Puts the register file where the guest finds it (samecore: both pages trap on the MMIO bus).
+/// Puts the register file where the guest finds it: samecore traps both pages on the MMIO bus;
+/// sidecore makes page 0 guest RAM polled by its thread (see `sidecore`) and traps page 1.
 pub fn attach(
     iommu: &Arc<Iommu>,
-    _vm: &kvm_ioctls::VmFd,
-    _mem: &GuestMemoryMmap,
+    vm: &kvm_ioctls::VmFd,
     mmio: &mut crate::devices::Bus,
 ) -> Result<(), String> {
-    let dev: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(IommuMmio(iommu.clone())));
-    mmio.insert("iommu", register_base(), SIZE, dev)
+    let first = match iommu.config.mode {
+        Mode::Samecore => 0,
+        Mode::Sidecore => {
+            sidecore::start(iommu, vm)?;
+            PAGE
+        }
+    };
+    let dev: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(IommuMmio {
+        iommu: iommu.clone(),
+        first,
+    }));
+    mmio.insert("iommu", register_base() + first, SIZE - first, dev)
         .map_err(|e| e.to_string())
+}
+
+impl Iommu {
+    /// Stops the sidecore poller (at the VM's end).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }

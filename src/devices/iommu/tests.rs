@@ -281,3 +281,20 @@ fn options_parse() {
     assert!(parse("caching-mode").is_err());
     assert!(parse("cpu=x").is_err());
 }
+
+/// The fuzz target over its seed (Linux's enable sequence, a DMA, a wait) and over garbage.
+#[test]
+fn fuzz_target_runs_its_seed_and_garbage() {
+    let seed = std::fs::read("fuzz/corpus/iommu/enable_dma_wait").unwrap();
+    crate::fuzzing::iommu(&seed);
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let garbage: Vec<u8> = (0..0x8000 + 12 * 4000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    crate::fuzzing::iommu(&garbage);
+}

@@ -286,6 +286,9 @@ impl VirtioSet {
 
     /// Stops every worker and releases what the host sees of the devices (at the end of the run).
     pub fn shutdown(&self) {
+        if let Some(m) = &self.iommu {
+            m.stop();
+        }
         for d in &self.devices {
             let mut d = d.lock().unwrap_or_else(|p| p.into_inner());
             d.stop_worker();
@@ -424,7 +427,7 @@ pub fn build(
     )
     .map_err(|e| e.to_string())?;
     if let Some(m) = &iommu {
-        crate::devices::iommu::attach(m, vm, mem, mmio)?;
+        crate::devices::iommu::attach(m, vm, mmio)?;
     }
     Ok(Some(VirtioSet { devices, iommu }))
 }
