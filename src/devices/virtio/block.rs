@@ -1592,6 +1592,105 @@ mod tests {
         assert!(!file_backed(&mem, 0x71000));
     }
 
+    /// At the bound (no room for a mapping) reads are copied and counted; a mapped page that the
+    /// balloon or free-page reporting drops (`MADV_DONTNEED`) reads the block again, never zeros
+    /// from a stale mapping of another block.
+    #[test]
+    fn the_swap_mapper_copies_at_its_bound_and_survives_dontneed() {
+        if !super::super::swap_mapper::supported() {
+            return crate::test_skip(
+                "the_swap_mapper_copies_at_its_bound_and_survives_dontneed",
+                "no MADV_POPULATE_WRITE (Linux < 5.14)",
+            );
+        }
+        let (_path, mut b, img) = mapper_disk();
+        let mem = memory();
+        let mut dq = DriverQueue::new(16);
+        let mut h = handler(&mut b, &mem, &dq);
+        h.mapper = Mapper::new(&MapperSetup {
+            max_extents: 1,
+            ..b.mapper_setup.clone()
+        });
+        rw(
+            &mut dq,
+            &mem,
+            VIRTIO_BLK_T_IN,
+            8,
+            (0x10000, 0x40000, 0x12000),
+            4096,
+        );
+        rw(
+            &mut dq,
+            &mem,
+            VIRTIO_BLK_T_IN,
+            80,
+            (0x10100, 0x48000, 0x12001),
+            4096,
+        );
+        h.process(0).unwrap();
+        assert_eq!(page(&mem, 0x40000), img[4096..2 * 4096]);
+        assert_eq!(page(&mem, 0x48000), img[10 * 4096..11 * 4096]);
+        assert!(file_backed(&mem, 0x40000));
+        assert!(!file_backed(&mem, 0x48000), "copied at the bound");
+        assert_eq!(extra(&b, "mapper_full"), 1);
+        let host = mem.get_host_address(GuestAddress(0x40000)).unwrap();
+        // SAFETY: one page of the test's own guest memory, mapped by the mapper above.
+        assert_eq!(
+            unsafe { libc::madvise(host.cast(), 4096, libc::MADV_DONTNEED) },
+            0
+        );
+        assert_eq!(page(&mem, 0x40000), img[4096..2 * 4096]);
+    }
+
+    /// A read into a page the host swapped out drops it first instead of swapping it in (needs
+    /// host swap, which neither this project's hosts nor the emulated SVM host have by default:
+    /// run with `--ignored` where swap is on, e.g. in the emulated host with a `--drive` made swap
+    /// as for `bench vswap`; `MADV_PAGEOUT` pushes the page out).
+    #[test]
+    #[ignore = "needs host swap (see the comment)"]
+    fn a_read_into_a_swapped_out_page_does_not_swap_it_in() {
+        const TEST: &str = "a_read_into_a_swapped_out_page_does_not_swap_it_in";
+        let (_path, mut b) = disk(false);
+        if b.mapper_setup.pagemap.is_none() {
+            return crate::test_skip(TEST, "the host has no swap");
+        }
+        let mem = memory();
+        let mut dq = DriverQueue::new(8);
+        let mut h = handler(&mut b, &mem, &dq);
+        mem.write_slice(&[0x5au8; 4096], GuestAddress(0x40000))
+            .unwrap();
+        let host = mem.get_host_address(GuestAddress(0x40000)).unwrap();
+        let pm = std::fs::File::open("/proc/self/pagemap").unwrap();
+        let swapped = || {
+            let mut e = [0u8; 8];
+            pm.read_exact_at(&mut e, host as u64 / 4096 * 8).unwrap();
+            u64::from_le_bytes(e) & (1 << 62) != 0
+        };
+        // SAFETY: one page of the test's own guest memory; MADV_PAGEOUT keeps its content.
+        assert_eq!(
+            unsafe { libc::madvise(host.cast(), 4096, libc::MADV_PAGEOUT) },
+            0
+        );
+        if !swapped() {
+            return crate::test_skip(TEST, "MADV_PAGEOUT did not swap the page out");
+        }
+        rw(
+            &mut dq,
+            &mem,
+            VIRTIO_BLK_T_IN,
+            0,
+            (0x10000, 0x40000, 0x12000),
+            4096,
+        );
+        h.process(0).unwrap();
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(0x12000)).unwrap(),
+            VIRTIO_BLK_S_OK as u8
+        );
+        assert!(page(&mem, 0x40000).iter().all(|&x| x == 0xaa));
+        assert_eq!(extra(&b, "stale_dropped"), 1);
+    }
+
     #[test]
     fn disk_options_parse_direct() {
         use crate::devices::virtio::config::parse_disk;
