@@ -194,6 +194,7 @@ fn virtio_queues(dev: &mut dyn VirtioDevice, mem: &GuestMemoryMmap, data: &[u8])
             vector: q as u16,
             bad_chains: 0,
             polling: false,
+            moderator: Default::default(),
         });
     }
     let rest = data.get(pos..).unwrap_or_default();
@@ -254,6 +255,7 @@ pub fn virtio_block(data: &[u8]) {
         id: Some("fuzz".into()),
         direct: false,
         swap_mapper: false,
+        coalesce: Default::default(),
     };
     let mut dev = Block::open(&cfg, 0).expect("virtio-blk");
     virtio_queues(&mut dev, &guest_memory(VIRTIO_MEM), data);

@@ -444,7 +444,14 @@ fn worker(d: Device) -> Rules {
     let mut r = base();
     allow(
         &mut r,
-        &[SYS_epoll_wait, SYS_epoll_pwait, SYS_epoll_ctl, SYS_read],
+        &[
+            SYS_epoll_wait,
+            SYS_epoll_pwait,
+            SYS_epoll_ctl,
+            SYS_read,
+            // The timer of held interrupts (moderation).
+            SYS_timerfd_settime,
+        ],
     );
     match d {
         Device::Block => allow(
@@ -468,7 +475,7 @@ fn worker(d: Device) -> Rules {
         Device::Balloon => {
             // /proc/self/statm (the RSS facts) and the statistics timer.
             read_file(&mut r);
-            allow(&mut r, &[SYS_timerfd_settime, SYS_timerfd_gettime]);
+            allow(&mut r, &[SYS_timerfd_gettime]);
         }
         Device::Vsock => {
             allow(

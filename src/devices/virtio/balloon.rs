@@ -673,6 +673,7 @@ mod tests {
             vector: 0,
             bad_chains: 0,
             polling: false,
+            moderator: Default::default(),
         }
     }
 

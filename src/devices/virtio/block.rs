@@ -47,6 +47,7 @@ use vm_memory::volatile_memory::PtrGuardMut;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::config::DiskConfig;
+use super::moderation::{Coalesce, Moderator};
 use super::queue::{Chain, Cursor, Seg, Vq};
 use super::swap_mapper::{Mapper, Setup as MapperSetup};
 use super::{common_features, Activation, DeviceStats, QueueHandler, VirtioDevice};
@@ -76,6 +77,7 @@ pub struct Block {
     stats: Arc<DeviceStats>,
     /// What the data path's mapper needs (see `swap_mapper`).
     mapper_setup: MapperSetup,
+    coalesce: Coalesce,
 }
 
 impl Block {
@@ -136,6 +138,7 @@ impl Block {
             id,
             stats: Arc::default(),
             mapper_setup,
+            coalesce: cfg.coalesce,
         })
     }
 
@@ -209,7 +212,8 @@ impl VirtioDevice for Block {
         }
     }
     fn activate(&mut self, a: Activation) -> Result<Box<dyn QueueHandler>, String> {
-        let vq = a.queues.into_iter().next().ok_or("no request queue")?;
+        let mut vq = a.queues.into_iter().next().ok_or("no request queue")?;
+        vq.moderator = Moderator::new(self.coalesce);
         Ok(Box::new(BlockHandler {
             vq,
             file: self.file.clone(),
@@ -591,14 +595,13 @@ impl BlockHandler {
         }
     }
 
-    /// One interrupt for the requests completed since the last call, if the driver wants one
-    /// (`used_event` with EVENT_IDX: whether it lies among those completions).
-    fn signal(&mut self) {
-        match self.vq.queue.needs_notification(&self.vq.mem) {
-            Ok(true) => self.vq.msix.trigger(self.vq.vector, 1),
-            Ok(false) => {}
-            Err(e) => crate::warn_limited!("virtio-queue", "virtio-blk: {e:?}"),
-        }
+    /// One interrupt for the `n` requests completed since the last call, if the driver wants one
+    /// (`used_event` with EVENT_IDX: whether it lies among those completions), now or when
+    /// moderation (`coalesce=`) says.
+    fn signal(&mut self, n: usize) {
+        self.vq.signal_used(n as u32);
+        self.stats
+            .set_extra("interrupts_held", self.vq.moderator.held);
     }
 }
 
@@ -635,8 +638,12 @@ impl QueueHandler for BlockHandler {
     fn process(&mut self, _q: usize) -> Result<(), String> {
         loop {
             self.vq.disable_notification();
-            while self.serve_batch() > 0 {
-                self.signal();
+            loop {
+                let n = self.serve_batch();
+                if n == 0 {
+                    break;
+                }
+                self.signal(n);
                 self.mapper_facts();
             }
             if !self.vq.enable_notification() {
@@ -648,6 +655,14 @@ impl QueueHandler for BlockHandler {
 
     fn polled_queue(&mut self, _q: usize) -> Option<&mut Vq> {
         Some(&mut self.vq)
+    }
+
+    fn interrupt_deadline(&self) -> Option<std::time::Instant> {
+        self.vq.moderator.deadline()
+    }
+
+    fn send_due(&mut self, now: std::time::Instant) {
+        self.vq.send_due(now);
     }
 }
 
@@ -812,6 +827,7 @@ mod tests {
                 id: Some("serial-1".into()),
                 direct,
                 swap_mapper: false,
+                coalesce: Coalesce::Off,
             },
             0,
         );
@@ -1709,6 +1725,7 @@ mod tests {
                 id: None,
                 direct: false,
                 swap_mapper: false,
+                coalesce: Coalesce::Off,
             },
             0,
         )

@@ -1,9 +1,12 @@
 //! The virtio devices a VM is asked for, and the parsing of their command-line forms
-//! (`--disk path=IMG[,readonly=on][,id=NAME][,direct=on][,swap-mapper=on]`, `--rng`, `--net tap=NAME[,mac=MAC]`,
+//! (`--disk path=IMG[,readonly=on][,id=NAME][,direct=on][,swap-mapper=on][,coalesce=off|adaptive[:T]]`,
+//! `--rng`, `--net tap=NAME[,mac=MAC][,coalesce=off|adaptive[:T]]`,
 //! `--balloon [size=SIZE][,stats=SECONDS][,reporting=on|off][,deflate_on_oom=on|off]`,
 //! `--vsock cid=N,socket=PATH`).
 
 use std::path::PathBuf;
+
+pub use super::moderation::Coalesce;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct VirtioConfig {
@@ -41,12 +44,17 @@ pub struct DiskConfig {
     /// `swap-mapper=on`: whole-page reads become private file mappings of the image in guest RAM
     /// (see `swap_mapper`).
     pub swap_mapper: bool,
+    /// `coalesce=off|adaptive[:T]`: the device's interrupt moderation (`moderation`).
+    pub coalesce: Coalesce,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetConfig {
     pub tap: String,
     pub mac: [u8; 6],
+    /// `coalesce=off|adaptive[:T]`: the device's interrupt moderation when the driver set none
+    /// (`moderation`; `ethtool -C` in the guest takes precedence).
+    pub coalesce: Coalesce,
 }
 
 /// `--balloon [size=SIZE][,stats=SECONDS][,reporting=on|off][,deflate_on_oom=on|off]`.
@@ -141,6 +149,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, String> {
         id: None,
         direct: false,
         swap_mapper: false,
+        coalesce: Coalesce::default(),
     };
     for (k, v) in pairs(s, "path")? {
         match k {
@@ -154,9 +163,10 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, String> {
             }
             "direct" => d.direct = on_off(v)?,
             "swap-mapper" | "swap_mapper" => d.swap_mapper = on_off(v)?,
+            "coalesce" => d.coalesce = Coalesce::parse(v).map_err(|e| format!("--disk {e}"))?,
             _ => {
                 return Err(format!(
-                    "unknown --disk option {k:?} (path, readonly, id, direct, swap-mapper)"
+                    "unknown --disk option {k:?} (path, readonly, id, direct, swap-mapper, coalesce)"
                 ))
             }
         }
@@ -184,12 +194,14 @@ pub fn parse_net(s: &str, index: usize) -> Result<NetConfig, String> {
         tap: String::new(),
         // Locally administered, unicast.
         mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56 + index as u8],
+        coalesce: Coalesce::default(),
     };
     for (k, v) in pairs(s, "tap")? {
         match k {
             "tap" => n.tap = v.to_string(),
             "mac" => n.mac = parse_mac(v)?,
-            _ => return Err(format!("unknown --net option {k:?} (tap, mac)")),
+            "coalesce" => n.coalesce = Coalesce::parse(v).map_err(|e| format!("--net {e}"))?,
+            _ => return Err(format!("unknown --net option {k:?} (tap, mac, coalesce)")),
         }
     }
     if n.tap.is_empty() {
@@ -245,6 +257,13 @@ mod tests {
         assert_eq!(n.tap, "tap0");
         assert_eq!(n.mac, [2, 0, 0, 0, 0, 1]);
         assert!(parse_net("mac=zz", 0).is_err());
+        assert_eq!(n.coalesce, Coalesce::default());
+        let n = parse_net("tap=t,coalesce=off", 0).unwrap();
+        assert_eq!(n.coalesce, Coalesce::Off);
+        let d = parse_disk("/a,coalesce=adaptive:64").unwrap();
+        assert_eq!(d.coalesce, Coalesce::Adaptive { cap_us: 64 });
+        assert!(parse_net("tap=t,coalesce=sometimes", 0).is_err());
+        assert!(parse_disk("/a,coalesce=adaptive:0").is_err());
         let v = parse_vsock("cid=3,socket=/tmp/v.sock").unwrap();
         assert_eq!(v.cid, 3);
         assert!(parse_vsock("cid=2,socket=/x").is_err());

@@ -37,6 +37,7 @@ pub mod balloon;
 pub mod block;
 pub mod config;
 pub mod irq;
+pub mod moderation;
 pub mod net;
 pub mod queue;
 pub mod rng;
@@ -219,6 +220,18 @@ pub trait QueueHandler: Send {
     /// transmit). None (the default): only notifications wake the device for it.
     fn polled_queue(&mut self, _q: usize) -> Option<&mut Vq> {
         None
+    }
+    /// The earliest interrupt one of the handler's queues holds back (`moderation`), if any: the
+    /// worker wakes then and calls [`Self::send_due`].
+    fn interrupt_deadline(&self) -> Option<std::time::Instant> {
+        None
+    }
+    /// Sends the held interrupts that are due at `now`.
+    fn send_due(&mut self, _now: std::time::Instant) {}
+    /// While the worker polls: looks for input on the handler's own descriptors without waiting
+    /// (network receive); true if some was served.
+    fn poll_input(&mut self) -> bool {
+        false
     }
 }
 

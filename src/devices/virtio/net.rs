@@ -44,6 +44,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::config::NetConfig;
+use super::moderation::{Coalesce, Moderator};
 use super::queue::{Chain, Cursor, Vq};
 use super::tap::{Tap, VNET_HDR_LEN};
 use super::{common_features, Activation, DeviceStats, QueueHandler, VirtioDevice};
@@ -51,6 +52,12 @@ use super::{common_features, Activation, DeviceStats, QueueHandler, VirtioDevice
 const QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
 const TX: usize = 1;
+/// The control queue (`VIRTIO_NET_F_CTRL_VQ`; index 2 without multiqueue).
+const CTRL: usize = 2;
+/// Control queue size: the driver sends one command at a time and waits for it.
+const CTRL_QUEUE_SIZE: u16 = 64;
+/// The longest command this device understands (class, command, `virtio_net_ctrl_coal`).
+const CTRL_MAX: usize = 2 + 8;
 /// The largest frame with its header: 64 KiB of GSO payload plus Ethernet and VLAN headers
 /// (what Linux's virtio-net driver sizes its big receive buffers for).
 pub const MAX_FRAME: usize = VNET_HDR_LEN + 65550;
@@ -124,6 +131,7 @@ pub struct Net {
     index: usize,
     tap: Arc<Tap>,
     mac: [u8; 6],
+    coalesce: Coalesce,
     stats: Arc<DeviceStats>,
 }
 
@@ -140,6 +148,7 @@ impl Net {
             index,
             tap: Arc::new(tap),
             mac: cfg.mac,
+            coalesce: cfg.coalesce,
             stats,
         })
     }
@@ -167,13 +176,15 @@ impl VirtioDevice for Net {
         0x02_00_00
     }
     fn queue_max_sizes(&self) -> Vec<u16> {
-        vec![QUEUE_SIZE, QUEUE_SIZE]
+        vec![QUEUE_SIZE, QUEUE_SIZE, CTRL_QUEUE_SIZE]
     }
     fn features(&self) -> u64 {
         common_features()
             | bit(VIRTIO_NET_F_MAC)
             | bit(VIRTIO_NET_F_STATUS)
             | bit(VIRTIO_NET_F_MRG_RXBUF)
+            | bit(VIRTIO_NET_F_CTRL_VQ)
+            | bit(VIRTIO_NET_F_NOTF_COAL)
             | offered_offloads(self.tap.supported_offloads())
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -201,20 +212,24 @@ impl VirtioDevice for Net {
             "tx_frames",
             "tx_bytes",
             "tx_dropped",
+            "interrupts_held",
+            "ctrl_commands",
+            "ctrl_errors",
         ] {
             a.stats.add_extra(k, 0);
         }
         let mut queues = a.queues.into_iter();
-        let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
+        let (Some(mut rx), Some(mut tx)) = (queues.next(), queues.next()) else {
             return Err("virtio-net needs a receive and a transmit queue".into());
         };
-        Ok(Box::new(NetHandler::new(
-            rx,
-            tx,
-            self.tap.clone(),
-            a.features,
-            a.stats,
-        )?))
+        rx.moderator = Moderator::new(self.coalesce);
+        tx.moderator = Moderator::new(self.coalesce);
+        let ctrl = queues
+            .next()
+            .filter(|_| a.features & bit(VIRTIO_NET_F_CTRL_VQ) != 0);
+        let mut h = NetHandler::new(rx, tx, self.tap.clone(), a.features, a.stats)?;
+        h.ctrl = ctrl;
+        Ok(Box::new(h))
     }
     fn stats(&self) -> Arc<DeviceStats> {
         self.stats.clone()
@@ -230,6 +245,10 @@ enum Delivery {
 pub struct NetHandler {
     rx: Vq,
     tx: Vq,
+    /// The control queue, when the driver accepted `VIRTIO_NET_F_CTRL_VQ`.
+    ctrl: Option<Vq>,
+    ctrl_commands: u64,
+    ctrl_errors: u64,
     tap: Arc<Tap>,
     mrg: bool,
     guest_csum: bool,
@@ -272,6 +291,9 @@ impl NetHandler {
         Ok(NetHandler {
             rx,
             tx,
+            ctrl: None,
+            ctrl_commands: 0,
+            ctrl_errors: 0,
             tap,
             mrg: features & bit(VIRTIO_NET_F_MRG_RXBUF) != 0,
             guest_csum: features & bit(VIRTIO_NET_F_GUEST_CSUM) != 0,
@@ -380,6 +402,7 @@ impl NetHandler {
 
     /// Moves frames from the tap to the receive ring while both have some.
     fn receive(&mut self) {
+        let before = (self.rx_frames, self.rx_dropped);
         loop {
             if self.pending == 0 {
                 if !self.polling {
@@ -414,7 +437,9 @@ impl NetHandler {
             }
         }
         publish(&mut self.rx, &mut self.used);
-        self.update_stats();
+        if (self.rx_frames, self.rx_dropped) != before {
+            self.update_stats();
+        }
     }
 
     /// Writes one transmit chain to the tap.
@@ -507,6 +532,65 @@ impl NetHandler {
         self.update_stats();
     }
 
+    /// Serves the control queue: each command is acknowledged VIRTIO_NET_OK or VIRTIO_NET_ERR
+    /// in its last writable byte; a chain with no writable byte is returned unanswered (len 0).
+    fn control(&mut self) {
+        let Some(mut ctrl) = self.ctrl.take() else {
+            return;
+        };
+        loop {
+            ctrl.disable_notification();
+            while let Some((head, res)) = ctrl.pop() {
+                let len = match res {
+                    Ok(c) if c.writable_len() > 0 => {
+                        let ack = self.command(&ctrl, &c);
+                        let mut w = Cursor::new(&ctrl.mem, &c.writable);
+                        let ok = w.skip(c.writable_len() - 1) && w.write(&[ack]);
+                        u32::from(ok)
+                    }
+                    _ => {
+                        self.stats.add(&self.stats.bad_chains, 1);
+                        0
+                    }
+                };
+                ctrl.complete(head, len);
+            }
+            if !ctrl.enable_notification() {
+                break;
+            }
+        }
+        self.ctrl = Some(ctrl);
+        self.update_stats();
+    }
+
+    /// One control command (class, command, data): the coalescing commands of
+    /// `VIRTIO_NET_F_NOTF_COAL` are done; anything else (another class, a short or long
+    /// command, a per-queue command this device did not offer) is refused with VIRTIO_NET_ERR.
+    fn command(&mut self, ctrl: &Vq, c: &Chain) -> u8 {
+        self.ctrl_commands += 1;
+        let mut b = [0u8; CTRL_MAX];
+        let len = c.readable_len();
+        let ok = len == CTRL_MAX as u64 && Cursor::new(&ctrl.mem, &c.readable).read(&mut b);
+        let le32 = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let target = match (u32::from(b[0]), u32::from(b[1])) {
+            _ if !ok => None,
+            (VIRTIO_NET_CTRL_NOTF_COAL, VIRTIO_NET_CTRL_NOTF_COAL_TX_SET) => Some(&mut self.tx),
+            (VIRTIO_NET_CTRL_NOTF_COAL, VIRTIO_NET_CTRL_NOTF_COAL_RX_SET) => Some(&mut self.rx),
+            _ => None,
+        };
+        match target {
+            Some(vq) => {
+                // virtio_net_ctrl_coal: max_packets, then max_usecs.
+                vq.moderator.set_driver(le32(6), le32(2));
+                VIRTIO_NET_OK as u8
+            }
+            None => {
+                self.ctrl_errors += 1;
+                VIRTIO_NET_ERR as u8
+            }
+        }
+    }
+
     fn update_stats(&self) {
         let s = &self.stats;
         for (k, v) in [
@@ -516,6 +600,9 @@ impl NetHandler {
             ("tx_frames", self.tx_frames),
             ("tx_bytes", self.tx_bytes),
             ("tx_dropped", self.tx_dropped),
+            ("interrupts_held", self.rx.moderator.held + self.tx.moderator.held),
+            ("ctrl_commands", self.ctrl_commands),
+            ("ctrl_errors", self.ctrl_errors),
         ] {
             s.set_extra(k, v);
         }
@@ -529,6 +616,7 @@ fn publish(vq: &mut Vq, used: &mut Vec<(u16, u32)>) {
     if used.is_empty() {
         return;
     }
+    let n = used.len() as u32;
     let q = &mut vq.queue;
     let size = q.size();
     let ring = q.used_ring();
@@ -578,9 +666,7 @@ fn publish(vq: &mut Vq, used: &mut Vec<(u16, u32)>) {
             Err(_) => true,
         }
     };
-    if notify {
-        vq.msix.trigger(vq.vector, 1);
-    }
+    vq.interrupt(n, notify);
 }
 
 impl QueueHandler for NetHandler {
@@ -592,6 +678,7 @@ impl QueueHandler for NetHandler {
                 self.receive();
             }
             TX => self.send(),
+            CTRL => self.control(),
             _ => {}
         }
         Ok(())
@@ -612,6 +699,29 @@ impl QueueHandler for NetHandler {
 
     fn polled_queue(&mut self, q: usize) -> Option<&mut Vq> {
         (q == TX).then_some(&mut self.tx)
+    }
+
+    fn interrupt_deadline(&self) -> Option<std::time::Instant> {
+        match (self.rx.moderator.deadline(), self.tx.moderator.deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn send_due(&mut self, now: std::time::Instant) {
+        self.rx.send_due(now);
+        self.tx.send_due(now);
+    }
+
+    /// Receive-side polling: while the worker polls the transmit queue it also reads the tap
+    /// (when receive buffers exist), so a frame from the host is delivered without the wake-up.
+    fn poll_input(&mut self) -> bool {
+        if !self.polling {
+            return false;
+        }
+        let before = self.rx_frames + self.rx_dropped;
+        self.receive();
+        self.rx_frames + self.rx_dropped != before
     }
 }
 
@@ -829,6 +939,108 @@ mod tests {
         assert_eq!(extra(&r.stats, "tx_frames"), 2);
     }
 
+    /// A control command chain: `cmd` readable (split in two buffers when long enough), then
+    /// `ack` writable bytes; returns the ack byte's address.
+    fn ctrl_cmd(m: &GuestMemoryMmap, q: &mut DriverQueue, cmd: &[u8], ack: u32) -> u64 {
+        m.write_slice(cmd, GuestAddress(0x8000)).unwrap();
+        m.write_obj(0xeeu8, GuestAddress(0x9000)).unwrap();
+        let mut bufs = vec![];
+        if cmd.len() > 2 {
+            bufs.push((0x8000, 2, false));
+            bufs.push((0x8002, cmd.len() as u32 - 2, false));
+        } else if !cmd.is_empty() {
+            bufs.push((0x8000, cmd.len() as u32, false));
+        }
+        if ack > 0 {
+            bufs.push((0x9000, ack, true));
+        }
+        q.add(m, &bufs);
+        0x9000 + u64::from(ack.max(1)) - 1
+    }
+
+    fn coal(class: u8, cmd: u8, packets: u32, usecs: u32) -> Vec<u8> {
+        let mut v = vec![class, cmd];
+        v.extend(packets.to_le_bytes());
+        v.extend(usecs.to_le_bytes());
+        v
+    }
+
+    #[test]
+    fn control_queue_sets_coalescing_and_refuses_garbage() {
+        let mut r = rig(0);
+        let cm = memory();
+        let mut cq = DriverQueue::new(16);
+        r.h.ctrl = Some(vq(&cm, &cq, 2, false));
+        let (c, tx, rx) = (
+            VIRTIO_NET_CTRL_NOTF_COAL as u8,
+            VIRTIO_NET_CTRL_NOTF_COAL_TX_SET as u8,
+            VIRTIO_NET_CTRL_NOTF_COAL_RX_SET as u8,
+        );
+        let ok = VIRTIO_NET_OK as u8;
+        let err = VIRTIO_NET_ERR as u8;
+        let cases: Vec<(Vec<u8>, u32, u8)> = vec![
+            (coal(c, tx, 8, 50), 1, ok),
+            (coal(c, rx, 3, u32::MAX), 1, ok),
+            // Per-queue commands (not offered), other classes, short and long commands.
+            (coal(c, VIRTIO_NET_CTRL_NOTF_COAL_VQ_SET as u8, 1, 1), 1, err),
+            (coal(0, 0, 1, 1), 1, err),
+            (coal(0xff, 0xff, 0, 0), 1, err),
+            (vec![c, rx], 1, err),
+            ([coal(c, rx, 1, 1), vec![0]].concat(), 1, err),
+            (vec![], 1, err),
+            // A longer writable part: the ack is its last byte.
+            (coal(c, rx, 3, u32::MAX), 4, ok),
+        ];
+        for (cmd, ack_len, want) in &cases {
+            let at = ctrl_cmd(&cm, &mut cq, cmd, *ack_len);
+            r.h.process(CTRL).unwrap();
+            let got: u8 = cm.read_obj(GuestAddress(at)).unwrap();
+            assert_eq!(got, *want, "{cmd:?}");
+        }
+        // No writable byte: returned unanswered, counted, the queue goes on.
+        ctrl_cmd(&cm, &mut cq, &coal(c, tx, 1, 1), 0);
+        r.h.process(CTRL).unwrap();
+        let n = cases.len() as u16;
+        let (idx, _, len) = cq.used(&cm, n);
+        assert_eq!((idx, len), (n + 1, 0));
+        assert_eq!(r.stats.bad_chains.load(Ordering::Relaxed), 1);
+        assert_eq!(extra(&r.stats, "ctrl_errors"), 6);
+        assert_eq!(r.h.tx.moderator.driver(), (50, 8));
+        assert_eq!(
+            r.h.rx.moderator.driver(),
+            (crate::devices::virtio::moderation::MAX_DRIVER_USECS, 3),
+            "huge usecs clamped"
+        );
+    }
+
+    #[test]
+    fn driver_coalescing_holds_receive_interrupts() {
+        let mut r = rig(0);
+        r.h.rx.moderator.set_driver(5_000, 3);
+        for i in 0..8 {
+            r.rxq.add(&r.rxm, &[(0x10000 + 0x1000 * i, 2048, true)]);
+        }
+        for i in 0..2 {
+            send_to_device(&r.peer, &frame(64, i));
+            r.h.fd_ready(0).unwrap();
+        }
+        assert_eq!(interrupts(&r.h.rx), 0, "held: two of three packets");
+        assert!(r.h.interrupt_deadline().is_some());
+        send_to_device(&r.peer, &frame(64, 3));
+        r.h.fd_ready(0).unwrap();
+        assert_eq!(interrupts(&r.h.rx), 1, "the third sends it");
+        assert!(r.h.interrupt_deadline().is_none());
+        // One more frame: held until the time bound, which the worker's timer reaches.
+        send_to_device(&r.peer, &frame(64, 4));
+        r.h.fd_ready(0).unwrap();
+        let d = r.h.interrupt_deadline().expect("held");
+        r.h.send_due(d - std::time::Duration::from_micros(1));
+        assert_eq!(interrupts(&r.h.rx), 1);
+        r.h.send_due(d);
+        assert_eq!(interrupts(&r.h.rx), 2);
+        assert_eq!(r.rxq.used(&r.rxm, 0).0, 4, "every frame was used at once");
+    }
+
     /// A real tap, in a network namespace private to this test's thread (root only).
     #[test]
     fn opens_a_tap_and_sets_the_offloads_the_driver_accepted() {
@@ -844,6 +1056,7 @@ mod tests {
             let cfg = NetConfig {
                 tap: "xl-unit0".into(),
                 mac: [2, 0, 0, 0, 0, 7],
+                coalesce: Default::default(),
             };
             let mut net = match Net::open(&cfg, 0) {
                 Ok(n) => n,
@@ -879,6 +1092,8 @@ mod tests {
                 stats: stats.clone(),
             });
             assert!(h.is_ok());
+            assert_ne!(offered & bit(VIRTIO_NET_F_NOTF_COAL), 0);
+            assert_ne!(offered & bit(VIRTIO_NET_F_CTRL_VQ), 0);
             assert_eq!(
                 extra(&stats, "tap_offloads"),
                 u64::from(libc::TUN_F_CSUM | (supported & libc::TUN_F_TSO4))

@@ -15,6 +15,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 
 use super::irq::Msix;
+use super::moderation::Moderator;
 
 /// Address translation from what a driver puts in a descriptor (an I/O virtual address when
 /// `VIRTIO_F_ACCESS_PLATFORM` is negotiated behind an IOMMU) to a guest-physical address.
@@ -187,6 +188,8 @@ pub struct Vq {
     /// whether chains are waiting and leaves the driver's notifications off, so a driver that
     /// keeps the queue fed never has to notify.
     pub polling: bool,
+    /// When the interrupts the driver wants are sent (`moderation`).
+    pub moderator: Moderator,
 }
 
 impl Vq {
@@ -261,10 +264,36 @@ impl Vq {
             crate::warn_limited!("virtio-queue", "virtqueue {}: add_used: {e:?}", self.index);
             return;
         }
-        match self.queue.needs_notification(&self.mem) {
-            Ok(true) => self.msix.trigger(self.vector, 1),
-            Ok(false) => {}
-            Err(e) => crate::warn_limited!("virtio-queue", "virtqueue {}: {e:?}", self.index),
+        self.signal_used(1);
+    }
+
+    /// `n` buffers were just put in the used ring: interrupts if the driver asked for one among
+    /// them (EVENT_IDX's `used_event`, else the avail flags), now or when moderation says.
+    pub fn signal_used(&mut self, n: u32) {
+        let wanted = match self.queue.needs_notification(&self.mem) {
+            Ok(w) => w,
+            Err(e) => {
+                crate::warn_limited!("virtio-queue", "virtqueue {}: {e:?}", self.index);
+                true
+            }
+        };
+        self.interrupt(n, wanted);
+    }
+
+    /// The moderation step of an interrupt decision already taken (`wanted`) for `n` buffers.
+    pub fn interrupt(&mut self, n: u32, wanted: bool) {
+        if !wanted && self.moderator.deadline().is_none() {
+            return;
+        }
+        if self.moderator.used(std::time::Instant::now(), n, wanted) {
+            self.msix.trigger(self.vector, 1);
+        }
+    }
+
+    /// Sends this queue's held interrupt if it is due at `now`.
+    pub fn send_due(&mut self, now: std::time::Instant) {
+        if self.moderator.due(now) {
+            self.msix.trigger(self.vector, 1);
         }
     }
 
@@ -328,6 +357,7 @@ pub mod testing {
             translate: Arc::new(Identity),
             msix: Arc::new(Msix::new(4, Arc::new(NoRoutes::default())).unwrap()),
             vector: index,
+            moderator: Default::default(),
             bad_chains: 0,
             polling: false,
         }

@@ -380,6 +380,7 @@ impl VirtioPci {
                 vector: s.vector,
                 bad_chains: 0,
                 polling: false,
+                moderator: Default::default(),
             });
         }
         let stats = self.dev.stats();

@@ -9,6 +9,16 @@
 //! (from 4 µs, doubling, up to the maximum, `--queue-poll-us`) while the worker, once it blocked,
 //! was woken within the maximum, and halves when it waited longer, so an idle or slow driver
 //! costs no CPU. A window of 0 (the start, or `--queue-poll-us 0`) is the plain epoll loop.
+//! While it polls, the worker also asks the handler for input on its own descriptors
+//! ([`QueueHandler::poll_input`]: the tap of virtio-net), so received frames are delivered by the
+//! same spin without an epoll wake-up: receive-side polling.
+//!
+//! # Held interrupts
+//! An interrupt that moderation holds back (`moderation`) has a deadline; the worker keeps a
+//! one-shot timerfd armed at the earliest one ([`QueueHandler::interrupt_deadline`]), checks it
+//! while it spins, and sends what is due ([`QueueHandler::send_due`]) before it blocks and when
+//! the timer fires. A timerfd, not an epoll timeout: epoll's is in milliseconds, the holds are
+//! microseconds.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
@@ -18,12 +28,14 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::irq::Msix;
 use super::transport::Shared;
 use super::{DeviceStats, QueueHandler};
 
 const KILL: u64 = u64::MAX;
+const TIMER: u64 = u64::MAX - 1;
 const EXTRA: u64 = 1 << 32;
 /// The first window once polling pays off.
 const POLL_START: Duration = Duration::from_micros(4);
@@ -118,6 +130,8 @@ pub fn spawn(
         )
     };
     add(kill.as_raw_fd(), KILL)?;
+    let timer = TimerFd::new()?;
+    add(timer.as_raw_fd(), TIMER)?;
     for (i, e) in queue_evts.iter().enumerate() {
         add(e.as_raw_fd(), i as u64)?;
     }
@@ -138,6 +152,7 @@ pub fn spawn(
             serve(
                 &mut *handler,
                 &epoll,
+                timer,
                 &queue_evts,
                 extra,
                 &end.stats,
@@ -157,6 +172,7 @@ pub fn spawn(
 fn serve(
     handler: &mut dyn QueueHandler,
     epoll: &Epoll,
+    timer: TimerFd,
     queue_evts: &[EventFd],
     extra: usize,
     stats: &DeviceStats,
@@ -176,6 +192,7 @@ fn serve(
     });
     let mut events = vec![EpollEvent::default(); 8 + extra];
     let mut polls = 0u64;
+    let mut held = HeldInterrupts { timer, armed: None };
     loop {
         let started = Instant::now();
         let mut timeout = -1;
@@ -186,6 +203,7 @@ fn serve(
             stats.set_extra("queue_polls", polls);
             timeout = 0;
         }
+        held.send_and_arm(handler)?;
         let n = match epoll.wait(timeout, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -198,6 +216,11 @@ fn serve(
             let token = ev.data();
             if token == KILL {
                 return Ok(());
+            } else if token == TIMER {
+                // Expired (epoll said so): the read does not block, and clears the readiness.
+                let _ = held.timer.wait();
+                held.armed = None;
+                handler.send_due(Instant::now());
             } else if token >= EXTRA {
                 handler.fd_ready((token - EXTRA) as usize)?;
             } else {
@@ -208,6 +231,34 @@ fn serve(
                 handler.process(q)?;
             }
         }
+    }
+}
+
+/// The one-shot timer of the held interrupts (see the module doc).
+struct HeldInterrupts {
+    timer: TimerFd,
+    /// The deadline the timer is armed for.
+    armed: Option<Instant>,
+}
+
+impl HeldInterrupts {
+    /// Sends the interrupts due now and arms the timer for the next held one (or disarms it).
+    fn send_and_arm(&mut self, handler: &mut dyn QueueHandler) -> Result<(), String> {
+        let now = Instant::now();
+        handler.send_due(now);
+        let next = handler.interrupt_deadline();
+        if next == self.armed {
+            return Ok(());
+        }
+        let r = match next {
+            // Never zero: that would disarm it.
+            Some(d) => self
+                .timer
+                .reset(d.saturating_duration_since(now).max(Duration::from_nanos(1)), None),
+            None => self.timer.clear(),
+        };
+        self.armed = next;
+        r.map_err(|e| format!("timerfd: {e}"))
     }
 }
 
@@ -229,11 +280,17 @@ fn poll(
     set(handler, true);
     let start = Instant::now();
     loop {
-        let mut found = false;
+        let mut found = handler.poll_input();
         for &q in polled {
             if handler.polled_queue(q).is_some_and(|vq| vq.has_avail()) {
                 handler.process(q)?;
                 found = true;
+            }
+        }
+        if let Some(d) = handler.interrupt_deadline() {
+            let now = Instant::now();
+            if d <= now {
+                handler.send_due(now);
             }
         }
         if found {
