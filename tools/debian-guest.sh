@@ -5,7 +5,8 @@
 #   vmlinuz     the bzImage of Debian's current cloud kernel (linux-image-cloud-amd64's dependency)
 #   initrd.img  an UNCOMPRESSED newc cpio: busybox, the kernel's virtio/vsock modules (decompressed)
 #               and an /init that loads them and gives a shell on the console.
-#   initrd-tools.img  initrd.img plus mkfs.ext4, e2fsck and socat from this host (the tests' guest)
+#   initrd-tools.img  initrd.img plus mkfs.ext4, e2fsck and socat from this host, and ethtool from
+#               Debian's package with its library (the tests' guest)
 #   initrd-nested.img initrd-tools.img plus the KVM modules (irqbypass, kvm, kvm-amd, kvm-intel and
 #               their dependencies), not loaded at boot: `load-kvm [ARGS]` in the guest loads them,
 #               the CPU vendor's module with ARGS (e.g. nested=1). The nested-virtualization tests
@@ -143,6 +144,14 @@ if [ ${#tools[@]} -gt 0 ]; then
     [ -e "$work/tools/sbin/mke2fs" ] && ln -sf mke2fs "$work/tools/sbin/mkfs.ext4"
     [ -f /etc/mke2fs.conf ] && cp /etc/mke2fs.conf "$work/tools/etc/"
 fi
+# ethtool (`ethtool -C`: the guest sets virtio-net's interrupt coalescing) from Debian's package,
+# with libmnl from its own package; other libraries (libc) as ldd finds them on this host.
+for pkg in ethtool libmnl0; do
+    dpkg-deb -x "$(deb_download "$pkg")" "$work/tools" || die "dpkg-deb -x $pkg failed"
+done
+rm -rf "$work/tools/usr/share" "$work/tools/etc/network"
+[ -x "$work/tools/sbin/ethtool" ] || die "the ethtool package has no /sbin/ethtool"
+copy_libs "$work/tools" "$work/tools/sbin/ethtool"
 {
     cat "$outdir/initrd.img"
     (cd "$work/tools" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0)
@@ -182,5 +191,5 @@ rm -rf "$work"
 
 log "wrote $outdir/vmlinuz ($(stat -c %s "$outdir/vmlinuz") bytes, kernel $kver)"
 log "wrote $outdir/initrd.img ($(stat -c %s "$outdir/initrd.img") bytes, uncompressed newc cpio)"
-log "wrote $outdir/initrd-tools.img ($(stat -c %s "$outdir/initrd-tools.img") bytes: initrd.img + ${tools[*]##*/})"
+log "wrote $outdir/initrd-tools.img ($(stat -c %s "$outdir/initrd-tools.img") bytes: initrd.img + ${tools[*]##*/} ethtool)"
 log "wrote $outdir/initrd-nested.img ($(stat -c %s "$outdir/initrd-nested.img") bytes: initrd-tools.img + KVM modules)"

@@ -989,6 +989,13 @@ fn ip(args: &[&str]) -> Result<(), String> {
     }
 }
 
+/// `ip ARGS` inside network namespace `ns`.
+pub fn netns_ip(ns: &str, args: &[&str]) -> Result<(), String> {
+    let mut v = vec!["netns", "exec", ns, "ip"];
+    v.extend_from_slice(args);
+    ip(&v)
+}
+
 impl Netns {
     /// The namespace, or why it cannot be made here.
     pub fn create() -> Result<Netns, String> {

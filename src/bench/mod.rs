@@ -9,6 +9,9 @@
 //!   overhead, side by side with QEMU microvm and q35 (`bench boot`).
 //! - [`io`]: virtio block (and later network) throughput and exits per request, side by side
 //!   with QEMU (`bench io`).
+//! - [`irq`]: interrupts and the exits they cost with a real Linux guest over virtio-net, per
+//!   configuration (baseline, delivery-only, full, QEMU) and over coalescing caps: the ELI
+//!   thesis's Table 3.1, 3.2 and Fig 3.6 (`bench irq`).
 //! - [`nested`]: the exit bench at L2 and at L3 (exitless inside exitless's guest), with L1's
 //!   exits per L3 exit (`bench nested`).
 //! - [`vswap`]: uncooperative overcommit, baseline swapping vs balloon vs swap mapper (`bench
@@ -17,6 +20,7 @@
 pub mod boot;
 pub mod exits;
 pub mod io;
+pub mod irq;
 pub mod nested;
 pub mod vswap;
 
@@ -52,6 +56,16 @@ pub enum BenchCommand {
     /// image reads, major faults. Needs root, host swap and hardware-style KVM (e.g. inside
     /// tools/svm-host.sh with --drive disks for the image and the swap).
     Vswap(vswap::VswapArgs),
+    /// Interrupts and the exits they cost, a real Linux guest over virtio-net on a tap: a TCP
+    /// stream of 256-byte writes and UDP request-response, under baseline, delivery-only and
+    /// full configurations (and QEMU with `--vs qemu`), plus a sweep of the coalescing cap T:
+    /// exits/s, exits per interrupt, interrupts/s, injections/s, IRQ-window exits/s, time in
+    /// guest (the ELI thesis's Table 3.1, 3.2, Fig 3.6). Needs root and hardware-style KVM
+    /// (e.g. tools/svm-host.sh exitless bench irq --vs qemu).
+    Irq(irq::IrqArgs),
+    /// The load generator `bench irq` runs inside its guest.
+    #[command(hide = true)]
+    IrqLoad(irq::LoadArgs),
 }
 
 /// Arguments of `exitless bench io`.
@@ -125,6 +139,8 @@ pub fn main(cmd: BenchCommand) -> ExitCode {
         BenchCommand::Boot(args) => boot::run(&args),
         BenchCommand::Nested(args) => nested::run(&args),
         BenchCommand::Vswap(args) => vswap::run(&args),
+        BenchCommand::Irq(args) => irq::run(&args),
+        BenchCommand::IrqLoad(args) => irq::load(&args),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -69,7 +69,9 @@ impl Coalesce {
     /// `off`, `adaptive` or `adaptive:T` (T in µs, 1..=[`MAX_CAP_US`]).
     pub fn parse(s: &str) -> Result<Self, String> {
         let bad = || {
-            format!("coalesce={s:?}: expected off, adaptive or adaptive:T (T in µs, 1..={MAX_CAP_US})")
+            format!(
+                "coalesce={s:?}: expected off, adaptive or adaptive:T (T in µs, 1..={MAX_CAP_US})"
+            )
         };
         match s.split_once(':') {
             None if s == "off" => Ok(Coalesce::Off),
@@ -261,7 +263,15 @@ mod tests {
             Coalesce::parse("adaptive:96").unwrap(),
             Coalesce::Adaptive { cap_us: 96 }
         );
-        for bad in ["", "on", "adaptive:", "adaptive:0", "adaptive:1001", "adaptive:-1", "x:5"] {
+        for bad in [
+            "",
+            "on",
+            "adaptive:",
+            "adaptive:0",
+            "adaptive:1001",
+            "adaptive:-1",
+            "x:5",
+        ] {
             assert!(Coalesce::parse(bad).is_err(), "{bad:?}");
         }
         assert_eq!(Coalesce::Adaptive { cap_us: 16 }.to_string(), "adaptive:16");

@@ -600,7 +600,10 @@ impl NetHandler {
             ("tx_frames", self.tx_frames),
             ("tx_bytes", self.tx_bytes),
             ("tx_dropped", self.tx_dropped),
-            ("interrupts_held", self.rx.moderator.held + self.tx.moderator.held),
+            (
+                "interrupts_held",
+                self.rx.moderator.held + self.tx.moderator.held,
+            ),
             ("ctrl_commands", self.ctrl_commands),
             ("ctrl_errors", self.ctrl_errors),
         ] {
@@ -982,7 +985,11 @@ mod tests {
             (coal(c, tx, 8, 50), 1, ok),
             (coal(c, rx, 3, u32::MAX), 1, ok),
             // Per-queue commands (not offered), other classes, short and long commands.
-            (coal(c, VIRTIO_NET_CTRL_NOTF_COAL_VQ_SET as u8, 1, 1), 1, err),
+            (
+                coal(c, VIRTIO_NET_CTRL_NOTF_COAL_VQ_SET as u8, 1, 1),
+                1,
+                err,
+            ),
             (coal(0, 0, 1, 1), 1, err),
             (coal(0xff, 0xff, 0, 0), 1, err),
             (vec![c, rx], 1, err),

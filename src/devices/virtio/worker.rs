@@ -252,9 +252,11 @@ impl HeldInterrupts {
         }
         let r = match next {
             // Never zero: that would disarm it.
-            Some(d) => self
-                .timer
-                .reset(d.saturating_duration_since(now).max(Duration::from_nanos(1)), None),
+            Some(d) => self.timer.reset(
+                d.saturating_duration_since(now)
+                    .max(Duration::from_nanos(1)),
+                None,
+            ),
             None => self.timer.clear(),
         };
         self.armed = next;
