@@ -195,6 +195,7 @@ fn virtio_queues(dev: &mut dyn VirtioDevice, mem: &GuestMemoryMmap, data: &[u8])
             bad_chains: 0,
             polling: false,
             moderator: Default::default(),
+            signalled: 0,
         });
     }
     let rest = data.get(pos..).unwrap_or_default();

@@ -380,7 +380,7 @@ impl Vm {
                 "-netdev",
                 &format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
                 "-device",
-                "virtio-net-pci,netdev=n0",
+                "virtio-net-pci,netdev=n0,romfile=",
                 "-qmp",
                 &format!("unix:{},server=on,wait=off", s(&socket)),
             ]);

@@ -674,6 +674,7 @@ mod tests {
             bad_chains: 0,
             polling: false,
             moderator: Default::default(),
+            signalled: 0,
         }
     }
 

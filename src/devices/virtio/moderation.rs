@@ -112,6 +112,8 @@ pub struct Moderator {
     /// Interrupts sent, and how many of them had been held.
     pub sent: u64,
     pub held: u64,
+    /// Held interrupts the driver no longer wanted at their deadline (not sent).
+    pub cancelled: u64,
 }
 
 impl Default for Moderator {
@@ -133,6 +135,7 @@ impl Moderator {
             cooldown: 0,
             sent: 0,
             held: 0,
+            cancelled: 0,
         }
     }
 
@@ -210,6 +213,24 @@ impl Moderator {
             }
             _ => false,
         }
+    }
+
+    /// The held interrupt is dropped at its deadline: the driver no longer wants it (it took the
+    /// buffers itself and turned interrupts off). In adaptive mode holding paid (an interrupt
+    /// saved), so the window grows as after a batch.
+    pub fn cancel(&mut self, now: Instant) {
+        if self.deadline.is_none() {
+            return;
+        }
+        self.owed = self.owed.max(2);
+        if self.driver == (0, 0) {
+            self.learn();
+        }
+        self.owed = 0;
+        self.first = None;
+        self.deadline = None;
+        self.last_sent = Some(now);
+        self.cancelled += 1;
     }
 
     /// Bookkeeping for an interrupt sent at `now`; adaptive mode learns from a held one.
@@ -363,6 +384,15 @@ mod tests {
             assert!(!m.used(now + us(1), 1, false));
             assert!(m.due(now + us(want)));
         }
+        // A held interrupt the driver no longer wants is dropped, and the window stays.
+        now += us(40);
+        assert!(!m.used(now, 1, true));
+        m.cancel(now + us(32));
+        assert_eq!((m.cancelled, m.deadline()), (1, None));
+        now += us(40);
+        assert!(!m.used(now, 1, true));
+        assert_eq!(m.deadline(), Some(now + us(32)));
+        assert!(m.due(now + us(32)));
         // A burst sends it before the window ends.
         now += us(40);
         assert!(!m.used(now, 1, true));

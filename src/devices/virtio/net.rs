@@ -213,6 +213,7 @@ impl VirtioDevice for Net {
             "tx_bytes",
             "tx_dropped",
             "interrupts_held",
+            "interrupts_cancelled",
             "ctrl_commands",
             "ctrl_errors",
         ] {
@@ -1046,6 +1047,15 @@ mod tests {
         r.h.send_due(d);
         assert_eq!(interrupts(&r.h.rx), 2);
         assert_eq!(r.rxq.used(&r.rxm, 0).0, 4, "every frame was used at once");
+        // Held, then the driver turns interrupts off (it polls): none is sent at the deadline.
+        send_to_device(&r.peer, &frame(64, 5));
+        r.h.fd_ready(0).unwrap();
+        let d = r.h.interrupt_deadline().expect("held");
+        r.rxm.write_obj(1u16, GuestAddress(AVAIL)).unwrap();
+        r.h.send_due(d);
+        assert_eq!(interrupts(&r.h.rx), 2, "suppressed by the driver");
+        assert!(r.h.interrupt_deadline().is_none());
+        assert_eq!(r.h.rx.moderator.cancelled, 1);
     }
 
     /// A real tap, in a network namespace private to this test's thread (root only).

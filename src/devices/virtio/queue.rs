@@ -190,6 +190,8 @@ pub struct Vq {
     pub polling: bool,
     /// When the interrupts the driver wants are sent (`moderation`).
     pub moderator: Moderator,
+    /// The used index when the last interrupt was sent (what a held one is checked against).
+    pub signalled: u16,
 }
 
 impl Vq {
@@ -287,13 +289,46 @@ impl Vq {
         }
         if self.moderator.used(std::time::Instant::now(), n, wanted) {
             self.msix.trigger(self.vector, 1);
+            self.signalled = self.queue.next_used();
         }
     }
 
-    /// Sends this queue's held interrupt if it is due at `now`.
+    /// Sends this queue's held interrupt if it is due at `now` and the driver still wants it:
+    /// a driver that meanwhile took the used buffers on its own (NAPI polling) and turned its
+    /// interrupts off gets none (virtio 1.3 §5.1.6.5.9: coalescing never overrides suppression).
     pub fn send_due(&mut self, now: std::time::Instant) {
-        if self.moderator.due(now) {
-            self.msix.trigger(self.vector, 1);
+        if self.moderator.deadline().is_some_and(|d| d <= now) {
+            if self.still_wanted() {
+                self.moderator.due(now);
+                self.msix.trigger(self.vector, 1);
+                self.signalled = self.queue.next_used();
+            } else {
+                self.moderator.cancel(now);
+            }
+        }
+    }
+
+    /// Whether the driver wants an interrupt for the buffers used since the last one sent:
+    /// `used_event` among them (EVENT_IDX), else no `VRING_AVAIL_F_NO_INTERRUPT`. Unreadable
+    /// rings count as wanting it.
+    fn still_wanted(&self) -> bool {
+        use std::sync::atomic::Ordering::Acquire;
+        let q = &self.queue;
+        let new = q.next_used();
+        if q.event_idx_enabled() {
+            let at = GuestAddress(q.avail_ring() + 4 + 2 * u64::from(q.size()));
+            match self.mem.load::<u16>(at, Acquire) {
+                Ok(e) => {
+                    let e = u16::from_le(e);
+                    new.wrapping_sub(e).wrapping_sub(1) < new.wrapping_sub(self.signalled)
+                }
+                Err(_) => true,
+            }
+        } else {
+            match self.mem.load::<u16>(GuestAddress(q.avail_ring()), Acquire) {
+                Ok(f) => u16::from_le(f) & 1 == 0,
+                Err(_) => true,
+            }
         }
     }
 
@@ -358,6 +393,7 @@ pub mod testing {
             msix: Arc::new(Msix::new(4, Arc::new(NoRoutes::default())).unwrap()),
             vector: index,
             moderator: Default::default(),
+            signalled: 0,
             bad_chains: 0,
             polling: false,
         }

@@ -381,6 +381,7 @@ impl VirtioPci {
                 bad_chains: 0,
                 polling: false,
                 moderator: Default::default(),
+                signalled: 0,
             });
         }
         let stats = self.dev.stats();
