@@ -26,10 +26,19 @@ fn debian_bench_irq_measures_every_configuration_and_qemu() {
         return;
     }
     let r = exitless_cmd(&[
-        "bench", "irq", "--vs", "qemu", "--seconds", "3", "--sweep", "64", "--json",
+        "bench",
+        "irq",
+        "--vs",
+        "qemu",
+        "--seconds",
+        "3",
+        "--sweep",
+        "64",
+        "--json",
     ]);
     assert_eq!(r.status, Some(0), "{}", r.describe());
     let v: Value = serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {}", r.stdout));
+    eprintln!("{TEST}: {}", r.stdout);
     let rows = v.as_array().expect("a JSON array");
     let got: Vec<(&str, &str)> = rows
         .iter()

@@ -35,8 +35,7 @@ fn net_facts(dir: &TempDir) -> serde_json::Value {
 }
 
 fn fact(v: &serde_json::Value, k: &str) -> u64 {
-    v[k].as_u64()
-        .unwrap_or_else(|| panic!("no {k} in {v}"))
+    v[k].as_u64().unwrap_or_else(|| panic!("no {k} in {v}"))
 }
 
 /// Sends DATAGRAMS small UDP datagrams from the host to the guest, one every GAP (the guest has
@@ -114,7 +113,10 @@ fn ethtool_in_the_guest_sets_coalescing_and_the_device_sends_fewer_interrupts() 
         debian::STEP_WAIT,
     );
     assert!(out.contains("=R= set 0"), "ethtool -C failed: {out}");
-    assert!(out.contains("rx-frames:\t8") || out.contains("rx-frames: 8"), "{out}");
+    assert!(
+        out.contains("rx-frames:\t8") || out.contains("rx-frames: 8"),
+        "{out}"
+    );
 
     let (irq_on, frames_on) = paced_datagrams(&ns, &dir);
     let per = |i: u64, f: u64| i as f64 / f.max(1) as f64;

@@ -330,7 +330,10 @@ struct Vm {
     errors: PathBuf,
     socket: PathBuf,
     qemu: bool,
-    qmp: Option<(std::os::unix::net::UnixStream, BufReader<std::os::unix::net::UnixStream>)>,
+    qmp: Option<(
+        std::os::unix::net::UnixStream,
+        BufReader<std::os::unix::net::UnixStream>,
+    )>,
     steps: u32,
 }
 
@@ -367,6 +370,9 @@ impl Vm {
                 "1",
                 "-nodefaults",
                 "-no-user-config",
+                // Named threads ("CPU 0/KVM"): the vCPU threads' time is read by name.
+                "-name",
+                "irq-bench,debug-threads=on",
                 "-display",
                 "none",
                 "-serial",
@@ -575,7 +581,8 @@ pub fn measure(
         _ => secs,
     };
     let d = |k: &str| {
-        after.kvm.get(k).copied().unwrap_or(0) as f64 - before.kvm.get(k).copied().unwrap_or(0) as f64
+        after.kvm.get(k).copied().unwrap_or(0) as f64
+            - before.kvm.get(k).copied().unwrap_or(0) as f64
     };
     let exits = d("exits");
     let (gt, all) = (
@@ -583,11 +590,19 @@ pub fn measure(
         after.ticks.1.saturating_sub(before.ticks.1),
     );
     let stream = workload == "stream";
-    let units = if stream { work / STREAM_WRITE as f64 } else { work };
+    let units = if stream {
+        work / STREAM_WRITE as f64
+    } else {
+        work
+    };
     Ok(Measure {
         config: config.into(),
         workload: workload.into(),
-        throughput: if stream { work * 8.0 / secs / 1e6 } else { work / secs },
+        throughput: if stream {
+            work * 8.0 / secs / 1e6
+        } else {
+            work / secs
+        },
         unit: if stream { "Mbit/s" } else { "trans/s" },
         latency_us: (!stream).then(|| g("latency_us").unwrap_or(0.0)),
         exits_per_s: exits / wall,
@@ -635,7 +650,11 @@ fn drive(vm: &mut Vm, cfg: &Config, args: &IrqArgs) -> Result<Vec<Measure>, Stri
         return Err(format!("the guest's network did not come up: {out}"));
     }
     let mut v = Vec::new();
-    let workloads: &[&str] = if cfg.rr { &["stream", "rr"] } else { &["stream"] };
+    let workloads: &[&str] = if cfg.rr {
+        &["stream", "rr"]
+    } else {
+        &["stream"]
+    };
     for w in workloads {
         let before = vm.snapshot()?;
         let out = vm.step(
@@ -647,7 +666,9 @@ fn drive(vm: &mut Vm, cfg: &Config, args: &IrqArgs) -> Result<Vec<Measure>, Stri
         )?;
         let after = vm.snapshot()?;
         let res = super::results(&out);
-        v.push(measure(&cfg.name, w, &before, &after, &res).map_err(|e| format!("{w}: {e}: {out}"))?);
+        v.push(
+            measure(&cfg.name, w, &before, &after, &res).map_err(|e| format!("{w}: {e}: {out}"))?,
+        );
     }
     Ok(v)
 }
@@ -679,7 +700,8 @@ pub fn to_json(m: &[Measure]) -> Value {
 }
 
 fn cell(x: Option<f64>, prec: usize) -> String {
-    x.map(|x| format!("{x:.prec$}")).unwrap_or_else(|| "-".into())
+    x.map(|x| format!("{x:.prec$}"))
+        .unwrap_or_else(|| "-".into())
 }
 
 /// Table 3.1/3.2-style: one column per configuration, a block per workload; then the sweep.
@@ -719,7 +741,9 @@ pub fn table(m: &[Measure]) -> String {
             row("latency (µs)", &|c| cell(c.latency_us, 1));
         }
         row("exits/s", &|c| format!("{:.0}", c.exits_per_s));
-        row("exits/interrupt", &|c| format!("{:.2}", c.exits_per_interrupt()));
+        row("exits/interrupt", &|c| {
+            format!("{:.2}", c.exits_per_interrupt())
+        });
         row("interrupts/s", &|c| format!("{:.0}", c.interrupts_per_s));
         row("injections/s", &|c| format!("{:.0}", c.injections_per_s));
         row("IRQ-window exits/s", &|c| {
@@ -730,7 +754,9 @@ pub fn table(m: &[Measure]) -> String {
             cell(c.time_in_guest.map(|t| t * 100.0), 1) + "%"
         });
         let unit = if w == "stream" { "write" } else { "trans." };
-        row(&format!("exits per {unit}"), &|c| format!("{:.3}", c.exits_per_work));
+        row(&format!("exits per {unit}"), &|c| {
+            format!("{:.3}", c.exits_per_work)
+        });
         row("vs baseline exits/work", &|c| {
             format!("{:.2}x", c.exits_per_work / base.max(1e-9))
         });
@@ -743,7 +769,10 @@ pub fn table(m: &[Measure]) -> String {
             });
         }
     }
-    let sweep: Vec<&Measure> = m.iter().filter(|x| x.config.starts_with("full T=")).collect();
+    let sweep: Vec<&Measure> = m
+        .iter()
+        .filter(|x| x.config.starts_with("full T="))
+        .collect();
     if !sweep.is_empty() {
         s += "\nCoalescing sweep (Fig 3.6), TCP stream, full configuration with coalesce=adaptive:T\n";
         s += &format!(
@@ -805,10 +834,12 @@ pub fn run(args: &IrqArgs) -> Result<(), String> {
     }
     let kvm = crate::vmm::open_kvm().map_err(|e| e.to_string())?;
     if crate::host::HostInfo::detect(&kvm).pvm.is_some() {
-        return Err("this host's KVM is PVM, where a Linux guest's userspace does not run: run \
+        return Err(
+            "this host's KVM is PVM, where a Linux guest's userspace does not run: run \
                     the bench where KVM is hardware-style, e.g. tools/svm-host.sh exitless \
                     bench irq --vs qemu"
-            .into());
+                .into(),
+        );
     }
     let exe = std::env::current_exe().map_err(|e| format!("cannot find exitless itself: {e}"))?;
     let qemu = match args.vs {
@@ -823,7 +854,10 @@ pub fn run(args: &IrqArgs) -> Result<(), String> {
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
     let ns = super::io::Netns::create()?;
-    super::io::netns_ip(&ns.name, &["addr", "add", &format!("{HOST_IP}/24"), "dev", &ns.tap])?;
+    super::io::netns_ip(
+        &ns.name,
+        &["addr", "add", &format!("{HOST_IP}/24"), "dev", &ns.tap],
+    )?;
     start_peers(&ns.name)?;
     let dir = TempDir::new("exitless-bench-irq").map_err(|e| format!("temporary dir: {e}"))?;
     let initrd = dir.path().join("initrd-irq.img");
@@ -888,7 +922,13 @@ mod tests {
     fn a_measure_is_rates_over_the_workload() {
         let t = Instant::now();
         let a = snap(1000, 10, 5, (100, 200), t);
-        let b = snap(21_000, 5_010, 1_005, (1_080, 1_200), t + Duration::from_secs(10));
+        let b = snap(
+            21_000,
+            5_010,
+            1_005,
+            (1_080, 1_200),
+            t + Duration::from_secs(10),
+        );
         let guest = BTreeMap::from([
             ("work".to_string(), format!("{}", 256 * 100_000)),
             ("seconds".to_string(), "10.0".to_string()),
@@ -917,7 +957,10 @@ mod tests {
         }
         let mut g = guest.clone();
         g.remove("interrupts");
-        assert!(measure("x", "rr", &a, &b, &g).is_err(), "a missing report is an error");
+        assert!(
+            measure("x", "rr", &a, &b, &g).is_err(),
+            "a missing report is an error"
+        );
     }
 
     #[test]
@@ -927,7 +970,14 @@ mod tests {
         let names: Vec<&str> = c.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(
             names,
-            ["baseline", "delivery-only", "full", "qemu", "full T=16", "full T=96"]
+            [
+                "baseline",
+                "delivery-only",
+                "full",
+                "qemu",
+                "full T=16",
+                "full T=96"
+            ]
         );
         let base = c[0].options.join(" ");
         assert!(base.contains("--pv-eoi off --x2apic off"), "{base}");
