@@ -20,8 +20,9 @@
 //! `irq_injections` and `irq_window_exits`.
 //!
 //! Configurations: **baseline** (`--pv-eoi off --x2apic off`, `coalesce=off`,
-//! `--queue-poll-us 0`), **delivery-only** (moderation and polling on, completion still by
-//! trapped xAPIC EOIs), **full** (everything on), and **qemu** (`-M q35 -accel kvm -cpu host`,
+//! `--queue-poll-us 0`, HLT exits on), **delivery-only** (moderation and polling on, completion
+//! still by trapped xAPIC EOIs), **full** (everything on: x2APIC, PV EOI, moderation, polling,
+//! `--dedicated-cores`), and **qemu** (`-M q35 -accel kvm -cpu host`,
 //! `virtio-net-pci` on a tap netdev in the same namespace, same kernel and initramfs). The sweep
 //! boots the full configuration once per `coalesce=adaptive:T`.
 //!
@@ -239,6 +240,12 @@ pub fn configs(tap: &str, peer: bool, sweep: &[u32], run_help: &str) -> Vec<Conf
             .collect()
     };
     let net = |c: &str| vec!["--net".to_string(), format!("tap={tap},coalesce={c}")];
+    // ELI's dedicated core: HLT stays in the guest (where the binary and host have it).
+    let dedicated: Vec<String> = if has("--dedicated-cores") {
+        vec!["--dedicated-cores".into()]
+    } else {
+        vec![]
+    };
     let mk = |name: &str, opts: Vec<String>| Config {
         name: name.into(),
         qemu: false,
@@ -259,7 +266,10 @@ pub fn configs(tap: &str, peer: bool, sweep: &[u32], run_help: &str) -> Vec<Conf
             "delivery-only",
             [completion(false), net("adaptive")].concat(),
         ),
-        mk("full", [completion(true), net("adaptive")].concat()),
+        mk(
+            "full",
+            [completion(true), net("adaptive"), dedicated.clone()].concat(),
+        ),
     ];
     if peer {
         v.push(Config {
@@ -273,7 +283,12 @@ pub fn configs(tap: &str, peer: bool, sweep: &[u32], run_help: &str) -> Vec<Conf
         v.push(Config {
             name: format!("full T={t}"),
             qemu: false,
-            options: [completion(true), net(&format!("adaptive:{t}"))].concat(),
+            options: [
+                completion(true),
+                net(&format!("adaptive:{t}")),
+                dedicated.clone(),
+            ]
+            .concat(),
             rr: false,
         });
     }
@@ -965,7 +980,7 @@ mod tests {
 
     #[test]
     fn configurations_follow_the_table_and_the_binary() {
-        let help = "--pv-eoi <on|off> --x2apic <on|off>";
+        let help = "--pv-eoi <on|off> --x2apic <on|off> --dedicated-cores[=<CPULIST>]";
         let c = configs("tap0", true, &[16, 96], help);
         let names: Vec<&str> = c.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(
@@ -984,6 +999,8 @@ mod tests {
         assert!(base.contains("tap=tap0,coalesce=off"), "{base}");
         assert!(base.contains("--queue-poll-us 0"), "{base}");
         assert!(c[2].options.join(" ").contains("--pv-eoi on"));
+        assert!(c[2].options.contains(&"--dedicated-cores".to_string()));
+        assert!(!base.contains("--dedicated-cores"));
         assert!(c[5].options.join(" ").contains("coalesce=adaptive:96"));
         assert!(!c[5].rr);
         // A binary without the completion options: they are left out, not invented.
