@@ -1459,6 +1459,7 @@ mod tests {
             id: None,
             direct: false,
             swap_mapper: true,
+            coalesce: Coalesce::Off,
         };
         let b = Block::open(&cfg, 0).unwrap();
         (p, b, img)
