@@ -164,9 +164,11 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, String> {
             "direct" => d.direct = on_off(v)?,
             "swap-mapper" | "swap_mapper" => d.swap_mapper = on_off(v)?,
             "coalesce" => d.coalesce = Coalesce::parse(v).map_err(|e| format!("--disk {e}"))?,
-            _ => return Err(format!(
+            _ => {
+                return Err(format!(
                 "unknown --disk option {k:?} (path, readonly, id, direct, swap-mapper, coalesce)"
-            )),
+            ))
+            }
         }
     }
     if d.path.as_os_str().is_empty() {
