@@ -37,6 +37,10 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::bench::BenchCommand,
     },
+    /// A live view of a running VM (through its `--api-socket`): exits/s by reason (exitless's
+    /// own and KVM's in-kernel ones), interrupts injected/s, IRQ-window and halt exits/s, time in
+    /// guest, per vCPU and in all; `--json` prints one object per interval.
+    Top(crate::top::TopArgs),
     /// Talk to a running VM through its `--api-socket`.
     Ctl {
         /// The VM's control socket.

@@ -7,7 +7,8 @@
 //! - [`memory`]: guest RAM; [`memlimit`]: the VMM's memory cgroup (`--mem-limit`);
 //! - [`vcpu`]: the vCPU thread, its run loop and exit dispatch, completion of failed emulations;
 //! - [`devices`]: device models by tier (`legacy` = emulated platform devices) and the I/O buses;
-//! - [`stats`]: exit counters and the end-of-run summary;
+//! - [`stats`]: exit counters and the end-of-run summary; [`rates`]: ELI's Table 3.1 rows as
+//!   rates; [`top`]: `exitless top`, the live view of a running VM;
 //! - [`panics`]: panics of device workers and vCPUs, caught and reported once;
 //! - [`seccomp`]: the system call filters of each kind of thread;
 //! - [`ratelimit`]: rate limits on the warnings a guest can trigger;
@@ -37,10 +38,12 @@ pub mod memlimit;
 pub mod memory;
 pub mod panics;
 pub mod ratelimit;
+pub mod rates;
 pub mod seccomp;
 pub mod startup;
 pub mod stats;
 pub mod terminal;
+pub mod top;
 pub mod vcpu;
 pub mod vmm;
 

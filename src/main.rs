@@ -51,6 +51,10 @@ fn main() -> ExitCode {
                 Err(e) => fail(&e),
             }
         }
+        Command::Top(args) => match exitless::top::main(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e),
+        },
         Command::Host => match exitless::vmm::open_kvm() {
             Ok(kvm) => {
                 let host = exitless::host::HostInfo::detect(&kvm);

@@ -81,11 +81,15 @@ impl ExitReason {
 }
 
 /// One vCPU's counters.
-/// One vCPU's exit counts by reason, readable while it runs (the control API's `stats`). Its own
-/// cache line per vCPU: one uncontended atomic add per exit, nothing beside an exit's µs.
+/// One vCPU's exit counts by reason, and the TSC cycles it spent inside `KVM_RUN`, readable while
+/// it runs (the control API's `stats`, `exitless top`). Its own cache line per vCPU: uncontended
+/// atomic adds per exit, nothing beside an exit's µs.
 #[derive(Debug, Default)]
 #[repr(align(64))]
-pub struct LiveExits(pub [std::sync::atomic::AtomicU64; ExitReason::ALL.len()]);
+pub struct LiveExits(
+    pub [std::sync::atomic::AtomicU64; ExitReason::ALL.len()],
+    pub std::sync::atomic::AtomicU64,
+);
 
 impl LiveExits {
     /// The counts of several vCPUs summed, by reason name (reasons never seen left out).
@@ -340,6 +344,9 @@ pub struct RunReport {
     /// `--halt-poll-ns`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub halt_poll_ns: Option<u64>,
+    /// ELI's Table 3.1 rows over the whole run (see `rates`), once the counters are final.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rates: Option<crate::rates::Rates>,
 }
 
 /// How many of the hottest sampled RIPs the report keeps.
@@ -448,6 +455,7 @@ impl RunReport {
             apic_virt: None,
             dedicated: None,
             halt_poll_ns: None,
+            rates: None,
         }
     }
 
@@ -459,6 +467,22 @@ impl RunReport {
         } else {
             (self.guest_ns as f64 / cpu_time).min(1.0)
         }
+    }
+
+    /// The run's rates from its final counters (`exits`, `kvm`, `guest_ns`, `wall_ns`): totals
+    /// over vCPUs, time in guest as the share of all vCPUs' time.
+    pub fn compute_rates(&self) -> crate::rates::Rates {
+        let cur = crate::rates::VcpuSample {
+            user_exits: self.exits.clone(),
+            kvm: self.kvm.clone(),
+            run_ns: u64::try_from(self.guest_ns).unwrap_or(u64::MAX),
+        };
+        let zero = crate::rates::VcpuSample::default();
+        let wall = self.wall_ns as f64 / 1e9;
+        let mut r = crate::rates::vcpu_rates(&zero, &cur, wall);
+        r.time_in_guest =
+            crate::rates::vcpu_rates(&zero, &cur, wall * self.cpus.max(1) as f64).time_in_guest;
+        r
     }
 
     /// The one-screen summary for stderr. `names` maps a port to a device name.
@@ -492,6 +516,22 @@ impl RunReport {
                 s,
                 "exitless: nested virtualization: {hw} given to the guest"
             );
+        }
+        if let Some(r) = &self.rates {
+            if self.kvm.contains_key("exits") {
+                let _ = writeln!(
+                    s,
+                    "exitless: rates: {:.0} exits/s (all, KVM), {:.0} interrupts injected/s, {:.0} \
+                     IRQ-window exits/s, {:.0} halt exits/s, {:.2} exits per interrupt, {:.1}% \
+                     time in guest (less halted)",
+                    r.exits_per_s,
+                    r.interrupts_per_s,
+                    r.irq_window_exits_per_s,
+                    r.halt_exits_per_s,
+                    crate::rates::exits_per_interrupt(r),
+                    100.0 * r.time_in_guest
+                );
+            }
         }
         if let Some(p) = &self.irq_path {
             let _ = writeln!(s, "exitless: interrupt completion: {}", p.describe());

@@ -256,7 +256,36 @@ struct VmControl {
     kvm_stats: Arc<Vec<crate::kvm_stats::VcpuStatsFd>>,
     /// Each vCPU's exits to userspace by reason, as they happen.
     exits: Vec<Arc<crate::stats::LiveExits>>,
+    /// Converts the vCPUs' TSC cycles in `KVM_RUN` to time.
+    tsc: crate::stats::TscClock,
     quit: Arc<AtomicBool>,
+}
+
+impl VmControl {
+    /// Each vCPU's counters: exits to userspace by reason, time in `KVM_RUN`, and KVM's own
+    /// statistics where every vCPU has them (`exitless top`).
+    fn vcpus(&self) -> Vec<serde_json::Value> {
+        let hz = self.tsc.hz();
+        let kvm_per_vcpu = self.kvm_stats.len() == self.exits.len();
+        self.exits
+            .iter()
+            .enumerate()
+            .map(|(id, live)| {
+                let cycles = live.1.load(Ordering::Relaxed);
+                let kvm = if kvm_per_vcpu {
+                    self.kvm_stats[id].read()
+                } else {
+                    BTreeMap::new()
+                };
+                serde_json::json!({
+                    "id": id,
+                    "exits": crate::stats::LiveExits::sum(std::iter::once(&**live)),
+                    "run_ns": (cycles as f64 * 1e9 / hz) as u64,
+                    "kvm": kvm,
+                })
+            })
+            .collect()
+    }
 }
 
 impl crate::api::Control for VmControl {
@@ -272,6 +301,7 @@ impl crate::api::Control for VmControl {
             "exits": crate::stats::LiveExits::sum(self.exits.iter().map(|e| &**e)),
             "devices": devices,
             "kvm": crate::kvm_stats::sum(self.kvm_stats.iter()),
+            "vcpus": self.vcpus(),
         })
     }
 
@@ -640,6 +670,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
                     counters: counters.clone(),
                     kvm_stats: kvm_stats_fds.clone(),
                     exits: live_exits,
+                    tsc: crate::stats::TscClock::start(),
                     quit: quit.clone(),
                 }),
             )
@@ -752,6 +783,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
     report.apic_virt = Some(apic_virt);
     report.dedicated = dedicated.map(|(d, _)| d);
     report.halt_poll_ns = cfg.halt_poll_ns;
+    report.rates = Some(report.compute_rates());
     drop(kvm_stats_fds);
     let console_tail = console_watch
         .lock()

@@ -176,3 +176,103 @@ fn quit_stops_the_vm_with_its_report_and_requests_need_a_listening_vm() {
     assert_eq!(r.status, Some(1));
     assert!(r.stderr.contains("cannot reach a VM"), "{}", r.describe());
 }
+
+/// `exitless top --json` against a running VM (the kit's bench guest, which makes exits and
+/// takes interrupts): one object per interval with the Table 3.1 rows, per vCPU and in all; and
+/// clear errors for a socket with no VM and for a bad interval.
+#[test]
+fn top_json_reports_rates_of_a_running_vm() {
+    if !kvm_available("top --json") {
+        return;
+    }
+    let dir = TempDir::new("top-json");
+    let sock = dir.path("api.sock");
+    let mut child = Command::new(exitless())
+        .args([
+            "run",
+            "--guest",
+            "bench",
+            "--cmdline",
+            "quick",
+            "--cpus",
+            "2",
+        ])
+        .args(["--timeout", "120", "--no-summary", "--api-socket"])
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start exitless");
+    let t = Instant::now();
+    while !sock.exists() && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let top = exitless_cmd(&[
+        "top",
+        "--socket",
+        sock.to_str().unwrap(),
+        "--json",
+        "--interval",
+        "0.5",
+        "--count",
+        "3",
+    ]);
+    let _ = exitless_cmd(&["ctl", "--socket", sock.to_str().unwrap(), "quit"]);
+    let _ = child.wait();
+    assert_eq!(top.status, Some(0), "{}", top.describe());
+    let lines: Vec<serde_json::Value> = top
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    assert_eq!(lines.len(), 3, "{}", top.stdout);
+    let mut exits = 0.0;
+    for l in &lines {
+        for key in [
+            "exits_per_s",
+            "interrupts_per_s",
+            "irq_window_exits_per_s",
+            "halt_exits_per_s",
+            "time_in_guest",
+        ] {
+            let v = l[key].as_f64().unwrap_or(-1.0);
+            assert!(v >= 0.0, "{key} in {l}");
+        }
+        assert!(l["time_in_guest"].as_f64().unwrap() <= 1.0, "{l}");
+        assert_eq!(l["vcpus"].as_array().unwrap().len(), 2, "{l}");
+        exits += l["exits_per_s"].as_f64().unwrap() + l["userspace_exits_per_s"].as_f64().unwrap();
+        // All vCPUs together are the sum of each.
+        let sum: f64 = l["vcpus"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["exits_per_s"].as_f64().unwrap())
+            .sum();
+        assert!(
+            (sum - l["exits_per_s"].as_f64().unwrap()).abs() < 1e-6,
+            "{l}"
+        );
+    }
+    assert!(exits > 0.0, "a running guest makes exits: {}", top.stdout);
+
+    let none = exitless_cmd(&[
+        "top",
+        "--socket",
+        dir.path("nothing.sock").to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(none.status, Some(1), "{}", none.describe());
+    assert!(
+        none.stderr.contains("cannot reach a VM"),
+        "{}",
+        none.describe()
+    );
+    let bad = exitless_cmd(&["top", "--socket", "x", "--interval", "0"]);
+    assert_ne!(bad.status, Some(0));
+    assert!(
+        bad.stderr.contains("between 0.1 and 3600"),
+        "{}",
+        bad.describe()
+    );
+}

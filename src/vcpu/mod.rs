@@ -153,6 +153,9 @@ impl Vcpu {
             let exit = fd.run();
             let t1 = tsc();
             stats.guest_tsc += t1.wrapping_sub(t0);
+            if let Some(l) = &stats.live {
+                l.1.fetch_add(t1.wrapping_sub(t0), Ordering::Relaxed);
+            }
             left_guest = Some(t1);
             let slow = match exit {
                 Ok(VcpuExit::IoOut(port, data)) => {
