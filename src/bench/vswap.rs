@@ -100,6 +100,8 @@ const VMM_SHARE_MIB: u64 = 32;
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Outcome {
     pub config: String,
+    /// `sequential-read` or `fresh-memory`.
+    pub workload: String,
     pub seconds_per_pass: Vec<f64>,
     pub swap_reads: u64,
     pub swap_writes: u64,
@@ -250,7 +252,12 @@ pub fn pass_seconds(console: &str, n: u32) -> Option<f64> {
     (b >= a).then_some(b - a)
 }
 
-fn run_config(args: &VswapArgs, cfg: Config, image: &Path, dir: &Path) -> Result<Outcome, String> {
+fn run_config(
+    args: &VswapArgs,
+    cfg: Config,
+    image: &Path,
+    dir: &Path,
+) -> Result<Vec<Outcome>, String> {
     let step_limit = Duration::from_secs_f64(args.timeout);
     let report = dir.join(format!("{}.json", cfg.name()));
     drop_host_caches();
@@ -278,8 +285,7 @@ fn run_config(args: &VswapArgs, cfg: Config, image: &Path, dir: &Path) -> Result
         )?;
     }
     let pid = g.pid();
-    let (swin, swout) = (vmstat("pswpin"), vmstat("pswpout"));
-    let (rb, mf) = (read_bytes(pid), major_faults(pid));
+    let before = Snapshot::now(pid);
     let mut seconds = Vec::new();
     for n in 1..=args.passes {
         let out = g.step(
@@ -294,18 +300,32 @@ fn run_config(args: &VswapArgs, cfg: Config, image: &Path, dir: &Path) -> Result
         eprintln!("exitless: bench vswap: {} pass {n}: {s:.2} s", cfg.name());
         seconds.push(s);
     }
-    let mut o = Outcome {
-        config: cfg.name().into(),
-        seconds_per_pass: seconds,
-        swap_reads: vmstat("pswpin") - swin,
-        swap_writes: vmstat("pswpout") - swout,
-        storage_bytes_read: read_bytes(pid).zip(rb).map(|(b, a)| b - a),
-        major_faults: major_faults(pid).zip(mf).map(|(b, a)| b - a),
-        ..Outcome::default()
-    };
-    o.image_bytes_read = o
-        .storage_bytes_read
-        .map(|b| b.saturating_sub(o.swap_reads * 4096));
+    let mut read = Snapshot::now(pid).since(&before, cfg, "sequential-read", seconds);
+    // Fig 4.10's case: fresh memory, written whole (a tmpfs file of zeros), on top of the cached
+    // disk: the guest reuses pages the host may have swapped out (false reads: swapped in only to
+    // be overwritten) or, with the mapper, reclaimed from the image (read back from it).
+    let before = Snapshot::now(pid);
+    let out = g.step(
+        &format!(
+            "mkdir -p /fresh && mount -t tmpfs -o size={}m tmpfs /fresh; \
+             a=$(cut -d' ' -f1 /proc/uptime); dd if=/dev/zero of=/fresh/f bs=1M count={} \
+             2>/dev/null; b=$(cut -d' ' -f1 /proc/uptime); r pass-1 $a $b; rm /fresh/f",
+            args.disk_mib + 16,
+            args.disk_mib
+        ),
+        step_limit,
+    )?;
+    let s = pass_seconds(&out, 1).ok_or_else(|| {
+        format!(
+            "{}: the fresh-memory pass printed no times: {out}",
+            cfg.name()
+        )
+    })?;
+    eprintln!(
+        "exitless: bench vswap: {} fresh memory: {s:.2} s",
+        cfg.name()
+    );
+    let fresh = Snapshot::now(pid).since(&before, cfg, "fresh-memory", vec![s]);
     g.stop();
     if let Ok(text) = std::fs::read_to_string(&report) {
         if let Ok(r) = serde_json::from_str::<Value>(&text) {
@@ -316,11 +336,52 @@ fn run_config(args: &VswapArgs, cfg: Config, image: &Path, dir: &Path) -> Result
                     .and_then(|d| d["facts"][k].as_u64())
                     .unwrap_or(0)
             };
-            o.mapper_pages = fact("mapper_pages");
-            o.stale_dropped = fact("stale_dropped");
+            read.mapper_pages = fact("mapper_pages");
+            read.stale_dropped = fact("stale_dropped");
         }
     }
-    Ok(o)
+    Ok(vec![read, fresh])
+}
+
+/// The host's counters of one VMM at one moment.
+struct Snapshot {
+    swap_in: u64,
+    swap_out: u64,
+    read_bytes: Option<u64>,
+    major_faults: Option<u64>,
+}
+
+impl Snapshot {
+    fn now(pid: u32) -> Snapshot {
+        Snapshot {
+            swap_in: vmstat("pswpin"),
+            swap_out: vmstat("pswpout"),
+            read_bytes: read_bytes(pid),
+            major_faults: major_faults(pid),
+        }
+    }
+
+    fn since(&self, before: &Snapshot, cfg: Config, workload: &str, seconds: Vec<f64>) -> Outcome {
+        let swap_reads = self.swap_in.saturating_sub(before.swap_in);
+        let storage = self
+            .read_bytes
+            .zip(before.read_bytes)
+            .map(|(b, a)| b.saturating_sub(a));
+        Outcome {
+            config: cfg.name().into(),
+            workload: workload.into(),
+            seconds_per_pass: seconds,
+            swap_reads,
+            swap_writes: self.swap_out.saturating_sub(before.swap_out),
+            storage_bytes_read: storage,
+            image_bytes_read: storage.map(|b| b.saturating_sub(swap_reads * 4096)),
+            major_faults: self
+                .major_faults
+                .zip(before.major_faults)
+                .map(|(b, a)| b.saturating_sub(a)),
+            ..Outcome::default()
+        }
+    }
 }
 
 pub fn to_json(outcomes: &[Outcome]) -> Value {
@@ -330,7 +391,7 @@ pub fn to_json(outcomes: &[Outcome]) -> Value {
             .map(|o| {
                 json!({
                     "guest": "linux",
-                    "workload": "sequential-read",
+                    "workload": o.workload,
                     "config": o.config,
                     "seconds_per_pass": o.seconds_per_pass.iter().map(|&s| round3(s)).collect::<Vec<_>>(),
                     "swap_reads": o.swap_reads,
@@ -355,8 +416,15 @@ pub fn table(args: &VswapArgs, outcomes: &[Outcome]) -> String {
     );
     let _ = writeln!(
         t,
-        "{:<9} {:>28} {:>10} {:>10} {:>12} {:>10} {:>10}",
-        "config", "seconds per pass", "swap in", "swap out", "image MiB", "majflt", "mapped"
+        "{:<9} {:<15} {:>20} {:>9} {:>9} {:>10} {:>8} {:>7}",
+        "config",
+        "workload",
+        "seconds per pass",
+        "swap in",
+        "swap out",
+        "image MiB",
+        "majflt",
+        "mapped"
     );
     for o in outcomes {
         let secs: Vec<String> = o
@@ -367,8 +435,9 @@ pub fn table(args: &VswapArgs, outcomes: &[Outcome]) -> String {
         let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
         let _ = writeln!(
             t,
-            "{:<9} {:>28} {:>10} {:>10} {:>12} {:>10} {:>10}",
+            "{:<9} {:<15} {:>20} {:>9} {:>9} {:>10} {:>8} {:>7}",
             o.config,
+            o.workload,
             secs.join(" "),
             o.swap_reads,
             o.swap_writes,
@@ -378,7 +447,11 @@ pub fn table(args: &VswapArgs, outcomes: &[Outcome]) -> String {
             o.mapper_pages
         );
     }
-    let by = |n: &str| outcomes.iter().find(|o| o.config == n);
+    let by = |n: &str| {
+        outcomes
+            .iter()
+            .find(|o| o.config == n && o.workload == "sequential-read")
+    };
     let ratio = |a: &Outcome, b: &Outcome| -> Vec<String> {
         a.seconds_per_pass
             .iter()
@@ -419,7 +492,7 @@ pub fn run(args: &VswapArgs) -> Result<(), String> {
     for &cfg in &args.configs {
         eprintln!("exitless: bench vswap: {}", cfg.name());
         match run_config(args, cfg, &image, dir.path()) {
-            Ok(o) => outcomes.push(o),
+            Ok(o) => outcomes.extend(o),
             Err(e) => {
                 err = Some(e);
                 break;
@@ -457,6 +530,7 @@ mod tests {
     fn json_and_table_carry_every_configuration_and_the_ratios() {
         let o = |c: &str, s: f64| Outcome {
             config: c.into(),
+            workload: "sequential-read".into(),
             seconds_per_pass: vec![s, s / 2.0],
             swap_reads: 10,
             swap_writes: 20,
@@ -466,10 +540,19 @@ mod tests {
             mapper_pages: 5,
             stale_dropped: 0,
         };
-        let all = [o("baseline", 40.0), o("balloon", 4.0), o("mapper", 8.0)];
+        let mut fresh = o("mapper", 1.0);
+        fresh.workload = "fresh-memory".into();
+        let all = [
+            o("baseline", 40.0),
+            o("balloon", 4.0),
+            fresh,
+            o("mapper", 8.0),
+        ];
         let j = to_json(&all);
         assert_eq!(j[0]["guest"], "linux");
         assert_eq!(j[2]["config"], "mapper");
+        assert_eq!(j[2]["workload"], "fresh-memory");
+        assert_eq!(j[3]["workload"], "sequential-read");
         assert_eq!(j[1]["seconds_per_pass"][1], 2.0);
         assert_eq!(j[0]["major_faults"], Value::Null);
         let args = VswapArgs {
