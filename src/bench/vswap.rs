@@ -27,8 +27,12 @@
 //! `tools/svm-host.sh --drive data.img --drive swap.img -- sh -c 'mkfs.ext4 -q /dev/vda &&
 //! mount /dev/vda /mnt && mkswap /dev/vdb && swapon /dev/vdb && exitless bench vswap --dir /mnt'`.
 //!
-//! Not measured: the False Reads Preventer (not built, see `swap_mapper`), and Fig 4.10's
-//! fresh-memory workload.
+//! After the passes, in the same guest, a second workload (`fresh-memory`, Fig 4.10's case): a
+//! tmpfs file of zeros as large as the disk, i.e. pages written whole. The guest takes them from
+//! its page cache; where the host swapped those out, each is swapped in only to be overwritten
+//! (*false reads*, the swap-ins of this row), and with the mapper a reclaimed named page is read
+//! back from the image before the store copies it. No False Reads Preventer is built (see
+//! `swap_mapper`): the row measures what one would save.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
