@@ -1659,6 +1659,47 @@ mod tests {
         assert_eq!(page(&mem, 0x40000), img[4096..2 * 4096]);
     }
 
+    /// An image that shrank under the device: the mapping of a block past its end cannot be
+    /// populated, so the pages go back to anonymous memory (touching them must not raise SIGBUS)
+    /// and the request fails like a copied read past the end.
+    #[test]
+    fn the_swap_mapper_fails_a_read_past_the_end_without_leaving_a_mapping() {
+        if !super::super::swap_mapper::supported() {
+            return crate::test_skip(
+                "the_swap_mapper_fails_a_read_past_the_end_without_leaving_a_mapping",
+                "no MADV_POPULATE_WRITE (Linux < 5.14)",
+            );
+        }
+        let (path, mut b, _img) = mapper_disk();
+        let mem = memory();
+        let mut dq = DriverQueue::new(8);
+        let mut h = handler(&mut b, &mem, &dq);
+        std::fs::File::options()
+            .write(true)
+            .open(&path.0)
+            .unwrap()
+            .set_len(8192)
+            .unwrap();
+        rw(
+            &mut dq,
+            &mem,
+            VIRTIO_BLK_T_IN,
+            32,
+            (0x10000, 0x40000, 0x12000),
+            8192,
+        );
+        h.process(0).unwrap();
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(0x12000)).unwrap(),
+            VIRTIO_BLK_S_IOERR as u8
+        );
+        mem.write_obj(0x11u8, GuestAddress(0x41000)).unwrap();
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x41000)).unwrap(), 0x11);
+        assert!(!file_backed(&mem, 0x40000));
+        assert_eq!(h.mapper.maps().extents(), 0);
+        assert_eq!(extra(&b, "mapper_failures"), 1);
+    }
+
     /// A read into a page the host swapped out drops it first instead of swapping it in (needs
     /// host swap, which neither this project's hosts nor the emulated SVM host have by default:
     /// run with `--ignored` where swap is on, e.g. in the emulated host with a `--drive` made swap

@@ -451,16 +451,15 @@ impl Mapper {
                 off,
             )
         };
-        if p == libc::MAP_FAILED {
+        // SAFETY (populate): the mapping just made; populating only reads the image into it.
+        if p == libc::MAP_FAILED
+            || unsafe { libc::madvise(host as *mut _, len, MADV_POPULATE_READ) } != 0
+        {
             let e = io::Error::last_os_error();
-            // The old pages may be gone already: put anonymous memory back for the copy.
+            // The old pages may be gone already: anonymous memory back for the copy, and
+            // whatever was mapped there forgotten.
             restore_anonymous(host, len);
-            return Err(e);
-        }
-        // SAFETY: the mapping just made; populating only reads the image into it.
-        if unsafe { libc::madvise(host as *mut _, len, MADV_POPULATE_READ) } != 0 {
-            let e = io::Error::last_os_error();
-            restore_anonymous(host, len);
+            self.maps.remove(host, pages);
             return Err(e);
         }
         self.maps.insert(host, pos / PAGE, pages);
