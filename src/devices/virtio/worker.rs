@@ -413,6 +413,69 @@ mod tests {
         assert_eq!(off.get(), Duration::ZERO, "polling off stays off");
     }
 
+    /// A device that holds one interrupt 2 ms from its start and records when it is sent.
+    struct Holder {
+        deadline: Option<Instant>,
+        sent: Arc<std::sync::Mutex<Option<Instant>>>,
+    }
+
+    impl QueueHandler for Holder {
+        fn process(&mut self, _q: usize) -> Result<(), String> {
+            if self.deadline.is_none() {
+                self.deadline = Some(Instant::now() + Duration::from_millis(2));
+            }
+            Ok(())
+        }
+        fn interrupt_deadline(&self) -> Option<Instant> {
+            self.deadline
+                .filter(|_| self.sent.lock().unwrap().is_none())
+        }
+        fn send_due(&mut self, now: Instant) {
+            if self.deadline.is_some_and(|d| d <= now) {
+                self.sent.lock().unwrap().get_or_insert(now);
+            }
+        }
+    }
+
+    #[test]
+    fn a_held_interrupt_is_sent_by_the_timer_at_its_deadline() {
+        use crate::devices::virtio::irq::NoRoutes;
+        use std::sync::atomic::{AtomicU16, AtomicU8};
+        let sent = Arc::new(std::sync::Mutex::new(None));
+        let started = Instant::now();
+        let kill = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let h = spawn(
+            "holder".into(),
+            "holder",
+            Box::new(Holder {
+                deadline: None,
+                sent: sent.clone(),
+            }),
+            vec![EventFd::new(libc::EFD_NONBLOCK).unwrap()],
+            kill.try_clone().unwrap(),
+            Arc::new(DeviceStats::default()),
+            Arc::new(Shared {
+                device_status: AtomicU8::new(0),
+                config_vector: AtomicU16::new(0),
+            }),
+            Arc::new(Msix::new(1, Arc::new(NoRoutes::default())).unwrap()),
+            Duration::ZERO,
+        )
+        .unwrap();
+        // Nothing else wakes the worker: only its timer can send the interrupt.
+        let until = Instant::now() + Duration::from_secs(5);
+        while sent.lock().unwrap().is_none() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        kill.write(1).unwrap();
+        assert!(h.join().is_ok());
+        let at = sent.lock().unwrap().expect("the held interrupt was sent");
+        assert!(
+            at >= started + Duration::from_millis(2),
+            "not before its deadline"
+        );
+    }
+
     /// A device whose handler panics on its first request (a bug in exitless, by assumption).
     struct Bomb;
 
