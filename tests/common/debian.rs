@@ -78,16 +78,22 @@ impl Vm {
             }
             None => Command::new(exitless()),
         };
+        cmd.arg("run").args(args).arg("--stats-json").arg(report);
+        Vm::spawn(cmd, report)
+    }
+
+    /// Another VMM (a peer such as QEMU) whose serial console is its stdin and stdout.
+    pub fn start_command(cmd: Command, report: &Path) -> Vm {
+        Vm::spawn(cmd, report)
+    }
+
+    fn spawn(mut cmd: Command, report: &Path) -> Vm {
         let mut child = cmd
-            .arg("run")
-            .args(args)
-            .arg("--stats-json")
-            .arg(report)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("start exitless");
+            .expect("start the VMM");
         let out = Arc::new(Mutex::new(Vec::new()));
         let mut stdout = child.stdout.take().unwrap();
         let out_thread = {
@@ -123,7 +129,11 @@ impl Vm {
     /// echoes nothing typed (busybox's line editing reads plain lines), prints no kernel messages
     /// and has `r KEY VALUE` to print a result line (`=R= KEY VALUE`) no typed text starts with.
     pub fn boot_shell(netns: Option<&str>, args: &[String], report: &Path) -> Vm {
-        let mut vm = Vm::start(netns, args, report);
+        Vm::shell(Vm::start(netns, args, report))
+    }
+
+    /// [`Vm::boot_shell`] for a VMM already started.
+    pub fn shell(mut vm: Vm) -> Vm {
         let at = vm.wait_for("exitless-guest: nproc=", 0, BOOT_WAIT, "boot");
         vm.wait_for("exitless# ", at, STEP_WAIT, "shell prompt");
         vm.step(
