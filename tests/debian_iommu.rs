@@ -221,6 +221,7 @@ fn measure_exitless(
     }
     let mut vm = Vm::boot_shell(None, &args, &dir.path(&format!("{config}.json")));
     let seconds = seconds(&mut vm);
+    eprintln!("{config}: {seconds:.2} s");
     vm.send("poweroff -f");
     let run = vm.finish();
     assert_eq!(run.status, Some(0), "{config}: {}", run.describe());
@@ -266,6 +267,8 @@ fn measure_qemu(
         "none",
         "-no-reboot",
         "-net",
+        "none",
+        "-vga",
         "none",
         "-kernel",
         debian::KERNEL,

@@ -18,12 +18,14 @@
 //! guest writes a command, then polls a status the poller sets when done. Page 1 (IOTLB
 //! registers, fault records) still traps: Linux uses neither on its fast path.
 //!
-//! Idle: after `SPIN` without a guest write the poller sleeps, 20 µs first, doubling up to 1 ms,
-//! and spins again as soon as a poll finds work (adaptive, like the device workers' queue
-//! polling). A guest that writes after a long idle waits up to 1 ms for its first command.
+//! Idle: after a spin window without a guest write the poller sleeps, 20 µs first, doubling up to
+//! 1 ms, and spins again as soon as a poll finds work. The window adapts like the device workers'
+//! queue polling (50 µs to 2 ms: it doubles when the guest came back soon after the poller went to
+//! sleep, halves after a longer idle). A guest that writes after a long idle waits up to 1 ms for
+//! its first command.
 //!
-//! Cost on a 2-core host: while the guest does DMA the poller spins for `SPIN` after each register
-//! write, i.e. a strict guest (one IQT write per unmap) keeps one host core busy. With two vCPUs on
+//! Cost on a 2-core host: while the guest does DMA the poller spins for its window after each
+//! register write, i.e. a strict guest (one IQT write per map and unmap) keeps one host core busy. With two vCPUs on
 //! two cores, that core is taken from the vCPUs (or the vCPUs from it): sidecore pays only when a
 //! core is free for it (the thesis used a dedicated core on the same die). `cpu=N` pins it.
 
@@ -37,8 +39,10 @@ use vm_memory::{MmapRegion, VolatileMemory};
 use super::regs::*;
 use super::Iommu;
 
-/// How long the poller spins after the last guest write before it sleeps.
-pub const SPIN: Duration = Duration::from_micros(200);
+/// How long the poller spins after the last guest write before it sleeps: adaptive, between
+/// these bounds (see [`run`]).
+pub const MIN_SPIN: Duration = Duration::from_micros(50);
+pub const MAX_SPIN: Duration = Duration::from_millis(2);
 const MIN_SLEEP: Duration = Duration::from_micros(20);
 const MAX_SLEEP: Duration = Duration::from_millis(1);
 /// The KVM memory slot of the register page (guest RAM uses the first few).
@@ -218,21 +222,33 @@ fn pin(cpu: usize) {
     }
 }
 
-/// The poll loop: spin while the guest is busy, sleep (longer and longer) while it is idle.
+/// The poll loop: spin while the guest is busy, sleep (longer and longer) while it is idle. The
+/// spin window adapts (as the device workers' queue polling): a guest write that came less than
+/// `MAX_SPIN` after the poller went to sleep doubles it, a longer idle halves it.
 fn run(iommu: &Iommu, page: &Page, stop: &AtomicBool) {
     let mut last_work = Instant::now();
+    let mut spin = MIN_SPIN;
     let mut sleep = MIN_SLEEP;
+    let mut asleep_since: Option<Instant> = None;
     while !stop.load(Ordering::Relaxed) {
         if iommu.poll(page) {
             iommu
                 .stats
                 .sidecore_busy_polls
                 .fetch_add(1, Ordering::Relaxed);
+            if let Some(t) = asleep_since.take() {
+                spin = if t.elapsed() < MAX_SPIN {
+                    (spin * 2).min(MAX_SPIN)
+                } else {
+                    (spin / 2).max(MIN_SPIN)
+                };
+            }
             last_work = Instant::now();
             sleep = MIN_SLEEP;
-        } else if last_work.elapsed() < SPIN {
+        } else if last_work.elapsed() < spin {
             std::hint::spin_loop();
         } else {
+            asleep_since.get_or_insert_with(Instant::now);
             iommu.stats.sidecore_sleeps.fetch_add(1, Ordering::Relaxed);
             std::thread::sleep(sleep);
             sleep = (sleep * 2).min(MAX_SLEEP);
