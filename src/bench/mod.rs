@@ -55,6 +55,7 @@ pub enum BenchCommand {
     /// sequentially, baseline swapping vs balloon vs swap mapper; time per pass, host swap traffic,
     /// image reads, major faults. Needs root, host swap and hardware-style KVM (e.g. inside
     /// tools/svm-host.sh with --drive disks for the image and the swap).
+    #[command(alias = "overcommit")]
     Vswap(vswap::VswapArgs),
     /// Interrupts and the exits they cost, a real Linux guest over virtio-net on a tap: a TCP
     /// stream of 256-byte writes and UDP request-response, under baseline, delivery-only and
