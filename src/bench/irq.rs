@@ -567,6 +567,8 @@ pub struct Measure {
     pub time_in_guest: Option<f64>,
     /// Exits per unit of work: per 256-byte write (stream) or per transaction (rr).
     pub exits_per_work: f64,
+    /// KVM's exits by reason (its `*_exits` counters, `insn_emulation`, `hypercalls`) per second.
+    pub by_reason: BTreeMap<String, f64>,
 }
 
 impl Measure {
@@ -627,6 +629,13 @@ pub fn measure(
         halt_exits_per_s: d("halt_exits") / wall,
         time_in_guest: (all > 0).then(|| (gt as f64 / all as f64).min(1.0)),
         exits_per_work: exits / units.max(1.0),
+        by_reason: after
+            .kvm
+            .keys()
+            .filter(|k| k.ends_with("_exits") || *k == "insn_emulation" || *k == "hypercalls")
+            .map(|k| (k.clone(), d(k) / wall))
+            .filter(|(_, v)| *v > 0.0)
+            .collect(),
     })
 }
 
@@ -708,6 +717,9 @@ pub fn to_json(m: &[Measure]) -> Value {
                     "halt_exits_per_s": round1(m.halt_exits_per_s),
                     "time_in_guest": m.time_in_guest.map(round3),
                     "exits_per_work": round3(m.exits_per_work),
+                    "exits_by_reason_per_s": m.by_reason.iter()
+                        .map(|(k, v)| (k.clone(), json!(round1(*v))))
+                        .collect::<serde_json::Map<String, Value>>(),
                 })
             })
             .collect(),
@@ -782,6 +794,16 @@ pub fn table(m: &[Measure]) -> String {
             row("vs qemu exits/work", &|c| {
                 format!("{:.2}x", c.exits_per_work / q.exits_per_work.max(1e-9))
             });
+        }
+        for c in &cols {
+            let mut r: Vec<(&String, &f64)> = c.by_reason.iter().collect();
+            r.sort_by(|a, b| b.1.total_cmp(a.1));
+            let top: Vec<String> = r
+                .iter()
+                .take(6)
+                .map(|(k, v)| format!("{k} {v:.0}"))
+                .collect();
+            s += &format!("  {} exits/s by reason: {}\n", c.config, top.join(", "));
         }
     }
     let sweep: Vec<&Measure> = m
@@ -958,6 +980,7 @@ mod tests {
         assert_eq!(m.time_in_guest, Some(0.98));
         assert!((m.throughput - 256.0 * 100_000.0 * 8.0 / 10.0 / 1e6).abs() < 1e-6);
         assert!((m.exits_per_work - 0.2).abs() < 1e-9);
+        assert_eq!(m.by_reason.get("irq_window_exits"), Some(&100.0));
         let j = to_json(&[m]);
         for k in [
             "config",
@@ -1024,6 +1047,7 @@ mod tests {
             halt_exits_per_s: 0.0,
             time_in_guest: None,
             exits_per_work: 1.0,
+            by_reason: BTreeMap::new(),
         };
         let b = best(vec![m(1.0), m(3.0), m(2.0)]);
         assert_eq!(b.len(), 1);
