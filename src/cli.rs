@@ -249,6 +249,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "NS",
           value_parser = clap::value_parser!(u64).range(0..=crate::dedicated::MAX_HALT_POLL_NS))]
     pub halt_poll_ns: Option<u64>,
+    /// Count KVM's in-kernel exits by reason too (HLT, MSR, interrupt window, nested page fault,
+    /// ...), with counting perf events on the kvm:kvm_exit tracepoint, one set per vCPU thread.
+    /// Needs tracefs mounted, root (or CAP_PERFMON) and a hardware KVM; where that is missing the
+    /// run goes on with KVM's aggregate counters and says why. Off by default: each exit then
+    /// pays for the tracepoint.
+    #[arg(long)]
+    pub kernel_exit_reasons: bool,
     /// System call filters, one per kind of thread (vCPU, device worker, control API, main):
     /// `on` stops a forbidden call with SIGSYS, names the call and the thread on stderr and
     /// exits with status 159; `log` lets it through and the kernel logs it (audit log or dmesg);
@@ -374,6 +381,7 @@ impl RunArgs {
                 .map(crate::dedicated::DedicatedRequest::parse)
                 .transpose()?,
             halt_poll_ns: self.halt_poll_ns,
+            kernel_exit_reasons: self.kernel_exit_reasons,
             seccomp: self.seccomp,
             seccomp_selftest: self.seccomp_selftest.clone(),
             mem_limit: self

@@ -108,6 +108,8 @@ pub struct VmConfig {
     pub dedicated: Option<crate::dedicated::DedicatedRequest>,
     /// The VM's halt-polling time (`--halt-poll-ns`).
     pub halt_poll_ns: Option<u64>,
+    /// Count in-kernel exits by reason (`--kernel-exit-reasons`, see `kvm_trace`).
+    pub kernel_exit_reasons: bool,
     /// Seccomp filters per thread kind (`--seccomp`, see `seccomp`).
     pub seccomp: crate::seccomp::Mode,
     /// Test only: the thread kind that makes a forbidden system call (`--seccomp-selftest`).

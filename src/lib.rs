@@ -15,7 +15,8 @@
 //! - [`startup`]: where the time before the first `KVM_RUN` goes;
 //! - [`host`]: what the host KVM is and what it cannot run; [`apicv`]: whether it virtualizes
 //!   the guest's APIC (APICv/AVIC, posted interrupts), and why not;
-//! - [`kvm_stats`]: KVM's own per-vCPU exit counters (binary statistics);
+//! - [`kvm_stats`]: KVM's own per-vCPU exit counters (binary statistics); [`kvm_trace`]: KVM's
+//!   in-kernel exits by reason (the `kvm:kvm_exit` tracepoint);
 //! - [`vmm`]: builds a VM from a [`config::VmConfig`] and runs it to the end;
 //! - [`kit`]: the embedded test-kit guests;
 //! - [`bench`]: benchmarks of the exit path on this host (`exitless bench exits`);
@@ -34,6 +35,7 @@ pub mod fuzzing;
 pub mod host;
 pub mod kit;
 pub mod kvm_stats;
+pub mod kvm_trace;
 pub mod memlimit;
 pub mod memory;
 pub mod panics;

@@ -344,6 +344,10 @@ pub struct RunReport {
     /// `--halt-poll-ns`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub halt_poll_ns: Option<u64>,
+    /// Where the in-kernel exits by reason (`kvm` keys `kvm_exit.*`) came from, or why there are
+    /// none (`--kernel-exit-reasons`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel_exit_reasons: Option<String>,
     /// ELI's Table 3.1 rows over the whole run (see `rates`), once the counters are final.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rates: Option<crate::rates::Rates>,
@@ -456,6 +460,7 @@ impl RunReport {
             dedicated: None,
             halt_poll_ns: None,
             rates: None,
+            kernel_exit_reasons: None,
         }
     }
 

@@ -142,12 +142,30 @@ pub fn main(args: &TopArgs) -> Result<(), String> {
     }
 }
 
+/// The next sample; `None` when the VM has ended (its socket is gone). A failure while the
+/// socket is still there is retried at the next interval, three times at most.
+fn next_sample(args: &TopArgs) -> Result<Option<Snapshot>, String> {
+    let mut tries = 0;
+    loop {
+        match sample(&args.socket) {
+            Ok(s) => return Ok(Some(s)),
+            Err(_) if !args.socket.exists() => return Ok(None),
+            Err(e) if tries >= 3 => return Err(e),
+            Err(e) => {
+                eprintln!("exitless top: {e} (retrying)");
+                tries += 1;
+                std::thread::sleep(Duration::from_secs_f64(args.interval));
+            }
+        }
+    }
+}
+
 fn run_json(args: &TopArgs, prev: &mut Snapshot) -> Result<(), String> {
     use std::io::Write;
     let mut n = 0;
     while args.count.is_none_or(|c| n < c) {
         std::thread::sleep(Duration::from_secs_f64(args.interval));
-        let Ok(cur) = sample(&args.socket) else {
+        let Some(cur) = next_sample(args)? else {
             eprintln!("exitless top: the VM has ended");
             return Ok(());
         };
@@ -288,18 +306,17 @@ mod tui {
                 continue;
             }
             next += Duration::from_secs_f64(args.interval);
-            match sample(&args.socket) {
-                Ok(cur) => {
+            match next_sample(args) {
+                Ok(Some(cur)) => {
                     shown = Some(between(&prev, &cur));
                     status = String::new();
                     prev = cur;
                     n += 1;
                 }
-                Err(_) => {
+                other => {
                     drop(term);
                     drop(_restore);
-                    eprintln!("exitless top: the VM has ended");
-                    return Ok(());
+                    return other.map(|_| eprintln!("exitless top: the VM has ended"));
                 }
             }
         }

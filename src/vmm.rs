@@ -258,6 +258,9 @@ struct VmControl {
     exits: Vec<Arc<crate::stats::LiveExits>>,
     /// Converts the vCPUs' TSC cycles in `KVM_RUN` to time.
     tsc: crate::stats::TscClock,
+    /// In-kernel exits by reason (`--kernel-exit-reasons`), and where they come from.
+    traces: crate::kvm_trace::Shared,
+    kernel_reasons: String,
     quit: Arc<AtomicBool>,
 }
 
@@ -272,11 +275,14 @@ impl VmControl {
             .enumerate()
             .map(|(id, live)| {
                 let cycles = live.1.load(Ordering::Relaxed);
-                let kvm = if kvm_per_vcpu {
+                let mut kvm = if kvm_per_vcpu {
                     self.kvm_stats[id].read()
                 } else {
                     BTreeMap::new()
                 };
+                if let Some(t) = self.traces.get(id).and_then(|t| t.get()) {
+                    kvm.extend(t.read());
+                }
                 serde_json::json!({
                     "id": id,
                     "exits": crate::stats::LiveExits::sum(std::iter::once(&**live)),
@@ -302,6 +308,7 @@ impl crate::api::Control for VmControl {
             "devices": devices,
             "kvm": crate::kvm_stats::sum(self.kvm_stats.iter()),
             "vcpus": self.vcpus(),
+            "kernel_exit_reasons": self.kernel_reasons,
         })
     }
 
@@ -661,6 +668,9 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
                 .map_err(|e| VmmError::Config(format!("--dedicated-cores: {e}")))?;
         }
     }
+    let (trace, kernel_reasons) = kernel_exit_reasons(cfg, &host);
+    let traces: crate::kvm_trace::Shared =
+        Arc::new((0..cfg.cpus).map(|_| std::sync::OnceLock::new()).collect());
     let _api = match &cfg.api_socket {
         Some(path) => Some(
             crate::api::ApiServer::start(
@@ -671,6 +681,8 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
                     kvm_stats: kvm_stats_fds.clone(),
                     exits: live_exits,
                     tsc: crate::stats::TscClock::start(),
+                    traces: traces.clone(),
+                    kernel_reasons: kernel_reasons.clone(),
                     quit: quit.clone(),
                 }),
             )
@@ -697,9 +709,10 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
         let pin = dedicated
             .as_ref()
             .map(|(d, _)| d.placement.vcpu_cpus[usize::from(v.id)]);
+        let trace = trace.map(|t| (t, traces.clone()));
         let h = std::thread::Builder::new()
             .name(name)
-            .spawn(move || vcpu_thread(v, pin, end))
+            .spawn(move || vcpu_thread(v, pin, trace, end))
             .map_err(|e| VmmError::Kvm(format!("cannot start a vCPU thread: {e}")))?;
         handles.push(h);
     }
@@ -783,6 +796,8 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
     report.apic_virt = Some(apic_virt);
     report.dedicated = dedicated.map(|(d, _)| d);
     report.halt_poll_ns = cfg.halt_poll_ns;
+    report.kvm.extend(crate::kvm_trace::sum(&traces));
+    report.kernel_exit_reasons = Some(kernel_reasons);
     report.rates = Some(report.compute_rates());
     drop(kvm_stats_fds);
     let console_tail = console_watch
@@ -812,6 +827,30 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
 }
 
 type VcpuThread = std::thread::JoinHandle<VcpuStats>;
+
+/// The `kvm:kvm_exit` tracepoint's id and the host's exit reasons.
+type KernelTrace = (u64, &'static [(&'static str, u32)]);
+
+/// `--kernel-exit-reasons`: what to count, and the sentence saying where the in-kernel reasons
+/// come from (or why only KVM's aggregates are there).
+fn kernel_exit_reasons(cfg: &VmConfig, host: &HostInfo) -> (Option<KernelTrace>, String) {
+    if !cfg.kernel_exit_reasons {
+        return (
+            None,
+            "KVM's aggregate statistics only (--kernel-exit-reasons counts them by reason)".into(),
+        );
+    }
+    match crate::kvm_trace::prepare(host.kvm_module) {
+        Ok(t) => (
+            Some(t),
+            "kvm:kvm_exit tracepoint, counted per vCPU thread".into(),
+        ),
+        Err(e) => {
+            eprintln!("exitless: --kernel-exit-reasons: {e}; only KVM's aggregate counters");
+            (None, format!("KVM's aggregate statistics only ({e})"))
+        }
+    }
+}
 
 /// `--dedicated-cores`: the placement and the exits kept in the guest (`KVM_CAP_X86_DISABLE_EXITS`,
 /// which KVM takes only before the first vCPU exists), with the mask for the CPUID hints.
@@ -880,9 +919,23 @@ fn stop_vcpus(
 
 /// Runs one vCPU on its thread. A panic (a bug in exitless) ends the VM with an error instead
 /// of leaving the other vCPUs running; the panic goes on to the join, which reports it.
-/// With dedicated cores it first pins itself to its CPU (`pin`), before its filter is on.
-fn vcpu_thread(v: Vcpu, pin: Option<usize>, end: crate::devices::VmEndSender) -> VcpuStats {
+/// With dedicated cores it first pins itself to its CPU (`pin`), and with
+/// `--kernel-exit-reasons` opens its tracepoint counters (`trace`), before its filter is on.
+fn vcpu_thread(
+    v: Vcpu,
+    pin: Option<usize>,
+    trace: Option<(KernelTrace, crate::kvm_trace::Shared)>,
+    end: crate::devices::VmEndSender,
+) -> VcpuStats {
     let id = v.id;
+    if let Some(((tp, reasons), shared)) = trace {
+        match crate::kvm_trace::ExitCounters::open_for_this_thread(tp, reasons) {
+            Ok(c) => {
+                let _ = shared[usize::from(id)].set(c);
+            }
+            Err(e) => log::warn!("vCPU {id}: no in-kernel exit reasons: {e}"),
+        }
+    }
     if let Some(cpu) = pin {
         if let Err(e) = crate::dedicated::set_thread_affinity(&[cpu]) {
             let _ = end.send(VmEnd::Error(format!("vCPU {id}: --dedicated-cores: {e}")));
@@ -1007,6 +1060,7 @@ mod tests {
             irq_path: Default::default(),
             dedicated: None,
             halt_poll_ns: None,
+            kernel_exit_reasons: false,
             seccomp: Default::default(),
             seccomp_selftest: None,
             mem_limit: None,

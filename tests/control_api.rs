@@ -188,20 +188,13 @@ fn top_json_reports_rates_of_a_running_vm() {
     let dir = TempDir::new("top-json");
     let sock = dir.path("api.sock");
     let mut child = Command::new(exitless())
-        .args([
-            "run",
-            "--guest",
-            "bench",
-            "--cmdline",
-            "quick",
-            "--cpus",
-            "2",
-        ])
+        // The full bench (not `quick`): it runs for seconds even on a fast host.
+        .args(["run", "--guest", "bench", "--cpus", "2"])
         .args(["--timeout", "120", "--no-summary", "--api-socket"])
         .arg(&sock)
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("start exitless");
     let t = Instant::now();
@@ -214,19 +207,25 @@ fn top_json_reports_rates_of_a_running_vm() {
         sock.to_str().unwrap(),
         "--json",
         "--interval",
-        "0.5",
+        "0.3",
         "--count",
         "3",
     ]);
     let _ = exitless_cmd(&["ctl", "--socket", sock.to_str().unwrap(), "quit"]);
-    let _ = child.wait();
-    assert_eq!(top.status, Some(0), "{}", top.describe());
+    let vm = child.wait_with_output().expect("exitless ends");
+    let vm_err = format!(
+        "{:?} {} {}",
+        vm.status,
+        String::from_utf8_lossy(&vm.stderr),
+        String::from_utf8_lossy(&vm.stdout)
+    );
+    assert_eq!(top.status, Some(0), "{}\nVM: {vm_err}", top.describe());
     let lines: Vec<serde_json::Value> = top
         .stdout
         .lines()
         .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
         .collect();
-    assert_eq!(lines.len(), 3, "{}", top.stdout);
+    assert_eq!(lines.len(), 3, "{}\nVM: {vm_err}", top.describe());
     let mut exits = 0.0;
     for l in &lines {
         for key in [

@@ -481,3 +481,43 @@ fn dedicated_cores_keep_hlt_in_the_guest() {
     assert_eq!(bad.status, Some(1), "{}", bad.describe());
     assert!(bad.stderr.contains("is not one this process may run on"));
 }
+
+/// `--kernel-exit-reasons` counts KVM's in-kernel exits by reason through the kvm:kvm_exit
+/// tracepoint: the reasons add up to KVM's own count of all exits, and HLT and port I/O agree with
+/// its halt and I/O counters. Where the host cannot give them (PVM, no tracefs, no permission)
+/// the run goes on, the report says why, and the test is skipped with that reason.
+#[test]
+fn kernel_exit_reasons_add_up_to_kvms_exit_count() {
+    if !kvm_available("kernel exit reasons") {
+        return;
+    }
+    let r = run(&["--kernel-exit-reasons"]);
+    assert_eq!(r.status, Some(0), "{}", r.describe());
+    let report = r.report.as_ref().unwrap();
+    let source = report["kernel_exit_reasons"].as_str().unwrap().to_string();
+    let kvm = &report["kvm"];
+    if source.starts_with("KVM's aggregate statistics only (") {
+        assert!(
+            r.stderr.contains("--kernel-exit-reasons: "),
+            "{}",
+            r.describe()
+        );
+        assert!(kvm["kvm_exit.hlt"].is_null(), "{kvm}");
+        return skip("kernel_exit_reasons_add_up_to_kvms_exit_count", &source);
+    }
+    let n = |k: &str| kvm[k].as_u64().unwrap_or_else(|| panic!("no {k} in {kvm}"));
+    let traced: u64 = kvm
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.starts_with("kvm_exit."))
+        .map(|(_, v)| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(traced, n("exits"), "{kvm}");
+    assert_eq!(n("kvm_exit.hlt"), n("halt_exits"), "{kvm}");
+    assert!(n("kvm_exit.hlt") > 0, "{kvm}");
+    assert_eq!(n("kvm_exit.io"), n("io_exits"), "{kvm}");
+    // The rates use the traced reasons.
+    let by_reason = &report["rates"]["kernel_by_reason"];
+    assert!(by_reason["hlt"].as_f64().unwrap() > 0.0, "{by_reason}");
+}

@@ -142,6 +142,8 @@ mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /run
 mount -t tmpfs tmpfs /dev/shm
 mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
+# tracefs: the kvm:kvm_exit tracepoint of `exitless run --kernel-exit-reasons`.
+mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null
 kver=$(uname -r)
 while read -r m; do
     args=
