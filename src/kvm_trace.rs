@@ -62,7 +62,7 @@ const VMX_REASONS: &[(&str, u32)] = &[
 ];
 
 /// The reasons of a host's vendor module, or why there are none.
-pub fn reasons(kvm_module: Option<&str>) -> Result<&'static [(&'static str, u32)], String> {
+pub fn reasons(kvm_module: Option<&str>) -> Result<Reasons, String> {
     match kvm_module {
         Some("kvm_amd") => Ok(SVM_REASONS),
         Some("kvm_intel") => Ok(VMX_REASONS),
@@ -165,8 +165,11 @@ fn open_counter(id: u64, filter: &str) -> Result<File, String> {
 /// opened), readable from any thread.
 pub type Shared = std::sync::Arc<Vec<std::sync::OnceLock<ExitCounters>>>;
 
-/// What `--kernel-exit-reasons` got: the tracepoint and the reasons, or why not.
-pub fn prepare(kvm_module: Option<&str>) -> Result<(u64, &'static [(&'static str, u32)]), String> {
+/// Exit reasons by name and hardware code.
+pub type Reasons = &'static [(&'static str, u32)];
+
+/// What `--kernel-exit-reasons` got: the tracepoint's id and the reasons, or why not.
+pub fn prepare(kvm_module: Option<&str>) -> Result<(u64, Reasons), String> {
     let reasons = reasons(kvm_module)?;
     Ok((tracepoint_id()?, reasons))
 }

@@ -829,7 +829,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
 type VcpuThread = std::thread::JoinHandle<VcpuStats>;
 
 /// The `kvm:kvm_exit` tracepoint's id and the host's exit reasons.
-type KernelTrace = (u64, &'static [(&'static str, u32)]);
+type KernelTrace = (u64, crate::kvm_trace::Reasons);
 
 /// `--kernel-exit-reasons`: what to count, and the sentence saying where the in-kernel reasons
 /// come from (or why only KVM's aggregates are there).
