@@ -187,7 +187,7 @@ fn top_json_reports_rates_of_a_running_vm() {
     }
     let dir = TempDir::new("top-json");
     let sock = dir.path("api.sock");
-    let mut child = Command::new(exitless())
+    let child = Command::new(exitless())
         // The full bench (not `quick`): it runs for seconds even on a fast host.
         .args(["run", "--guest", "bench", "--cpus", "2"])
         .args(["--timeout", "120", "--no-summary", "--api-socket"])
