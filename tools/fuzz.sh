@@ -31,6 +31,7 @@ max_len() {
         bzimage | elf_sink) echo 65536 ;;
         api_line) echo 4096 ;;
         pci) echo 1200 ;;
+        iommu) echo 40960 ;;
         *) echo 8192 ;;
     esac
 }
