@@ -90,9 +90,26 @@ pub fn create(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
 /// Huge pages' size and the alignment of every region's host mapping.
 pub const HUGE_PAGE: usize = 2 << 20;
 
+/// Attempts at an aligned mapping before settling for any: another thread's mmap may take the
+/// freed window between [`map_once`]'s munmap and vm-memory's mmap (rare; unit tests run in
+/// parallel threads and met it).
+const ALIGN_ATTEMPTS: usize = 4;
+
 /// An anonymous mapping of `len` bytes owned by vm-memory, placed on a [`HUGE_PAGE`] boundary
 /// when the kernel allows (see the module doc).
 fn map_aligned(len: usize) -> Result<MmapRegion, vm_memory::mmap::MmapRegionError> {
+    for _ in 1..ALIGN_ATTEMPTS {
+        let mapping = map_once(len)?;
+        if (mapping.as_ptr() as usize).is_multiple_of(HUGE_PAGE) {
+            return Ok(mapping);
+        }
+    }
+    map_once(len)
+}
+
+/// One try of [`map_aligned`]: reserve `len` + 2 MiB, free the aligned window inside, let
+/// vm-memory map there.
+fn map_once(len: usize) -> Result<MmapRegion, vm_memory::mmap::MmapRegionError> {
     let reserve = len.checked_add(HUGE_PAGE);
     // SAFETY: a fresh inaccessible anonymous mapping; nothing refers to it yet.
     let base = reserve.map(|r| unsafe {
