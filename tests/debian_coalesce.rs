@@ -61,8 +61,8 @@ fn paced_datagrams(ns: &Netns, dir: &TempDir) -> (u64, u64) {
 }
 
 #[test]
-fn ethtool_in_the_guest_sets_coalescing_and_the_device_sends_fewer_interrupts() {
-    const TEST: &str = "ethtool_in_the_guest_sets_coalescing_and_the_device_sends_fewer_interrupts";
+fn debian_guest_ethtool_sets_coalescing_and_the_device_sends_fewer_interrupts() {
+    const TEST: &str = "debian_guest_ethtool_sets_coalescing_and_the_device_sends_fewer_interrupts";
     if !needs(
         TEST,
         &[

