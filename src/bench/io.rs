@@ -814,9 +814,32 @@ pub fn kvm_stats_of(ret: &Value) -> Result<KvmStats, String> {
     Ok(m)
 }
 
+/// Sends one QMP command and returns its `return` value (events before it are skipped), or the
+/// error QEMU answered with.
+pub(crate) fn qmp_command(
+    w: &mut impl std::io::Write,
+    r: &mut impl std::io::BufRead,
+    cmd: &Value,
+) -> Result<Value, String> {
+    writeln!(w, "{cmd}").map_err(|e| format!("QMP: {e}"))?;
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).map_err(|e| format!("QMP: {e}"))? == 0 {
+            return Err("QMP closed the connection".into());
+        }
+        let v: Value = serde_json::from_str(&line).map_err(|e| format!("QMP: {e}"))?;
+        if let Some(ret) = v.get("return") {
+            return Ok(ret.clone());
+        }
+        if let Some(e) = v.get("error") {
+            return Err(format!("QMP {}: {e}", cmd["execute"]));
+        }
+    }
+}
+
 /// Asks QEMU's QMP socket for its vCPUs' KVM statistics, then tells QEMU to quit.
 pub(crate) fn qmp_stats_and_quit(sock: &Path) -> Result<KvmStats, String> {
-    use std::io::{BufRead, BufReader, Write};
+    use std::io::BufReader;
     let stream = std::os::unix::net::UnixStream::connect(sock)
         .map_err(|e| format!("cannot connect to QMP at {}: {e}", sock.display()))?;
     stream
@@ -824,22 +847,7 @@ pub(crate) fn qmp_stats_and_quit(sock: &Path) -> Result<KvmStats, String> {
         .map_err(|e| e.to_string())?;
     let mut w = stream.try_clone().map_err(|e| e.to_string())?;
     let mut r = BufReader::new(stream);
-    let mut call = |cmd: Value| -> Result<Value, String> {
-        writeln!(w, "{cmd}").map_err(|e| format!("QMP: {e}"))?;
-        loop {
-            let mut line = String::new();
-            if r.read_line(&mut line).map_err(|e| format!("QMP: {e}"))? == 0 {
-                return Err("QMP closed the connection".into());
-            }
-            let v: Value = serde_json::from_str(&line).map_err(|e| format!("QMP: {e}"))?;
-            if let Some(ret) = v.get("return") {
-                return Ok(ret.clone());
-            }
-            if let Some(e) = v.get("error") {
-                return Err(format!("QMP {}: {e}", cmd["execute"]));
-            }
-        }
-    };
+    let mut call = |cmd: Value| qmp_command(&mut w, &mut r, &cmd);
     let result = call(json!({"execute": "qmp_capabilities"}))
         .and_then(|_| call(json!({"execute": "query-stats", "arguments": {"target": "vcpu"}})))
         .and_then(|ret| kvm_stats_of(&ret));

@@ -30,7 +30,7 @@
 //! configurations measured in the same run are the result.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{TcpListener, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -493,20 +493,7 @@ impl Vm {
             self.qmp_call(json!({"execute": "qmp_capabilities"}))?;
         }
         let (w, r) = self.qmp.as_mut().expect("connected");
-        writeln!(w, "{cmd}").map_err(|e| format!("QMP: {e}"))?;
-        loop {
-            let mut line = String::new();
-            if r.read_line(&mut line).map_err(|e| format!("QMP: {e}"))? == 0 {
-                return Err("QMP closed the connection".into());
-            }
-            let v: Value = serde_json::from_str(&line).map_err(|e| format!("QMP: {e}"))?;
-            if let Some(ret) = v.get("return") {
-                return Ok(ret.clone());
-            }
-            if let Some(e) = v.get("error") {
-                return Err(format!("QMP {}: {e}", cmd["execute"]));
-            }
-        }
+        super::io::qmp_command(w, r, &cmd)
     }
 
     fn snapshot(&mut self) -> Result<Snapshot, String> {

@@ -784,17 +784,7 @@ mod tests {
     #[test]
     fn every_filter_compiles_in_both_modes() {
         for mode in [Mode::On, Mode::Log] {
-            for k in [
-                Kind::Main,
-                Kind::Console,
-                Kind::Vcpu,
-                Kind::Api,
-                Kind::Launcher,
-                Kind::Sidecore,
-            ]
-            .into_iter()
-            .chain(Device::ALL.into_iter().map(Kind::Worker))
-            {
+            for k in Kind::all() {
                 compile(k, mode).unwrap();
                 assert_eq!(Kind::from_code(k.code()), Some(k));
             }
@@ -816,17 +806,7 @@ mod tests {
 
     #[test]
     fn the_lists_stay_short_and_forbid_what_no_thread_needs() {
-        for k in [
-            Kind::Main,
-            Kind::Console,
-            Kind::Vcpu,
-            Kind::Api,
-            Kind::Launcher,
-            Kind::Sidecore,
-        ]
-        .into_iter()
-        .chain(Device::ALL.into_iter().map(Kind::Worker))
-        {
+        for k in Kind::all() {
             let r = rules(k);
             let ioctls = r.get(&libc::SYS_ioctl).map_or(0, Vec::len);
             eprintln!(
