@@ -17,6 +17,8 @@
 #   - every --add PATH at its absolute path, and this environment's EXITLESS_* and RUST_* variables.
 # Its stdout and stderr come back on this script's stdout and stderr as they are written, and this
 # script exits with its status: 124 when --timeout ends it, 125 when L1 failed (its console log
+# is printed on stderr), 126 when L1's kernel hung: a soft lockup of --hang SECS or more (TCG
+# emulation faults have stuck an L1 CPU for good; the first lockup report, with its call trace,
 # is printed on stderr).
 #
 # Options:
@@ -25,6 +27,7 @@
 #                     order; writable, host-cached): L1's only storage besides RAM, e.g. for
 #                     swap (`mkswap /dev/vdb; swapon /dev/vdb`) or a guest's disk image
 #   --timeout SECS    end L1 after SECS (default 3600)
+#   --hang SECS       end L1 when its console reports a CPU stuck for SECS or more (default 180)
 #   --mem SIZE        L1's memory (default 3G)    --cpus N   L1's CPUs (default 2)
 #   --console FILE    keep L1's console log in FILE
 #   --no-build        use target/release/exitless as it is
@@ -39,7 +42,7 @@ die() { echo "svm-host.sh: error: $*" >&2; exit 125; }
 log() { [ "${quiet:-0}" = 1 ] || echo "svm-host.sh: $*" >&2; }
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-timeout_s=3600 mem=3G cpus=2 console_keep="" build=1 quiet=0
+timeout_s=3600 hang_s=180 mem=3G cpus=2 console_keep="" build=1 quiet=0
 adds=()
 drives=()
 while [ $# -gt 0 ]; do
@@ -47,6 +50,7 @@ while [ $# -gt 0 ]; do
     --add) adds+=("$(readlink -f "$2")"); shift 2 ;;
     --drive) [ -f "$2" ] || die "--drive $2: no such file"; drives+=("$(readlink -f "$2")"); shift 2 ;;
     --timeout) timeout_s="$2"; shift 2 ;;
+    --hang) hang_s="$2"; shift 2 ;;
     --mem) mem="$2"; shift 2 ;;
     --cpus) cpus="$2"; shift 2 ;;
     --console) console_keep="$2"; shift 2 ;;
@@ -233,22 +237,41 @@ log "booting the emulated SVM host ($(($(stat -c %s "$run/initrd.cpio") >> 20)) 
 "$qemu" -accel tcg,thread=multi -cpu max -smp "$cpus" -m "$mem" \
     -nodefaults -no-reboot -display none -vga none \
     -kernel "$cache/vmlinuz" -initrd "$run/initrd.cpio" \
-    -append "console=ttyS0 quiet panic=-1 rdinit=/init mitigations=off tsc=reliable" \
+    -append "console=ttyS0 quiet loglevel=5 panic=-1 rdinit=/init mitigations=off tsc=reliable" \
     -serial "file:$console" -serial "file:$run/out" -serial "file:$run/err" \
     -serial "file:$run/status" "${drive_args[@]}" </dev/null >"$run/qemu.log" 2>&1 &
 qemu_pid=$!
+# The longest "soft lockup - CPU#N stuck for Ss" L1's console has reported (0 for none).
+longest_lockup() {
+    sed -n 's/.*soft lockup - CPU#[0-9]* stuck for \([0-9]*\)s.*/\1/p' "$console" 2>/dev/null |
+        sort -n | tail -n 1 | grep . || echo 0
+}
+stop_l1() {
+    kill "$qemu_pid" 2>/dev/null
+    wait "$qemu_pid" 2>/dev/null || true
+    qemu_pid=""
+    wait $cat_pids 2>/dev/null || true
+    cat_pids=""
+    [ -n "$console_keep" ] && cp "$console" "$console_keep"
+}
 deadline=$(($(date +%s) + timeout_s))
+next_hang_check=0
 while kill -0 "$qemu_pid" 2>/dev/null; do
-    if [ "$(date +%s)" -ge "$deadline" ]; then
-        kill "$qemu_pid" 2>/dev/null
-        wait "$qemu_pid" 2>/dev/null || true
-        qemu_pid=""
-        wait $cat_pids 2>/dev/null || true
-        cat_pids=""
-        [ -n "$console_keep" ] && cp "$console" "$console_keep"
+    now=$(date +%s)
+    if [ "$now" -ge "$deadline" ]; then
+        stop_l1
         echo "svm-host.sh: the command did not end within $timeout_s s; L1's console ends with:" >&2
         tail -n 20 "$console" >&2
         exit 124
+    fi
+    if [ "$now" -ge "$next_hang_check" ]; then
+        next_hang_check=$((now + 10))
+        if [ "$(longest_lockup)" -ge "$hang_s" ]; then
+            stop_l1
+            echo "svm-host.sh: L1's kernel hung (a CPU stuck for $hang_s s or more); its first lockup report:" >&2
+            grep -m 1 -A 45 'soft lockup - CPU#' "$console" >&2
+            exit 126
+        fi
     fi
     sleep 0.5
 done

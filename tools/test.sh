@@ -126,6 +126,34 @@ linux_args=(--test-threads=1)
 [ "${EXITLESS_PVM_STOCK_BOOT:-0}" = 1 ] && linux_args+=(--include-ignored)
 stage "real-kernel tests on this host (one at a time)" cargo test --release linux_ -- "${linux_args[@]}"
 
+# Runs the test binaries in "${bins[@]}" inside the emulated SVM host, one test at a time. When
+# L1's kernel hangs (svm-host.sh exits 126 after printing the lockup report: TCG's emulation has
+# stuck an L1 CPU for good, independent of the test), the binaries that had not finished run once
+# more in a fresh L1; a second hang, a timeout or a failing test fails the stage.
+svm_host_stage() {
+    local todo=("${bins[@]}") attempt st out adds b
+    for attempt in 1 2; do
+        adds=()
+        for b in "${todo[@]}"; do adds+=(--add "$b"); done
+        out=$(mktemp)
+        # shellcheck disable=SC2016
+        tools/svm-host.sh --no-build --timeout 2400 "${adds[@]}" -- \
+            sh -c 'st=0; for t in "$@"; do echo "== ${t##*/}"; "$t" --test-threads=1 || st=1; echo "exitless-l1-done: $t"; done; exit $st' \
+            sh "${todo[@]}" 2>&1 | tee "$out"
+        st=${PIPESTATUS[0]}
+        if [ "$st" = 126 ] && [ "$attempt" = 1 ]; then
+            mapfile -t todo < <(for b in "${todo[@]}"; do
+                grep -qF "exitless-l1-done: $b" "$out" || echo "$b"
+            done)
+            rm -f "$out"
+            echo "tools/test.sh: L1's kernel hung (report above); the ${#todo[@]} test binaries left run again in a fresh L1"
+            continue
+        fi
+        rm -f "$out"
+        return "$st"
+    done
+}
+
 if [ "$in_svm_host" = 1 ]; then
     # The test binaries of the real-guest suite and of the kit guests (whose hardware-style
     # paths this host cannot take), run inside the emulated SVM host one test at a time.
@@ -139,13 +167,7 @@ if [ "$in_svm_host" = 1 ]; then
             echo "exitless-skip: ${b##*/}: EXITLESS_NO_SVM_HOST=1 (not run in the emulated SVM host)"
         done | tee -a "$log"
     else
-        adds=()
-        for b in "${bins[@]}"; do adds+=(--add "$b"); done
-        # shellcheck disable=SC2016
-        stage "real guests in the emulated SVM host (tools/svm-host.sh)" \
-            tools/svm-host.sh --no-build "${adds[@]}" -- \
-            sh -c 'st=0; for t in "$@"; do echo "== ${t##*/}"; "$t" --test-threads=1 || st=1; done; exit $st' \
-            sh "${bins[@]}"
+        stage "real guests in the emulated SVM host (tools/svm-host.sh)" svm_host_stage
     fi
 fi
 
