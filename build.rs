@@ -23,6 +23,7 @@ const GUESTS: &[&str] = &[
     "virtio-net",
     "virtio-balloon",
     "bench-io",
+    "bench-iommu",
 ];
 
 fn main() {

@@ -31,6 +31,7 @@ pub const GUESTS: &[(&str, &[u8])] = &[
     guest!("virtio-net"),
     guest!("virtio-balloon"),
     guest!("bench-io"),
+    guest!("bench-iommu"),
 ];
 
 /// The guest booted when no kernel is given.

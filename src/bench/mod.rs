@@ -14,12 +14,15 @@
 //!   thesis's Table 3.1, 3.2 and Fig 3.6 (`bench irq`).
 //! - [`nested`]: the exit bench at L2 and at L3 (exitless inside exitless's guest), with L1's
 //!   exits per L3 exit (`bench nested`).
+//! - [`iommu`]: the emulated VT-d's cost per DMA under the thesis's teardown strategies, samecore
+//!   vs sidecore (`bench iommu`, Table 2.1).
 //! - [`vswap`]: uncooperative overcommit, baseline swapping vs balloon vs swap mapper (`bench
 //!   vswap`).
 
 pub mod boot;
 pub mod exits;
 pub mod io;
+pub mod iommu;
 pub mod irq;
 pub mod nested;
 pub mod vswap;
@@ -64,6 +67,11 @@ pub enum BenchCommand {
     /// guest (the ELI thesis's Table 3.1, 3.2, Fig 3.6). Needs root and hardware-style KVM
     /// (e.g. tools/svm-host.sh exitless bench irq --vs qemu).
     Irq(irq::IrqArgs),
+    /// The emulated VT-d's cost per DMA (the vIOMMU thesis's Table 2.1): the kit's bench-iommu
+    /// guest maps and unmaps each 4 KiB virtio-blk read buffer with its own VT-d driver, under
+    /// strict, deferred, optimistic-256 and optimistic-4096 teardown, with no IOMMU, samecore and
+    /// sidecore emulation: throughput as % of no IOMMU, map+unmap cycles, IOTLB hit rate.
+    Iommu(iommu::IommuArgs),
     /// The load generator `bench irq` runs inside its guest.
     #[command(hide = true)]
     IrqLoad(irq::LoadArgs),
@@ -141,6 +149,7 @@ pub fn main(cmd: BenchCommand) -> ExitCode {
         BenchCommand::Nested(args) => nested::run(&args),
         BenchCommand::Vswap(args) => vswap::run(&args),
         BenchCommand::Irq(args) => irq::run(&args),
+        BenchCommand::Iommu(args) => iommu::run(&args),
         BenchCommand::IrqLoad(args) => irq::load(&args),
     };
     match r {
