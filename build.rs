@@ -18,6 +18,7 @@ const GUESTS: &[&str] = &[
     "syscall-probe",
     "virtio-blk",
     "virtio-hostile",
+    "hostile",
     "virtio-rng",
     "virtio-vsock",
     "virtio-net",

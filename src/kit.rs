@@ -26,6 +26,7 @@ pub const GUESTS: &[(&str, &[u8])] = &[
     guest!("syscall-probe"),
     guest!("virtio-blk"),
     guest!("virtio-hostile"),
+    guest!("hostile"),
     guest!("virtio-rng"),
     guest!("virtio-vsock"),
     guest!("virtio-net"),

@@ -113,7 +113,10 @@ pub struct VcpuStats {
     pub live: Option<std::sync::Arc<LiveExits>>,
     /// Port I/O exits per port.
     pub pio: Box<[u32]>,
-    /// MMIO exits per 4 KiB page.
+    /// MMIO exits per 4 KiB page: at most [`MMIO_PAGES_MAX`] pages, the rest under
+    /// [`MMIO_OTHER_PAGES`]. Reserved at creation, so the exit path never grows it: a guest
+    /// touching millions of pages can neither grow the VMM's memory nor make a vCPU thread
+    /// reallocate (a free there once read /proc, which its seccomp filter forbids).
     pub mmio_pages: HashMap<u64, u64>,
     /// Time inside `KVM_RUN`.
     pub in_guest: Duration,
@@ -141,6 +144,12 @@ pub struct VcpuStats {
     rip_window_start: Option<std::time::Instant>,
 }
 
+/// How many MMIO pages a vCPU counts one by one.
+pub const MMIO_PAGES_MAX: usize = 1024;
+/// The key (not a page address: those are 4 KiB-aligned) under which exits on pages past
+/// [`MMIO_PAGES_MAX`] are counted; the report calls it `other`.
+pub const MMIO_OTHER_PAGES: u64 = u64::MAX;
+
 /// Length of each window of recent RIP samples.
 pub const RECENT_WINDOW: Duration = Duration::from_secs(30);
 
@@ -150,7 +159,7 @@ impl Default for VcpuStats {
             counts: [0; ExitReason::ALL.len()],
             live: None,
             pio: vec![0u32; 1 << 16].into_boxed_slice(),
-            mmio_pages: HashMap::new(),
+            mmio_pages: HashMap::with_capacity(MMIO_PAGES_MAX),
             in_guest: Duration::ZERO,
             in_vmm: Duration::ZERO,
             in_vmm_by_reason: [Duration::ZERO; ExitReason::ALL.len()],
@@ -206,10 +215,8 @@ impl VcpuStats {
             *t = to_time(c);
         }
         self.in_vmm += to_time(self.vmm_tsc.iter().sum());
-        if self.mmio_run.1 > 0 {
-            *self.mmio_pages.entry(self.mmio_run.0).or_insert(0) += self.mmio_run.1;
-            self.mmio_run = (0, 0);
-        }
+        self.fold_mmio_run();
+        self.mmio_run = (0, 0);
     }
 
     #[inline]
@@ -223,12 +230,27 @@ impl VcpuStats {
     pub fn count_mmio(&mut self, addr: u64) {
         let page = addr & !0xfff;
         if self.mmio_run.0 != page {
-            if self.mmio_run.1 > 0 {
-                *self.mmio_pages.entry(self.mmio_run.0).or_insert(0) += self.mmio_run.1;
-            }
+            self.fold_mmio_run();
             self.mmio_run = (page, 0);
         }
         self.mmio_run.1 += 1;
+    }
+
+    /// Moves the run-length cache into `mmio_pages`, within its bound.
+    fn fold_mmio_run(&mut self) {
+        let (page, n) = self.mmio_run;
+        if n == 0 {
+            return;
+        }
+        // One slot stays free for the overflow key.
+        let key =
+            if self.mmio_pages.contains_key(&page) || self.mmio_pages.len() < MMIO_PAGES_MAX - 1 {
+                page
+            } else {
+                MMIO_OTHER_PAGES
+            };
+        *self.mmio_pages.entry(key).or_insert(0) += n;
+        self.mmio_run.1 = 0;
     }
 
     pub fn total(&self) -> u64 {
@@ -434,7 +456,10 @@ impl RunReport {
             pio_ports,
             mmio_pages: mmio
                 .into_iter()
-                .map(|(p, n)| (format!("{p:#x}"), n))
+                .map(|(p, n)| match p {
+                    MMIO_OTHER_PAGES => ("other".to_string(), n),
+                    p => (format!("{p:#x}"), n),
+                })
                 .collect(),
             emulated,
             devices,
@@ -666,6 +691,27 @@ impl RunReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A guest touching more pages than are counted one by one gets the rest under `other`,
+    /// and the map never grows past its reservation (no allocation on the exit path).
+    #[test]
+    fn mmio_pages_are_bounded() {
+        let mut s = VcpuStats::default();
+        let cap = s.mmio_pages.capacity();
+        for page in 0..(MMIO_PAGES_MAX as u64 * 3) {
+            s.count_mmio(page << 12);
+            s.count_mmio((page << 12) + 8);
+        }
+        s.count_mmio(0);
+        s.fold_mmio_run();
+        assert_eq!(s.mmio_pages.len(), MMIO_PAGES_MAX);
+        assert_eq!(s.mmio_pages.capacity(), cap, "the map was reallocated");
+        assert_eq!(s.mmio_pages[&0], 3, "a counted page keeps counting");
+        let other = s.mmio_pages[&MMIO_OTHER_PAGES];
+        assert_eq!(other, 2 * (MMIO_PAGES_MAX as u64 * 2 + 1));
+        let total: u64 = s.mmio_pages.values().sum();
+        assert_eq!(total, 2 * MMIO_PAGES_MAX as u64 * 3 + 1);
+    }
 
     #[test]
     fn live_exit_counts_follow_count_and_sum_over_vcpus() {
