@@ -185,7 +185,7 @@ fn the_hostile_guest_does_not_harm_the_vmm_and_other_devices_keep_working() {
             bad,
             resets,
             sum("errors"),
-            report["exits"]["total"].as_u64().unwrap_or(0),
+            report["total_exits"].as_u64().unwrap_or(0),
         ];
         table.push(row);
     }
