@@ -19,6 +19,7 @@ const GUESTS: &[&str] = &[
     "virtio-blk",
     "virtio-hostile",
     "hostile",
+    "console-flood",
     "virtio-rng",
     "virtio-vsock",
     "virtio-net",

@@ -125,6 +125,11 @@ pub struct RunArgs {
     /// disk (e.g. 64M, 100B); stdout is not limited.
     #[arg(long, value_parser = parse_size, default_value = "64M")]
     pub console_log_max: u64,
+    /// Room for console output on its way to stdout (e.g. 1M, 4K): the guest never waits for
+    /// stdout; when a stalled stdout (a pipe nobody reads) lets this fill, the rest is dropped
+    /// and counted (`bytes_dropped` in the report).
+    #[arg(long, value_parser = parse_size, default_value = "1M")]
+    pub console_buffer: u64,
     /// Add the QEMU-compatible isa-debug-exit port (0xf4); on for kit guests.
     #[arg(long)]
     pub debug_exit: bool,
@@ -366,6 +371,7 @@ impl RunArgs {
             timeout,
             console_log: self.console_log.clone(),
             console_log_max: self.console_log_max,
+            console_buffer: self.console_buffer,
             unpack_bzimage: !self.guest_decompress,
             sample_rips: self.sample_rips,
             virtio: self.virtio_config()?,

@@ -91,6 +91,8 @@ pub struct VmConfig {
     pub console_log: Option<PathBuf>,
     /// The console log stops at this many bytes.
     pub console_log_max: u64,
+    /// Bytes of console output that may wait for stdout before more is dropped.
+    pub console_buffer: u64,
     /// Unpack a bzImage in the VMM and boot the kernel ELF inside it (skips the guest's
     /// decompressor, which is emulated on hosts without VMX/SVM).
     pub unpack_bzimage: bool,

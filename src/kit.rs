@@ -27,6 +27,7 @@ pub const GUESTS: &[(&str, &[u8])] = &[
     guest!("virtio-blk"),
     guest!("virtio-hostile"),
     guest!("hostile"),
+    guest!("console-flood"),
     guest!("virtio-rng"),
     guest!("virtio-vsock"),
     guest!("virtio-net"),

@@ -192,10 +192,17 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmmError> {
     Ok(())
 }
 
+/// How long the end of a run waits for the console writer to write a byte before it leaves the
+/// rest unwritten (a stdout nobody reads).
+const CONSOLE_PATIENCE: Duration = Duration::from_secs(2);
+
 /// Devices whose counters end up in the report.
 struct DeviceCounters {
     probe: Option<(Arc<probe::ProbeCounters>, EventFd, EventFd)>,
     console: Arc<Mutex<serial::ConsoleWatch>>,
+    console_queue: Arc<serial::ConsoleQueue>,
+    /// What the console writer left behind (set once it is finished).
+    console_totals: std::sync::OnceLock<serial::ConsoleTotals>,
     /// The PCI/virtio devices (their workers stop when this is dropped).
     virtio: Option<Arc<crate::devices::virtio::VirtioSet>>,
 }
@@ -206,9 +213,17 @@ impl DeviceCounters {
     fn live_facts(&self) -> Vec<DeviceFact> {
         let mut v = vec![];
         let console = self.console.lock().unwrap_or_else(|p| p.into_inner());
+        let mut facts = BTreeMap::from([
+            ("bytes_out".into(), console.bytes()),
+            ("bytes_dropped".into(), self.console_queue.dropped()),
+        ]);
+        if let Some(t) = self.console_totals.get() {
+            facts.insert("bytes_dropped".into(), t.dropped);
+            facts.insert("bytes_unwritten".into(), t.unwritten);
+        }
         v.push(DeviceFact {
             device: "serial".into(),
-            facts: BTreeMap::from([("bytes_out".into(), console.bytes())]),
+            facts,
         });
         drop(console);
         if let Some(set) = &self.virtio {
@@ -486,11 +501,16 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::Kvm(e.to_string()))?;
     vm.register_irqfd(&serial_irq, layout::ports::COM1_IRQ)
         .map_err(kvm_err("wiring the serial interrupt"))?;
+    let console_writer = serial::ConsoleWriter::start(
+        Some(Box::new(std::io::stdout())),
+        log_file,
+        usize::try_from(cfg.console_buffer).unwrap_or(usize::MAX),
+    )
+    .map_err(|e| VmmError::Kvm(format!("cannot start the console writer: {e}")))?;
     let serial = Arc::new(Mutex::new(serial::Serial::new(
         serial_irq,
         serial::ConsoleOut::new(
-            Some(Box::new(std::io::stdout())),
-            log_file,
+            Some(console_writer.queue()),
             console_watch.clone(),
             end_tx.clone(),
         ),
@@ -576,6 +596,8 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
         virtio: virtio.map(Arc::new),
         probe: probe_counters,
         console: console_watch.clone(),
+        console_queue: console_writer.queue(),
+        console_totals: std::sync::OnceLock::new(),
     });
 
     // Let KVM hand us instructions its emulator cannot run (PVM hosts), so we can complete them.
@@ -779,6 +801,10 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
         // A vCPU lost or panicked: whatever the guest did, this run is not a success.
         status = 1;
     }
+    // The guest's last output reaches stdout before the summary (unless stdout is stalled).
+    let _ = counters
+        .console_totals
+        .set(console_writer.finish(CONSOLE_PATIENCE));
     let mut report = RunReport::new(describe_end(&end), status, wall, &stats, counters.facts());
     // Read after every vCPU thread has been joined: the counters are final.
     report.kvm = crate::kvm_stats::sum(kvm_stats_fds.iter());
@@ -1052,6 +1078,7 @@ mod tests {
             timeout: None,
             console_log: None,
             console_log_max: 64 << 20,
+            console_buffer: 1 << 20,
             unpack_bzimage: true,
             sample_rips: false,
             virtio: Default::default(),

@@ -47,6 +47,7 @@ fn a_forbidden_call_is_caught_in_every_thread_kind() {
     assert_caught("main", "main", &[]);
     assert_caught("vcpu", "vcpu", &[]);
     assert_caught("console", "console-in", &[]);
+    assert_caught("console-out", "console-out", &[]);
     assert_caught("api", "api", &["--api-socket", sock]);
     assert_caught(
         "worker",

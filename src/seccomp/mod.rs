@@ -7,6 +7,7 @@
 //! |---|---|---|
 //! | `main` | the main thread once the vCPUs run (waiting, kicks, the stop, the report) | [`Kind::Main`] |
 //! | `console` | `console-in` (host stdin into the UART) | [`Kind::Console`] |
+//! | `console-out` | `console-out` (the guest's console output to stdout and the log) | [`Kind::ConsoleOut`] |
 //! | `vcpu` | `vcpuN` (KVM_RUN and the exit path, device set-up at DRIVER_OK, MSI-X routes) | [`Kind::Vcpu`] |
 //! | `api` | `api` and `api-client` (the control socket) | [`Kind::Api`] |
 //! | `worker-*` | device workers: `blk`, `net`, `rng`, `balloon`, `vsock` | [`Kind::Worker`] |
@@ -124,6 +125,8 @@ impl Device {
 pub enum Kind {
     Main,
     Console,
+    /// The console's writer (`devices::legacy::serial::ConsoleWriter`).
+    ConsoleOut,
     Vcpu,
     Api,
     Launcher,
@@ -137,6 +140,7 @@ impl Kind {
         match self {
             Kind::Main => "main",
             Kind::Console => "console-in",
+            Kind::ConsoleOut => "console-out",
             Kind::Vcpu => "vcpu",
             Kind::Api => "api",
             Kind::Launcher => "launcher",
@@ -159,6 +163,7 @@ impl Kind {
             Kind::Launcher => 5,
             Kind::Worker(d) => 6 + d as u8,
             Kind::Sidecore => 20,
+            Kind::ConsoleOut => 21,
         }
     }
 
@@ -167,6 +172,7 @@ impl Kind {
         [
             Kind::Main,
             Kind::Console,
+            Kind::ConsoleOut,
             Kind::Vcpu,
             Kind::Api,
             Kind::Launcher,
@@ -527,6 +533,8 @@ pub fn rules(kind: Kind) -> Rules {
     match kind {
         Kind::Main => main_thread(),
         Kind::Console => console(),
+        // Writes (stdout, the log, the log's note on stderr) and waits: all in `base`.
+        Kind::ConsoleOut => base(),
         Kind::Vcpu => vcpu(),
         Kind::Api => api(),
         Kind::Launcher => launcher(),
@@ -584,6 +592,7 @@ pub fn init(mode: Mode, selftest: Option<&str>) -> Result<(), String> {
             "api" => Kind::Api,
             "worker" => Kind::Worker(Device::Rng),
             "console" => Kind::Console,
+            "console-out" => Kind::ConsoleOut,
             other => return Err(format!("--seccomp-selftest: unknown thread kind {other:?}")),
         };
         SELFTEST.store(selftest_code(k), Ordering::SeqCst);

@@ -5,15 +5,19 @@
 //! explain a failed boot. Input from the host reaches the UART through [`Serial::enqueue`].
 //! The log file stops at its cap ([`CappedLog`]).
 //!
-//! Known limit (issue 14): output is written to stdout synchronously, on the vCPU thread and
-//! under the UART's lock, so a stdout that blocks (a full pipe nobody reads) stalls that vCPU
-//! and whoever waits for the lock (other vCPUs on COM1, the console input thread). The fix is a
-//! bounded buffer drained by a writer thread that the VMM joins before the summary (dropping,
-//! and counting, what does not fit); the kernel-panic watch stays synchronous.
+//! Output never blocks the guest: the vCPU thread only appends the bytes to a bounded
+//! [`ConsoleQueue`] (`--console-buffer`, default 1 MiB), and the `console-out` thread
+//! ([`ConsoleWriter`]) writes them to stdout and the log. A stdout that blocks (a full pipe nobody
+//! reads, a stopped terminal) stalls only that thread: once the queue is full, what the guest
+//! writes is dropped and counted (`bytes_dropped` in the serial device's facts). Before the
+//! summary the VMM waits for the writer to drain the queue for as long as it makes progress
+//! ([`ConsoleWriter::finish`]); what a stalled stdout never took is counted as `bytes_unwritten`.
+//! The kernel-panic watch stays on the vCPU thread (it ends the VM; it never blocks).
 
 use std::collections::VecDeque;
 use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use vm_superio::serial::NoEvents;
 use vm_superio::Trigger;
@@ -117,40 +121,172 @@ impl CappedLog {
     }
 }
 
-/// Where the guest's console output goes.
+/// The bytes on their way from the guest to stdout and the log, bounded.
+pub struct ConsoleQueue {
+    state: Mutex<QueueState>,
+    ready: Condvar,
+}
+
+#[derive(Default)]
+struct QueueState {
+    bytes: VecDeque<u8>,
+    cap: usize,
+    dropped: u64,
+    written: u64,
+    closed: bool,
+}
+
+impl ConsoleQueue {
+    fn new(cap: usize) -> Self {
+        ConsoleQueue {
+            state: Mutex::new(QueueState {
+                cap: cap.max(1),
+                ..Default::default()
+            }),
+            ready: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends what fits; the rest is dropped and counted. Never waits for the writer.
+    pub fn push(&self, buf: &[u8]) {
+        let mut s = self.lock();
+        let room = s.cap.saturating_sub(s.bytes.len());
+        let n = buf.len().min(room);
+        s.bytes.extend(&buf[..n]);
+        s.dropped += (buf.len() - n) as u64;
+        drop(s);
+        if n > 0 {
+            self.ready.notify_one();
+        }
+    }
+
+    /// Bytes the guest wrote that the queue had no room for.
+    pub fn dropped(&self) -> u64 {
+        self.lock().dropped
+    }
+
+    /// Waits for bytes (up to 64 KiB at a time); None once closed and empty.
+    fn take(&self) -> Option<Vec<u8>> {
+        let mut s = self.lock();
+        while s.bytes.is_empty() && !s.closed {
+            s = self.ready.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        if s.bytes.is_empty() {
+            return None;
+        }
+        let n = s.bytes.len().min(64 << 10);
+        Some(s.bytes.drain(..n).collect())
+    }
+}
+
+/// The `console-out` thread: drains the [`ConsoleQueue`] into stdout and the log.
+pub struct ConsoleWriter {
+    queue: Arc<ConsoleQueue>,
+    done: mpsc::Receiver<()>,
+}
+
+/// What [`ConsoleWriter::finish`] found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConsoleTotals {
+    /// Dropped because the queue was full.
+    pub dropped: u64,
+    /// Still queued when the writer stopped making progress (stdout stalled).
+    pub unwritten: u64,
+}
+
+impl ConsoleWriter {
+    /// Starts the writer with a queue of `cap` bytes.
+    pub fn start(
+        out: Option<Box<dyn Write + Send>>,
+        log: Option<CappedLog>,
+        cap: usize,
+    ) -> std::io::Result<ConsoleWriter> {
+        let queue = Arc::new(ConsoleQueue::new(cap));
+        let (tx, done) = mpsc::channel();
+        let q = queue.clone();
+        std::thread::Builder::new()
+            .name("console-out".into())
+            .spawn(move || {
+                crate::seccomp::apply(crate::seccomp::Kind::ConsoleOut);
+                drain(&q, out, log);
+                let _ = tx.send(());
+            })?;
+        Ok(ConsoleWriter { queue, done })
+    }
+
+    pub fn queue(&self) -> Arc<ConsoleQueue> {
+        self.queue.clone()
+    }
+
+    /// Closes the queue and waits for the writer to empty it, for as long as it makes progress
+    /// (each `patience` without a byte written ends the wait); a writer stuck on a stdout that
+    /// never takes its bytes is left behind (the process exit ends it).
+    pub fn finish(self, patience: Duration) -> ConsoleTotals {
+        self.queue.lock().closed = true;
+        self.queue.ready.notify_all();
+        let mut last = self.queue.lock().written;
+        loop {
+            match self.done.recv_timeout(patience) {
+                Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let now = self.queue.lock().written;
+                    if now == last {
+                        break;
+                    }
+                    last = now;
+                }
+            }
+        }
+        let s = self.queue.lock();
+        ConsoleTotals {
+            dropped: s.dropped,
+            unwritten: s.bytes.len() as u64,
+        }
+    }
+}
+
+/// The writer's loop. Console failures (a closed stdout) never stop it: stdout is then left
+/// out and the log still written.
+fn drain(q: &ConsoleQueue, mut out: Option<Box<dyn Write + Send>>, mut log: Option<CappedLog>) {
+    while let Some(chunk) = q.take() {
+        if let Some(o) = out.as_mut() {
+            if o.write_all(&chunk).and_then(|_| o.flush()).is_err() {
+                out = None;
+            }
+        }
+        if let Some(l) = log.as_mut() {
+            l.write(&chunk);
+        }
+        q.lock().written += chunk.len() as u64;
+    }
+}
+
+/// Where the guest's console output goes: the writer's queue (None: nowhere) and the panic
+/// watch.
 pub struct ConsoleOut {
-    out: Option<Box<dyn Write + Send>>,
-    log: Option<CappedLog>,
+    queue: Option<Arc<ConsoleQueue>>,
     watch: Arc<Mutex<ConsoleWatch>>,
     end: VmEndSender,
 }
 
 impl ConsoleOut {
     pub fn new(
-        out: Option<Box<dyn Write + Send>>,
-        log: Option<CappedLog>,
+        queue: Option<Arc<ConsoleQueue>>,
         watch: Arc<Mutex<ConsoleWatch>>,
         end: VmEndSender,
     ) -> Self {
-        ConsoleOut {
-            out,
-            log,
-            watch,
-            end,
-        }
+        ConsoleOut { queue, watch, end }
     }
 }
 
 impl Write for ConsoleOut {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        // Console failures (a closed stdout) must never stop the guest: drop the bytes.
-        if let Some(o) = self.out.as_mut() {
-            if o.write_all(buf).and_then(|_| o.flush()).is_err() {
-                self.out = None;
-            }
-        }
-        if let Some(l) = self.log.as_mut() {
-            l.write(buf);
+        if let Some(q) = &self.queue {
+            q.push(buf);
         }
         let mut w = self.watch.lock().unwrap_or_else(|p| p.into_inner());
         for &b in buf {
@@ -247,7 +383,7 @@ mod tests {
         let watch = Arc::new(Mutex::new(ConsoleWatch::default()));
         let (tx, rx) = mpsc::channel();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let out = ConsoleOut::new(None, None, watch.clone(), tx);
+        let out = ConsoleOut::new(None, watch.clone(), tx);
         (Serial::new(irq.try_clone().unwrap(), out), watch, rx, irq)
     }
 
@@ -333,6 +469,61 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    /// A stdout that never takes a byte: the guest's writes still return at once; what does not
+    /// fit is dropped and counted, and `finish` gives up on the stuck writer.
+    #[test]
+    fn a_stalled_stdout_never_blocks_the_guest() {
+        struct Stuck(mpsc::Receiver<()>);
+        impl Write for Stuck {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                let _ = self.0.recv(); // until the test ends
+                Ok(0)
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let (_hold, rx) = mpsc::channel();
+        let w = ConsoleWriter::start(Some(Box::new(Stuck(rx))), None, 100).unwrap();
+        let (tx, _end) = mpsc::channel();
+        let watch = Arc::new(Mutex::new(ConsoleWatch::default()));
+        let mut out = ConsoleOut::new(Some(w.queue()), watch.clone(), tx);
+        for _ in 0..1000 {
+            out.write_all(b"0123456789").unwrap();
+        }
+        assert_eq!(
+            watch.lock().unwrap().bytes(),
+            10_000,
+            "the watch saw every byte"
+        );
+        let t = w.finish(Duration::from_millis(50));
+        // The writer took one chunk (at most the 100 queued) and is stuck writing it.
+        assert!((9_800..10_000).contains(&t.dropped), "{t:?}");
+        assert!(
+            (9_900..10_000).contains(&(t.dropped + t.unwritten)),
+            "{t:?}"
+        );
+    }
+
+    /// Everything reaches stdout and the log, in order, when they keep up.
+    #[test]
+    fn the_writer_drains_everything_before_finish_returns() {
+        let file = Shared::default();
+        let log = CappedLog::new(Box::new(file.clone()), 1 << 20);
+        let stdout = Shared::default();
+        let w = ConsoleWriter::start(Some(Box::new(stdout.clone())), Some(log), 1 << 20).unwrap();
+        let (tx, _end) = mpsc::channel();
+        let mut out = ConsoleOut::new(Some(w.queue()), Arc::default(), tx);
+        let text: Vec<u8> = (0..50_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        for c in text.chunks(7) {
+            out.write_all(c).unwrap();
+        }
+        let t = w.finish(Duration::from_secs(5));
+        assert_eq!(t, ConsoleTotals::default());
+        assert_eq!(*stdout.0.lock().unwrap(), text);
+        assert_eq!(*file.0.lock().unwrap(), text);
     }
 
     #[test]
