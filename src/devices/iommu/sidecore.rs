@@ -78,6 +78,11 @@ impl Page {
         }
     }
 
+    /// The invalidation queue tail the guest last wrote.
+    pub fn guest_iqt(&self) -> u64 {
+        self.rd64(IQT)
+    }
+
     pub fn host_address(&self) -> u64 {
         self.0.as_ptr() as u64
     }

@@ -22,9 +22,11 @@
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
+
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use virtio_queue::QueueT;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -215,6 +217,7 @@ fn serve(
         for ev in &events[..n] {
             let token = ev.data();
             if token == KILL {
+                record_rings(handler, &polled, stats);
                 return Ok(());
             } else if token == TIMER {
                 // Expired (epoll said so): the read does not block, and clears the readiness.
@@ -231,6 +234,26 @@ fn serve(
                 handler.process(q)?;
             }
         }
+    }
+}
+
+/// At the end, each polled queue's ring positions go into the device's facts (`qN_avail`, the
+/// driver's avail index; `qN_taken`, the device's next avail; `qN_used`): for a guest that hung
+/// waiting on a queue they tell a chain the device never took from a completion it never announced.
+fn record_rings(handler: &mut dyn QueueHandler, polled: &[usize], stats: &DeviceStats) {
+    const KEYS: [[&str; 3]; 2] = [
+        ["q0_avail", "q0_taken", "q0_used"],
+        ["q1_avail", "q1_taken", "q1_used"],
+    ];
+    for &q in polled {
+        let (Some(keys), Some(vq)) = (KEYS.get(q), handler.polled_queue(q)) else {
+            continue;
+        };
+        if let Ok(avail) = vq.queue.avail_idx(&vq.mem, Ordering::Acquire) {
+            stats.set_extra(keys[0], u64::from(avail.0));
+        }
+        stats.set_extra(keys[1], u64::from(vq.queue.next_avail()));
+        stats.set_extra(keys[2], u64::from(vq.queue.next_used()));
     }
 }
 
