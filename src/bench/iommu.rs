@@ -56,6 +56,15 @@ pub struct IommuArgs {
     /// Time limit of each VM run, in seconds.
     #[arg(long, default_value_t = 120.0)]
     pub timeout: f64,
+    /// Linux part: 4 KiB O_DIRECT reads per configuration (after 512 untimed ones).
+    #[arg(long, default_value_t = LINUX_READS)]
+    pub reads: u64,
+    /// Only the Linux part (no kit guest).
+    #[arg(long, conflicts_with = "quick")]
+    pub linux_only: bool,
+    /// Leave QEMU's intel-iommu out of the Linux part.
+    #[arg(long)]
+    pub no_qemu: bool,
     /// Boot every cell this many times (cells alternating) and keep each cell's fastest round:
     /// other load on the host only ever slows a run (--quick: 1).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=20))]
@@ -446,19 +455,48 @@ pub fn run(args: &IommuArgs) -> Result<(), String> {
     } else {
         FULL_REQUESTS
     });
-    if requests == 0 {
-        return Err("--requests must be at least 1".into());
+    if requests == 0 || args.reads == 0 {
+        return Err("--requests and --reads must be at least 1".into());
     }
     let timeout = Duration::from_secs_f64(args.timeout.max(1.0));
     let rounds = args.rounds.unwrap_or(if args.quick { 1 } else { 3 });
-    let rows = kit_rows(requests, rounds, timeout)?;
+    let rows = match args.linux_only {
+        true => Vec::new(),
+        false => kit_rows(requests, rounds, timeout)?,
+    };
+    let linux = match args.quick {
+        true => Ok(Vec::new()),
+        false => linux::rows(args, timeout),
+    };
+    if let Err(e) = &linux {
+        if args.linux_only {
+            return Err(format!("linux: {e}"));
+        }
+        eprintln!("exitless: bench iommu: the Linux part did not run: {e}");
+    }
+    let linux = linux.unwrap_or_default();
     if args.json {
-        println!("{}", to_json(&rows));
+        let mut v = match to_json(&rows) {
+            Value::Array(v) => v,
+            _ => Vec::new(),
+        };
+        v.extend(linux::to_json(&linux));
+        println!("{}", Value::Array(v));
     } else {
-        print!("{}", table(&rows));
+        if !rows.is_empty() {
+            print!("{}", table(&rows));
+        }
+        if !linux.is_empty() {
+            print!("{}", linux::table(&linux, args.reads));
+        }
     }
     Ok(())
 }
+
+/// Linux part: 4 KiB O_DIRECT reads per configuration.
+pub const LINUX_READS: u64 = 4096;
+
+pub mod linux;
 
 #[cfg(test)]
 mod tests {

@@ -256,15 +256,20 @@ impl Guest {
     pub(crate) fn start(args: &[String], errors: &Path) -> Result<Guest, String> {
         let exe =
             std::env::current_exe().map_err(|e| format!("cannot find exitless itself: {e}"))?;
+        let mut cmd = Command::new(&exe);
+        cmd.arg("run").args(args);
+        Guest::start_command(cmd, errors)
+    }
+
+    /// A guest whose VMM (exitless or a peer) `cmd` starts, its console on stdout.
+    pub(crate) fn start_command(mut cmd: Command, errors: &Path) -> Result<Guest, String> {
         let err_file = std::fs::File::create(errors).map_err(|e| e.to_string())?;
-        let mut child = Command::new(&exe)
-            .arg("run")
-            .args(args)
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(err_file)
             .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
+            .map_err(|e| format!("cannot start {:?}: {e}", cmd.get_program()))?;
         let out = Arc::new(Mutex::new(Vec::new()));
         let mut stdout = child.stdout.take().expect("piped stdout");
         let reader = {
