@@ -26,6 +26,7 @@ const GUESTS: &[&str] = &[
     "virtio-balloon",
     "bench-io",
     "bench-iommu",
+    "clock",
 ];
 
 fn main() {

@@ -15,7 +15,7 @@ open(c+'bzimage/lz4','wb').write(b'\0'+struct.pack('<I',0x184c2102)+struct.pack(
 fh=bytes([0x28,0xb5,0x2f,0xfd,0x20,n])
 blk=struct.pack('<I',(n<<3)|1)[:3]
 open(c+'bzimage/zstd','wb').write(b'\0'+fh+blk+e+sz)
-for i,l in enumerate(['{"op":"stats"}','{"op":"balloon","size":"48M"}','{"op":"balloon","bytes":8192}','{"op":"quit"}','{"op":"nope"}']):
+for i,l in enumerate(['GET /api/v1/vm/stats\n','PUT /api/v1/vm/balloon\n{"size":"48M"}','PUT /api/v1/vm/balloon\n{"bytes":8192}','PUT /api/v1/vm/shutdown\n','GET /api/v1/nope\n','PUT /api/v1/vm/pause\n','GET /api/v1/vm\n']):
     open(c+'api_line/%d'%i,'w').write(l)
 def desc(addr,ln,flags,nxt): return struct.pack('<HHBB',addr//16,ln,flags,nxt)
 B=0x10000

@@ -1,44 +1,99 @@
-//! The control API: a Unix socket (`exitless run --api-socket PATH`) through which a user or a
-//! program talks to a running VM, and its client (`exitless ctl`).
+//! The control API: a REST API over a Unix socket (`exitless run --api-socket PATH`) through
+//! which a user or a program drives a running VM, and its client (`exitless ctl`, `exitless top`,
+//! the benchmarks).
 //!
-//! One JSON object per line in, one JSON object per line back:
-//! ```text
-//! {"op":"stats"}                       {"ok":true,"uptime_s":12.5,"exits":{"io_out":...},"devices":{...},"kvm":{...}}
-//! {"op":"balloon","size":"256M"}       {"ok":true,"target_pages":65536}
-//! {"op":"quit"}                        {"ok":true}   (the VM stops as if interrupted, with its summary)
-//! anything else                        {"ok":false,"error":"..."}
-//! ```
-//! `stats` is live: exitless's exits to userspace by reason (every vCPU's, summed), every device's
-//! facts (requests, interrupts, balloon pages, ...) and KVM's own per-vCPU counters summed (all
-//! exits, in-kernel ones included), read while the guest runs.
-//! `balloon` takes a size (`512M`, `1G`, bytes) or `"bytes": N`, sets the balloon's target and
-//! tells the driver with a configuration-change interrupt; the driver inflates or deflates.
+//! | method | path | does | answers |
+//! |---|---|---|---|
+//! | GET | `/api/v1/vm` | the VM's info and lifecycle state | `{"state":"running","vcpus":2,...}` |
+//! | PUT | `/api/v1/vm/pause` | Running -> Paused (every vCPU parked, kvmclock frozen) | the info |
+//! | PUT | `/api/v1/vm/resume` | Paused -> Running | the info |
+//! | GET | `/api/v1/vm/stats` | live exits by reason, devices' facts, KVM's counters | `{"uptime_s":..,"exits":{..},..}` |
+//! | PUT | `/api/v1/vm/balloon` | `{"size":"256M"}` or `{"bytes":N}`: the balloon's new target | `{"target_pages":N}` |
+//! | PUT | `/api/v1/vm/shutdown` | stops the VM (as `quit`: the summary and report are written) | `{}` |
 //!
-//! Owns the socket and one thread per connection (at most [`MAX_CLIENTS`] at once: a client that
-//! connects and never speaks holds only its own thread). It may touch the VM only through
-//! [`Control`]. A request is at most [`MAX_LINE`] bytes; a bad request gets an error reply and
-//! changes nothing.
+//! Errors are HTTP statuses with a JSON body `{"error":"why"}`: 400 for a bad body or a request
+//! in the wrong state (`cannot resume a VM that is running`), 404 for an unknown path, 405 for a
+//! known path with another method, 413 for a body over [`MAX_BODY`] bytes, 500 when the VM could
+//! not do it. The routes are one table, [`ROUTES`]; `docs/api.yaml` (OpenAPI 3) documents them
+//! and a test keeps the two in step.
 //!
-//! Why not HTTP, as Firecracker and Cloud Hypervisor have: a line of JSON over a Unix socket is
-//! scriptable with `socat` or `exitless ctl`, needs no HTTP stack in the VMM, and the socket's file
-//! permissions are its access control, as theirs.
+//! **Why hyper (on a single-threaded tokio runtime).** hyper is the HTTP implementation most of
+//! the Rust ecosystem runs on, maintained and fuzzed; it bounds what a client can make it hold
+//! (request head at most [`MAX_HEAD`] bytes, a header read timeout) and serves any byte stream,
+//! here tokio's `UnixListener`. On one current-thread runtime every connection is a task on the
+//! one `api` thread: a client that connects and never speaks, or many of them, costs a task (at
+//! most [`MAX_CLIENTS`] at once; more are answered 503 and closed), never a thread, and nothing
+//! here can block a vCPU. (tiny_http, the synchronous alternative, reads a header line without
+//! bound and starts a thread per connection; Firecracker's and Cloud Hypervisor's `micro_http`
+//! is not published on crates.io.) A lifecycle request blocks the runtime only while the vCPUs
+//! park or resume (milliseconds; at most [`crate::lifecycle::PAUSE_TIMEOUT`]).
+//!
+//! Owns the socket and its thread (filter [`crate::seccomp::Kind::Api`]; the runtime and the
+//! listener are set up before it, on the caller's thread). It may touch the VM only through
+//! [`Control`]. A bad request gets an error and changes nothing.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response};
 use serde_json::{json, Value};
 
-/// Longest request line.
-pub const MAX_LINE: u64 = 4096;
+use crate::lifecycle::LifecycleError;
+
+/// Longest request body.
+pub const MAX_BODY: usize = 4096;
+/// Longest request head (request line and headers).
+pub const MAX_HEAD: usize = 16 * 1024;
 /// Connections served at once.
 pub const MAX_CLIENTS: usize = 8;
+/// How long a client may take to send a request's head, or its body.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A refused request: its HTTP status and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn bad_request(m: impl Into<String>) -> Self {
+        ApiError {
+            status: 400,
+            message: m.into(),
+        }
+    }
+    fn new(status: u16, m: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: m.into(),
+        }
+    }
+}
+
+impl From<LifecycleError> for ApiError {
+    fn from(e: LifecycleError) -> Self {
+        match e {
+            LifecycleError::WrongState { .. } => ApiError::bad_request(e.to_string()),
+            LifecycleError::Failed(m) => ApiError::new(500, m),
+        }
+    }
+}
 
 /// What the API may do to a running VM.
 pub trait Control: Send + Sync {
+    /// The VM's info: its lifecycle state, size, uptime.
+    fn info(&self) -> Value;
+    /// Running -> Paused.
+    fn pause(&self) -> Result<(), ApiError>;
+    /// Paused -> Running.
+    fn resume(&self) -> Result<(), ApiError>;
     /// Live facts: uptime, devices, KVM's counters.
     fn stats(&self) -> Value;
     /// A new balloon target in bytes: the target in 4 KiB pages, or why not.
@@ -47,49 +102,93 @@ pub trait Control: Send + Sync {
     fn quit(&self);
 }
 
-/// Answers one request line.
-pub fn handle_line(line: &str, vm: &dyn Control) -> Value {
-    match answer(line, vm) {
-        Ok(v) => v,
-        Err(e) => json!({"ok": false, "error": e}),
-    }
+type Handler = fn(&[u8], &dyn Control) -> Result<Value, ApiError>;
+
+/// One route: method, path, handler.
+pub struct Route {
+    pub method: &'static str,
+    pub path: &'static str,
+    handler: Handler,
 }
 
-fn answer(line: &str, vm: &dyn Control) -> Result<Value, String> {
-    let req: Value =
-        serde_json::from_str(line.trim()).map_err(|e| format!("not a JSON object: {e}"))?;
-    let op = req
-        .get("op")
-        .and_then(Value::as_str)
-        .ok_or("no \"op\" (one of stats, balloon, quit)")?;
-    match op {
-        "stats" => {
-            let mut v = vm.stats();
-            v["ok"] = json!(true);
-            Ok(v)
-        }
-        "balloon" => {
-            let bytes = match (req.get("size"), req.get("bytes")) {
-                (Some(s), None) => {
-                    crate::config::parse_size(s.as_str().ok_or("\"size\" must be a string")?)?
-                }
-                (None, Some(b)) => b.as_u64().ok_or("\"bytes\" must be a whole number")?,
-                _ => return Err("balloon needs one of \"size\" (\"256M\") or \"bytes\"".into()),
-            };
-            let pages = vm.set_balloon(bytes)?;
-            Ok(json!({"ok": true, "target_pages": pages}))
-        }
-        "quit" => {
+/// Every route the API serves (the router is this table; `docs/api.yaml` documents it).
+pub const ROUTES: &[Route] = &[
+    Route {
+        method: "GET",
+        path: "/api/v1/vm",
+        handler: |_, vm| Ok(vm.info()),
+    },
+    Route {
+        method: "PUT",
+        path: "/api/v1/vm/pause",
+        handler: |_, vm| vm.pause().map(|()| vm.info()),
+    },
+    Route {
+        method: "PUT",
+        path: "/api/v1/vm/resume",
+        handler: |_, vm| vm.resume().map(|()| vm.info()),
+    },
+    Route {
+        method: "GET",
+        path: "/api/v1/vm/stats",
+        handler: |_, vm| Ok(vm.stats()),
+    },
+    Route {
+        method: "PUT",
+        path: "/api/v1/vm/balloon",
+        handler: balloon,
+    },
+    Route {
+        method: "PUT",
+        path: "/api/v1/vm/shutdown",
+        handler: |_, vm| {
             vm.quit();
-            Ok(json!({"ok": true}))
+            Ok(json!({}))
+        },
+    },
+];
+
+/// Answers one request: its status and JSON body (no transport: the server, the tests and the
+/// fuzzer call it).
+pub fn handle(method: &str, path: &str, body: &[u8], vm: &dyn Control) -> (u16, Value) {
+    let found = ROUTES.iter().find(|r| r.path == path && r.method == method);
+    let answer = match found {
+        Some(r) => (r.handler)(body, vm),
+        None if ROUTES.iter().any(|r| r.path == path) => {
+            Err(ApiError::new(405, format!("{path} does not take {method}")))
         }
-        other => Err(format!(
-            "unknown op {other:?} (one of stats, balloon, quit)"
-        )),
+        None => Err(ApiError::new(404, format!("no route {path}"))),
+    };
+    match answer {
+        Ok(v) => (200, v),
+        Err(e) => (e.status, json!({"error": e.message})),
     }
 }
 
-/// The listening socket; closing it (drop) stops the accept thread and removes the file.
+/// `PUT /api/v1/vm/balloon`: `{"size":"256M"}` or `{"bytes":N}`.
+fn balloon(body: &[u8], vm: &dyn Control) -> Result<Value, ApiError> {
+    let req: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("the body is not JSON: {e}")))?;
+    let bytes = match (req.get("size"), req.get("bytes")) {
+        (Some(s), None) => crate::config::parse_size(
+            s.as_str()
+                .ok_or_else(|| ApiError::bad_request("\"size\" must be a string"))?,
+        )
+        .map_err(ApiError::bad_request)?,
+        (None, Some(b)) => b
+            .as_u64()
+            .ok_or_else(|| ApiError::bad_request("\"bytes\" must be a whole number"))?,
+        _ => {
+            return Err(ApiError::bad_request(
+                "the balloon needs one of \"size\" (\"256M\") or \"bytes\"",
+            ))
+        }
+    };
+    let pages = vm.set_balloon(bytes).map_err(ApiError::bad_request)?;
+    Ok(json!({"target_pages": pages}))
+}
+
+/// The listening socket; closing it (drop) stops the accept loop and removes the file.
 pub struct ApiServer {
     path: PathBuf,
     closed: Arc<AtomicBool>,
@@ -99,59 +198,26 @@ impl ApiServer {
     /// Listens on `path`. A stale socket file (nobody listening) is replaced; a live one, or any
     /// other file there, is an error.
     pub fn start(path: &Path, vm: Arc<dyn Control>) -> Result<Self, String> {
-        if path.exists() {
-            let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| {
-                use std::os::unix::fs::FileTypeExt;
-                m.file_type().is_socket()
-            });
-            if !is_socket {
-                return Err(format!(
-                    "--api-socket {}: a file that is not a socket is in the way",
-                    path.display()
-                ));
-            }
-            if UnixStream::connect(path).is_ok() {
-                return Err(format!(
-                    "--api-socket {}: another VM is listening there",
-                    path.display()
-                ));
-            }
-            let _ = std::fs::remove_file(path);
-        }
-        let listener = UnixListener::bind(path)
-            .map_err(|e| format!("--api-socket {}: {e}", path.display()))?;
+        let listener = bind(path)?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(|e| format!("cannot start the API's runtime: {e}"))?;
+        let listener = {
+            let _in_rt = rt.enter();
+            listener
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::UnixListener::from_std(listener))
+                .map_err(|e| format!("--api-socket {}: {e}", path.display()))?
+        };
         let closed = Arc::new(AtomicBool::new(false));
         let flag = closed.clone();
-        let clients = Arc::new(AtomicUsize::new(0));
         std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
-                // Its client threads inherit the filter.
                 crate::seccomp::apply(crate::seccomp::Kind::Api);
-                for stream in listener.incoming() {
-                    if flag.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    let Ok(stream) = stream else { continue };
-                    if clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
-                        clients.fetch_sub(1, Ordering::SeqCst);
-                        let _ = (&stream).write_all(
-                            b"{\"ok\":false,\"error\":\"too many control connections\"}\n",
-                        );
-                        continue;
-                    }
-                    let (vm, clients) = (vm.clone(), clients.clone());
-                    let spawned =
-                        std::thread::Builder::new()
-                            .name("api-client".into())
-                            .spawn(move || {
-                                serve(stream, &*vm);
-                                clients.fetch_sub(1, Ordering::SeqCst);
-                            });
-                    if spawned.is_err() {
-                        log::warn!("api: cannot start a thread for a client");
-                    }
-                }
+                rt.block_on(accept_loop(listener, vm, flag));
             })
             .map_err(|e| format!("cannot start the API thread: {e}"))?;
         Ok(ApiServer {
@@ -159,6 +225,30 @@ impl ApiServer {
             closed,
         })
     }
+}
+
+/// The socket at `path`, replacing a stale one.
+fn bind(path: &Path) -> Result<UnixListener, String> {
+    if path.exists() {
+        let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| {
+            use std::os::unix::fs::FileTypeExt;
+            m.file_type().is_socket()
+        });
+        if !is_socket {
+            return Err(format!(
+                "--api-socket {}: a file that is not a socket is in the way",
+                path.display()
+            ));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(format!(
+                "--api-socket {}: another VM is listening there",
+                path.display()
+            ));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    UnixListener::bind(path).map_err(|e| format!("--api-socket {}: {e}", path.display()))
 }
 
 impl Drop for ApiServer {
@@ -170,39 +260,123 @@ impl Drop for ApiServer {
     }
 }
 
-/// Answers a client's lines until it hangs up (or sends a line longer than `MAX_LINE`).
-fn serve(stream: UnixStream, vm: &dyn Control) {
-    let Ok(mut out) = stream.try_clone() else {
-        return;
-    };
-    let mut input = BufReader::new(stream);
+/// The answer to a connection over [`MAX_CLIENTS`].
+fn busy() -> String {
+    let body =
+        json!({"error": format!("more than {MAX_CLIENTS} API connections at once")}).to_string();
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+async fn accept_loop(
+    listener: tokio::net::UnixListener,
+    vm: Arc<dyn Control>,
+    closed: Arc<AtomicBool>,
+) {
+    let clients = Arc::new(AtomicUsize::new(0));
     loop {
-        let mut line = String::new();
-        match (&mut input).take(MAX_LINE + 1).read_line(&mut line) {
-            Ok(0) | Err(_) => return,
-            Ok(n) if n as u64 > MAX_LINE => {
-                let _ = writeln!(
-                    out,
-                    "{}",
-                    json!({"ok": false, "error": format!("request longer than {MAX_LINE} bytes")})
-                );
-                return;
-            }
-            Ok(_) => {}
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        if closed.load(Ordering::SeqCst) {
+            return;
         }
-        if line.trim().is_empty() {
+        if clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
+            clients.fetch_sub(1, Ordering::SeqCst);
+            let _ = stream.try_write(busy().as_bytes());
             continue;
         }
-        let reply = handle_line(&line, vm);
-        if writeln!(out, "{reply}").is_err() {
-            return;
+        let (vm, clients) = (vm.clone(), clients.clone());
+        tokio::spawn(async move {
+            serve_connection(stream, vm).await;
+            clients.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+}
+
+async fn serve_connection(stream: tokio::net::UnixStream, vm: Arc<dyn Control>) {
+    let service = hyper::service::service_fn(move |req| answer(req, vm.clone()));
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(CLIENT_TIMEOUT)
+        .max_buf_size(MAX_HEAD)
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    let _ = conn.await;
+}
+
+async fn answer(
+    req: Request<Incoming>,
+    vm: Arc<dyn Control>,
+) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    let method = req.method().as_str().to_string();
+    let path = req.uri().path().to_string();
+    let body = Limited::new(req.into_body(), MAX_BODY).collect();
+    let (status, value) = match tokio::time::timeout(CLIENT_TIMEOUT, body).await {
+        Ok(Ok(b)) => handle(&method, &path, &b.to_bytes(), &*vm),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => (
+            413,
+            json!({"error": format!("the body is longer than {MAX_BODY} bytes")}),
+        ),
+        Ok(Err(e)) => (400, json!({"error": format!("reading the body: {e}")})),
+        Err(_) => (408, json!({"error": "the body did not arrive in time"})),
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(value.to_string())));
+    *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or_default();
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    Ok(resp)
+}
+
+/// A request of the client (`exitless ctl`, `top`, the benchmarks).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Call {
+    State,
+    Pause,
+    Resume,
+    Stats,
+    /// A size: `512M`, `1G`, bytes.
+    Balloon(String),
+    Quit,
+}
+
+impl Call {
+    /// Its method, path and body.
+    pub fn route(&self) -> (&'static str, &'static str, Option<Value>) {
+        match self {
+            Call::State => ("GET", "/api/v1/vm", None),
+            Call::Pause => ("PUT", "/api/v1/vm/pause", None),
+            Call::Resume => ("PUT", "/api/v1/vm/resume", None),
+            Call::Stats => ("GET", "/api/v1/vm/stats", None),
+            Call::Balloon(size) => ("PUT", "/api/v1/vm/balloon", Some(json!({"size": size}))),
+            Call::Quit => ("PUT", "/api/v1/vm/shutdown", None),
         }
     }
 }
 
-/// `exitless ctl`: sends one request to the VM at `socket` and returns its reply.
-pub fn request(socket: &Path, req: &Value) -> Result<Value, String> {
-    let stream = UnixStream::connect(socket).map_err(|e| {
+/// Sends `call` to the VM at `socket`; its reply with `"ok"` added (true for a 2xx status).
+pub fn request(socket: &Path, call: &Call) -> Result<Value, String> {
+    let (method, path, body) = call.route();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let (status, mut reply) = http(socket, method, path, body.as_bytes())?;
+    match reply.as_object_mut() {
+        Some(o) => {
+            o.insert("ok".into(), json!((200..300).contains(&status)));
+        }
+        None => reply = json!({"ok": false, "error": format!("HTTP {status}: {reply}")}),
+    }
+    Ok(reply)
+}
+
+/// One HTTP/1.1 request on a new connection (closed after the reply): the status and the JSON
+/// body. A client this small needs no HTTP stack: the server closes the connection after its
+/// one reply, so the body is what follows the head.
+pub fn http(socket: &Path, method: &str, path: &str, body: &[u8]) -> Result<(u16, Value), String> {
+    let mut stream = UnixStream::connect(socket).map_err(|e| {
         format!(
             "cannot reach a VM at {}: {e} (is it running with --api-socket?)",
             socket.display()
@@ -211,13 +385,36 @@ pub fn request(socket: &Path, req: &Value) -> Result<Value, String> {
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .map_err(|e| e.to_string())?;
-    writeln!(&stream, "{req}").map_err(|e| format!("{}: {e}", socket.display()))?;
-    let mut line = String::new();
-    BufReader::new(&stream)
-        .take(16 << 20)
-        .read_line(&mut line)
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    stream
+        .write_all(head.as_bytes())
+        .and_then(|()| stream.write_all(body))
         .map_err(|e| format!("{}: {e}", socket.display()))?;
-    serde_json::from_str(&line).map_err(|e| format!("the VM's reply is not JSON ({e}): {line:?}"))
+    let mut raw = Vec::new();
+    stream
+        .take(16 << 20)
+        .read_to_end(&mut raw)
+        .map_err(|e| format!("{}: {e}", socket.display()))?;
+    parse_reply(&raw)
+}
+
+fn parse_reply(raw: &[u8]) -> Result<(u16, Value), String> {
+    let text = String::from_utf8_lossy(raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("the VM's reply is not HTTP: {text:?}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse::<u16>().ok())
+        .ok_or_else(|| format!("the VM's reply has no status: {head:?}"))?;
+    let value = serde_json::from_str(body.trim())
+        .map_err(|e| format!("the VM's reply is not JSON ({e}): {body:?}"))?;
+    Ok((status, value))
 }
 
 #[cfg(test)]
@@ -229,9 +426,34 @@ mod tests {
     struct Fake {
         balloon: Mutex<Option<u64>>,
         quit: AtomicBool,
+        paused: AtomicBool,
     }
 
     impl Control for Fake {
+        fn info(&self) -> Value {
+            let state = if self.paused.load(Ordering::SeqCst) {
+                "paused"
+            } else {
+                "running"
+            };
+            json!({"state": state})
+        }
+        fn pause(&self) -> Result<(), ApiError> {
+            if self.paused.swap(true, Ordering::SeqCst) {
+                return Err(LifecycleError::WrongState {
+                    op: "pause",
+                    state: crate::lifecycle::VmState::Paused,
+                }
+                .into());
+            }
+            Ok(())
+        }
+        fn resume(&self) -> Result<(), ApiError> {
+            if !self.paused.swap(false, Ordering::SeqCst) {
+                return Err(ApiError::bad_request("cannot resume a VM that is running"));
+            }
+            Ok(())
+        }
         fn stats(&self) -> Value {
             json!({"uptime_s": 1.5, "devices": {"virtio-rng": {"requests": 3}}})
         }
@@ -250,76 +472,208 @@ mod tests {
     #[test]
     fn requests_are_answered_and_bad_ones_change_nothing() {
         let vm = Fake::default();
-        let r = handle_line(r#"{"op":"stats"}"#, &vm);
-        assert_eq!(r["ok"], true);
+        let (s, r) = handle("GET", "/api/v1/vm/stats", b"", &vm);
+        assert_eq!(s, 200);
         assert_eq!(r["devices"]["virtio-rng"]["requests"], 3);
-        let r = handle_line(r#"{"op":"balloon","size":"48M"}"#, &vm);
-        assert_eq!(r, json!({"ok": true, "target_pages": 12288}));
-        let r = handle_line(r#"{"op":"balloon","bytes":8192}"#, &vm);
+        let (s, r) = handle("PUT", "/api/v1/vm/balloon", br#"{"size":"48M"}"#, &vm);
+        assert_eq!((s, r), (200, json!({"target_pages": 12288})));
+        let (_, r) = handle("PUT", "/api/v1/vm/balloon", br#"{"bytes":8192}"#, &vm);
         assert_eq!(r["target_pages"], 2);
         assert_eq!(*vm.balloon.lock().unwrap(), Some(8192));
-        for bad in [
-            "",
-            "stats",
-            "{}",
-            r#"{"op":"reboot"}"#,
-            r#"{"op":"balloon"}"#,
-            r#"{"op":"balloon","size":"lots"}"#,
-            r#"{"op":"balloon","size":"48M","bytes":4096}"#,
-            r#"{"op":"balloon","bytes":-1}"#,
-            r#"{"op":"balloon","size":"2G"}"#,
-            r#"{"op":7}"#,
+        for (method, path, body, want) in [
+            ("PUT", "/api/v1/vm/balloon", "", 400),
+            ("PUT", "/api/v1/vm/balloon", "stats", 400),
+            ("PUT", "/api/v1/vm/balloon", "{}", 400),
+            ("PUT", "/api/v1/vm/balloon", r#"{"size":"lots"}"#, 400),
+            (
+                "PUT",
+                "/api/v1/vm/balloon",
+                r#"{"size":"48M","bytes":4096}"#,
+                400,
+            ),
+            ("PUT", "/api/v1/vm/balloon", r#"{"bytes":-1}"#, 400),
+            ("PUT", "/api/v1/vm/balloon", r#"{"size":"2G"}"#, 400),
+            ("PUT", "/api/v1/vm/balloon", r#"{"size":7}"#, 400),
+            ("GET", "/api/v1/vm/balloon", "", 405),
+            ("DELETE", "/api/v1/vm", "", 405),
+            ("GET", "/api/v1/vm/reboot", "", 404),
+            ("GET", "/", "", 404),
         ] {
-            let r = handle_line(bad, &vm);
-            assert_eq!(r["ok"], false, "{bad:?}: {r}");
+            let (s, r) = handle(method, path, body.as_bytes(), &vm);
+            assert_eq!(s, want, "{method} {path} {body:?}: {r}");
             assert!(r["error"].as_str().is_some_and(|e| !e.is_empty()), "{r}");
         }
         assert_eq!(*vm.balloon.lock().unwrap(), Some(8192), "untouched");
         assert!(!vm.quit.load(Ordering::SeqCst));
-        assert_eq!(handle_line(r#"{"op":"quit"}"#, &vm)["ok"], true);
+        assert_eq!(handle("PUT", "/api/v1/vm/shutdown", b"", &vm).0, 200);
         assert!(vm.quit.load(Ordering::SeqCst));
     }
 
     #[test]
-    fn the_socket_serves_clients_and_refuses_a_second_vm_and_overlong_lines() {
-        let dir = std::env::temp_dir().join(format!("exitless-api-test-{}", std::process::id()));
+    fn a_request_in_the_wrong_state_is_a_400_with_the_reason() {
+        let vm = Fake::default();
+        let (s, r) = handle("PUT", "/api/v1/vm/resume", b"", &vm);
+        assert_eq!(
+            (s, r["error"].as_str()),
+            (400, Some("cannot resume a VM that is running"))
+        );
+        assert_eq!(
+            handle("PUT", "/api/v1/vm/pause", b"", &vm).1["state"],
+            "paused"
+        );
+        let (s, r) = handle("PUT", "/api/v1/vm/pause", b"", &vm);
+        assert_eq!(
+            (s, r["error"].as_str()),
+            (400, Some("cannot pause a VM that is paused"))
+        );
+        assert_eq!(
+            handle("PUT", "/api/v1/vm/resume", b"", &vm).1["state"],
+            "running"
+        );
+        let failed: ApiError = LifecycleError::Failed("vCPU 1 did not answer".into()).into();
+        assert_eq!(failed.status, 500);
+    }
+
+    /// The paths and methods of `docs/api.yaml` (OpenAPI 3: paths at two spaces, their
+    /// operations at four).
+    fn documented() -> std::collections::BTreeSet<(String, String)> {
+        let doc = include_str!("../docs/api.yaml");
+        let mut out = std::collections::BTreeSet::new();
+        let mut in_paths = false;
+        let mut path = None;
+        for line in doc.lines() {
+            if !line.starts_with(' ') {
+                in_paths = line.trim_end() == "paths:";
+                continue;
+            }
+            let Some(key) = line.trim_end().strip_suffix(':') else {
+                continue;
+            };
+            if !in_paths {
+                continue;
+            }
+            if let Some(p) = key.strip_prefix("  /") {
+                path = Some(format!("/{p}"));
+            } else if let (Some(m), Some(p)) = (key.strip_prefix("    "), &path) {
+                if !m.starts_with(' ') {
+                    out.insert((m.to_uppercase(), p.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_openapi_document_has_every_route_and_no_other() {
+        let routes: std::collections::BTreeSet<(String, String)> = ROUTES
+            .iter()
+            .map(|r| (r.method.to_string(), r.path.to_string()))
+            .collect();
+        assert_eq!(documented(), routes, "docs/api.yaml and api::ROUTES differ");
+        // Every client call is a route.
+        for c in [
+            Call::State,
+            Call::Pause,
+            Call::Resume,
+            Call::Stats,
+            Call::Balloon("1M".into()),
+            Call::Quit,
+        ] {
+            let (m, p, _) = c.route();
+            assert!(routes.contains(&(m.into(), p.into())), "{c:?}");
+        }
+    }
+
+    fn temp_socket(name: &str) -> (PathBuf, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("exitless-api-{name}-{}", std::process::id()));
         let _ = std::fs::create_dir_all(&dir);
-        let path = dir.join("api.sock");
+        (dir.join("api.sock"), dir)
+    }
+
+    #[test]
+    fn the_socket_serves_clients_and_refuses_a_second_vm() {
+        let (path, dir) = temp_socket("serve");
         let vm = Arc::new(Fake::default());
         let server = ApiServer::start(&path, vm.clone()).unwrap();
-        let r = request(&path, &json!({"op": "balloon", "size": "4M"})).unwrap();
-        assert_eq!(r["target_pages"], 1024);
-        // Two requests on one connection.
-        let s = UnixStream::connect(&path).unwrap();
-        writeln!(&s, "{{\"op\":\"stats\"}}\n{{\"op\":\"nope\"}}").unwrap();
-        let mut lines = BufReader::new(&s).lines();
+        let r = request(&path, &Call::Balloon("4M".into())).unwrap();
         assert_eq!(
-            serde_json::from_str::<Value>(&lines.next().unwrap().unwrap()).unwrap()["ok"],
-            true
+            (r["ok"].clone(), r["target_pages"].clone()),
+            (json!(true), json!(1024))
         );
-        assert_eq!(
-            serde_json::from_str::<Value>(&lines.next().unwrap().unwrap()).unwrap()["ok"],
-            false
-        );
-        // A line that never ends within MAX_LINE bytes ends its connection with an error.
-        let s = UnixStream::connect(&path).unwrap();
-        (&s).write_all(&vec![b'x'; MAX_LINE as usize + 10]).unwrap();
-        let mut reply = String::new();
-        BufReader::new(&s).read_line(&mut reply).unwrap();
-        assert!(reply.contains("longer than"), "{reply}");
+        let r = request(&path, &Call::Resume).unwrap();
+        assert_eq!(r["ok"], false, "{r}");
+        assert!(r["error"].as_str().unwrap().contains("running"), "{r}");
         // A second VM on the same path is refused while this one listens.
         let e = ApiServer::start(&path, vm.clone()).err().unwrap();
         assert!(e.contains("another VM"), "{e}");
         drop(server);
         assert!(!path.exists(), "the socket file is removed at the end");
         // Nobody listens: the client says so.
-        let e = request(&path, &json!({"op": "stats"})).unwrap_err();
+        let e = request(&path, &Call::Stats).unwrap_err();
         assert!(e.contains("--api-socket"), "{e}");
         // A regular file in the way is not replaced.
         std::fs::write(&path, "data").unwrap();
         let e = ApiServer::start(&path, vm).err().unwrap();
         assert!(e.contains("not a socket"), "{e}");
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "data");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Sends raw bytes, returns what the server answered before closing.
+    fn raw(path: &Path, bytes: &[u8]) -> String {
+        let mut s = UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let _ = s.write_all(bytes);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[test]
+    fn garbage_huge_and_idle_clients_get_4xx_and_do_not_block_others() {
+        let (path, dir) = temp_socket("garbage");
+        let vm = Arc::new(Fake::default());
+        let _server = ApiServer::start(&path, vm.clone()).unwrap();
+        // Idle clients up to the limit hold a slot each; the one over it is refused with 503.
+        let idle: Vec<UnixStream> = (0..MAX_CLIENTS)
+            .map(|_| UnixStream::connect(&path).unwrap())
+            .collect();
+        let over = raw(&path, b"GET /api/v1/vm HTTP/1.1\r\n\r\n");
+        assert!(over.starts_with("HTTP/1.1 503"), "{over}");
+        drop(idle);
+        // Once they are gone (the server notices the hang-ups), requests are served again.
+        let mut served = None;
+        for _ in 0..600 {
+            if let Ok(r) = request(&path, &Call::State) {
+                if r["ok"] == true {
+                    served = Some(r);
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(served.expect("served again")["state"], "running");
+        let garbage = raw(&path, b"\x00\x01\x02 nonsense\r\n\r\n");
+        assert!(garbage.starts_with("HTTP/1.1 400"), "{garbage:?}");
+        let long_head = format!(
+            "GET /api/v1/vm HTTP/1.1\r\nx: {}\r\n\r\n",
+            "a".repeat(MAX_HEAD * 4)
+        );
+        let r = raw(&path, long_head.as_bytes());
+        assert!(
+            r.starts_with("HTTP/1.1 431") || r.starts_with("HTTP/1.1 400"),
+            "{r:?}"
+        );
+        let body = "x".repeat(MAX_BODY * 4);
+        let huge = format!(
+            "PUT /api/v1/vm/balloon HTTP/1.1\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let r = raw(&path, huge.as_bytes());
+        assert!(r.starts_with("HTTP/1.1 413"), "{r:?}");
+        assert_eq!(*vm.balloon.lock().unwrap(), None);
+        assert_eq!(request(&path, &Call::Stats).unwrap()["ok"], true);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

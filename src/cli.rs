@@ -41,9 +41,9 @@ pub enum Command {
     /// own and KVM's in-kernel ones), interrupts injected/s, IRQ-window and halt exits/s, time in
     /// guest, per vCPU and in all; `--json` prints one object per interval.
     Top(crate::top::TopArgs),
-    /// Talk to a running VM through its `--api-socket`.
+    /// Talk to a running VM through its `--api-socket` (REST; see docs/api.yaml).
     Ctl {
-        /// The VM's control socket.
+        /// The VM's API socket.
         #[arg(long)]
         socket: PathBuf,
         #[command(subcommand)]
@@ -53,6 +53,12 @@ pub enum Command {
 
 #[derive(Subcommand, Debug)]
 pub enum CtlRequest {
+    /// The VM's info and lifecycle state (created, running, paused, stopped).
+    State,
+    /// Pause a running VM: every vCPU stops, and its kvmclock with them.
+    Pause,
+    /// Resume a paused VM.
+    Resume,
     /// Live statistics: devices' facts and KVM's counters (JSON).
     Stats,
     /// Set the balloon's target, e.g. `256M` (the guest's driver inflates or deflates to it).
@@ -62,12 +68,16 @@ pub enum CtlRequest {
 }
 
 impl CtlRequest {
-    /// The request line sent to the VM.
-    pub fn to_json(&self) -> serde_json::Value {
+    /// The API call it makes.
+    pub fn call(&self) -> crate::api::Call {
+        use crate::api::Call;
         match self {
-            CtlRequest::Stats => serde_json::json!({"op": "stats"}),
-            CtlRequest::Balloon { size } => serde_json::json!({"op": "balloon", "size": size}),
-            CtlRequest::Quit => serde_json::json!({"op": "quit"}),
+            CtlRequest::State => Call::State,
+            CtlRequest::Pause => Call::Pause,
+            CtlRequest::Resume => Call::Resume,
+            CtlRequest::Stats => Call::Stats,
+            CtlRequest::Balloon { size } => Call::Balloon(size.clone()),
+            CtlRequest::Quit => Call::Quit,
         }
     }
 }

@@ -94,10 +94,22 @@ pub fn elf_sink(data: &[u8]) {
     }
 }
 
-/// A control-API client's request line, against a VM that does nothing.
+/// A control-API request (first line `METHOD PATH`, the rest its body), against a VM that does
+/// nothing: every answer is a status the API documents, with a JSON body.
 pub fn api_line(data: &[u8]) {
     struct Idle;
     impl crate::api::Control for Idle {
+        fn info(&self) -> serde_json::Value {
+            serde_json::json!({"state": "running"})
+        }
+        fn pause(&self) -> Result<(), crate::api::ApiError> {
+            Err(crate::api::ApiError::bad_request(
+                "cannot pause a VM that is paused",
+            ))
+        }
+        fn resume(&self) -> Result<(), crate::api::ApiError> {
+            Ok(())
+        }
         fn stats(&self) -> serde_json::Value {
             serde_json::json!({"uptime_s": 1.0})
         }
@@ -106,10 +118,19 @@ pub fn api_line(data: &[u8]) {
         }
         fn quit(&self) {}
     }
-    if let Ok(line) = std::str::from_utf8(data) {
-        let answer = crate::api::handle_line(line, &Idle);
-        assert!(answer.get("ok").is_some(), "an answer says ok: {answer}");
-    }
+    let (line, body) = match data.iter().position(|&b| b == b'\n') {
+        Some(i) => (&data[..i], &data[i + 1..]),
+        None => (data, &[][..]),
+    };
+    let line = String::from_utf8_lossy(line);
+    let mut words = line.split_whitespace();
+    let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    let (status, answer) = crate::api::handle(method, path, body, &Idle);
+    assert!(
+        [200, 400, 404, 405].contains(&status),
+        "{status} for {method} {path}: {answer}"
+    );
+    assert!(answer.is_object(), "an answer is a JSON object: {answer}");
 }
 
 /// Guest memory of `size` bytes from address 0.

@@ -34,6 +34,7 @@ pub const GUESTS: &[(&str, &[u8])] = &[
     guest!("virtio-balloon"),
     guest!("bench-io"),
     guest!("bench-iommu"),
+    guest!("clock"),
 ];
 
 /// The guest booted when no kernel is given.

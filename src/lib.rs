@@ -36,6 +36,7 @@ pub mod host;
 pub mod kit;
 pub mod kvm_stats;
 pub mod kvm_trace;
+pub mod lifecycle;
 pub mod memlimit;
 pub mod memory;
 pub mod panics;
@@ -47,6 +48,7 @@ pub mod stats;
 pub mod terminal;
 pub mod top;
 pub mod vcpu;
+pub mod vm;
 pub mod vmm;
 
 /// Records that a unit test did not run, and why: one line past libtest's output capture, which

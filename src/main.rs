@@ -36,7 +36,7 @@ fn main() -> ExitCode {
         },
         Command::Bench { command } => exitless::bench::main(command),
         Command::Ctl { socket, request } => {
-            match exitless::api::request(&socket, &request.to_json()) {
+            match exitless::api::request(&socket, &request.call()) {
                 Ok(reply) => {
                     println!(
                         "{}",

@@ -125,7 +125,7 @@ pub fn json_line(snap: &Snapshot, all: &Rates, per: &[Rates]) -> Value {
 }
 
 fn sample(socket: &Path) -> Result<Snapshot, String> {
-    let reply = crate::api::request(socket, &json!({"op": "stats"}))?;
+    let reply = crate::api::request(socket, &crate::api::Call::Stats)?;
     if reply["ok"] != true {
         return Err(format!("the VM refused stats: {}", reply["error"]));
     }

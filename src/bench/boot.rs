@@ -341,7 +341,7 @@ fn boot_once(
     let result = measure(vmm, &mut child, start, args, &files);
     // The VMM goes: asked to (QEMU already was, over QMP), killed when it failed or does not listen.
     if result.is_ok() && vmm == Vmm::Exitless {
-        let _ = crate::api::request(&files.socket, &json!({"op": "quit"}));
+        let _ = crate::api::request(&files.socket, &crate::api::Call::Quit);
     }
     let grace = if result.is_ok() { 20 } else { 0 };
     let _ = wait_with_limit(&mut child, Duration::from_secs(grace));
@@ -443,7 +443,7 @@ type Counters = BTreeMap<String, u64>;
 
 /// exitless's KVM counters and its own exits to userspace, through its control socket.
 fn exitless_stats(socket: &Path) -> Result<(Counters, Counters), String> {
-    let reply = crate::api::request(socket, &json!({"op": "stats"}))?;
+    let reply = crate::api::request(socket, &crate::api::Call::Stats)?;
     let counters = |key: &str| -> Result<Counters, String> {
         let m = reply[key]
             .as_object()

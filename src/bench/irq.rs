@@ -502,7 +502,7 @@ impl Vm {
                 self.qmp_call(json!({"execute": "query-stats", "arguments": {"target": "vcpu"}}))?;
             super::io::kvm_stats_of(&ret)?
         } else {
-            let reply = crate::api::request(&self.socket, &json!({"op": "stats"}))?;
+            let reply = crate::api::request(&self.socket, &crate::api::Call::Stats)?;
             reply["kvm"]
                 .as_object()
                 .ok_or_else(|| format!("no KVM statistics from exitless: {reply}"))?
@@ -522,7 +522,7 @@ impl Vm {
         if self.qemu {
             let _ = self.qmp_call(json!({"execute": "quit"}));
         } else {
-            let _ = crate::api::request(&self.socket, &json!({"op": "quit"}));
+            let _ = crate::api::request(&self.socket, &crate::api::Call::Quit);
         }
         let _ = wait_with_limit(&mut self.child, Duration::from_secs(20));
     }

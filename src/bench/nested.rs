@@ -438,7 +438,7 @@ impl L1Counters {
     }
 
     fn read(socket: &Path) -> Result<L1Counters, String> {
-        L1Counters::of(&crate::api::request(socket, &json!({"op": "stats"}))?)
+        L1Counters::of(&crate::api::request(socket, &crate::api::Call::Stats)?)
     }
 
     pub fn since(&self, earlier: &L1Counters) -> L1Counters {

@@ -9,7 +9,7 @@
 //! | `console` | `console-in` (host stdin into the UART) | [`Kind::Console`] |
 //! | `console-out` | `console-out` (the guest's console output to stdout and the log) | [`Kind::ConsoleOut`] |
 //! | `vcpu` | `vcpuN` (KVM_RUN and the exit path, device set-up at DRIVER_OK, MSI-X routes) | [`Kind::Vcpu`] |
-//! | `api` | `api` and `api-client` (the control socket) | [`Kind::Api`] |
+//! | `api` | `api` (the REST API's single-threaded runtime; pause and resume) | [`Kind::Api`] |
 //! | `worker-*` | device workers: `blk`, `net`, `rng`, `balloon`, `vsock` | [`Kind::Worker`] |
 //! | `launcher` | the thread that starts device workers | [`Kind::Launcher`] |
 //! | `iommu-sidecore` | polls the emulated IOMMU's register page (`--iommu mode=sidecore`) | [`Kind::Sidecore`] |
@@ -62,8 +62,9 @@ use std::sync::{mpsc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
 use kvm_bindings::{
-    kvm_fpu, kvm_ioeventfd, kvm_irq_level, kvm_irq_routing, kvm_irqfd, kvm_lapic_state,
-    kvm_mp_state, kvm_msi, kvm_msrs, kvm_regs, kvm_sregs, kvm_translation, kvm_vcpu_events,
+    kvm_clock_data, kvm_fpu, kvm_ioeventfd, kvm_irq_level, kvm_irq_routing, kvm_irqfd,
+    kvm_lapic_state, kvm_mp_state, kvm_msi, kvm_msrs, kvm_regs, kvm_sregs, kvm_translation,
+    kvm_vcpu_events,
 };
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
@@ -189,6 +190,8 @@ impl Kind {
 
 const KVMIO: u32 = 0xAE;
 ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
+ioctl_iow_nr!(KVM_SET_CLOCK, KVMIO, 0x7b, kvm_clock_data);
+ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_clock_data);
 ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
 ioctl_iow_nr!(KVM_SET_REGS, KVMIO, 0x82, kvm_regs);
 ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
@@ -416,19 +419,19 @@ fn vcpu() -> Rules {
     r
 }
 
-/// The control API: accepting clients (and a thread each), reading requests and writing
-/// replies, the live facts (KVM's statistics descriptors, the balloon's RSS), a balloon target
-/// (a configuration interrupt).
+/// The control API: one thread running its event loop (accepting clients, reading requests and
+/// writing replies), the live facts (KVM's statistics descriptors, the balloon's RSS), a balloon
+/// target (a configuration interrupt), pause and resume (kicks, the guest clock).
 fn api() -> Rules {
     use libc::*;
     let mut r = base();
-    merge(&mut r, spawning());
     read_file(&mut r);
     allow(
         &mut r,
         &[
             SYS_accept4,
             SYS_accept,
+            SYS_read,
             SYS_recvfrom,
             SYS_recvmsg,
             SYS_sendto,
@@ -438,8 +441,18 @@ fn api() -> Rules {
             SYS_shutdown,
             SYS_poll,
             SYS_ppoll,
+            // The tokio runtime's event loop (set up before the filter: its epoll and eventfd).
+            SYS_epoll_wait,
+            SYS_epoll_pwait,
+            SYS_epoll_pwait2,
+            SYS_epoll_ctl,
+            // The shutdown's wake-up connects to the socket itself.
+            SYS_connect,
         ],
     );
+    allow_args(&mut r, SYS_socket, 0, &[AF_UNIX as u64]);
+    // Pause and resume freeze and restore the guest's kvmclock (the kicks are `tgkill`s).
+    allow_args(&mut r, SYS_ioctl, 1, &[KVM_GET_CLOCK(), KVM_SET_CLOCK()]);
     r
 }
 

@@ -2,13 +2,16 @@
 //!
 //! Owns one `VcpuFd` and its counters. It may touch the device buses (read-only maps of shared
 //! devices) and send a [`VmEnd`]; nothing else. Its life is a small state machine driven by the
-//! VMM through a shared flag and a kick (a signal that makes `KVM_RUN` return):
+//! VMM through messages in its mailbox ([`crate::lifecycle`]: pause, resume, stop), a flag that
+//! says there is mail, and a kick (a signal that makes `KVM_RUN` return):
 //!
 //! ```text
-//!   Created --start--> Running --(guest ends VM | fatal exit)--> Exited
-//!                         |  ^
-//!                   kick  v  | (stop flag clear: re-enter)
-//!                      Interrupted
+//!   Created --start--> Running --(guest ends VM | fatal exit | Stop)--> Exited
+//!                       |  ^  |  ^
+//!                 kick  v  |  |  | Resume
+//!              Interrupted |  v  |
+//!              (no mail:   | Parked (Pause: answered, blocked on the mailbox)
+//!               re-enter) -+
 //! ```
 //!
 //! The exit path, step by step (this is the product; keep it short):
@@ -23,7 +26,7 @@
 //!    (uncontended: devices are per-function) — no allocation, no system call, except what the
 //!    device itself does (the UART writes to stdout and the console log; the probe only bumps
 //!    an atomic counter);
-//! 5. the stop flag is read (one atomic load), a second `rdtsc` closes the dispatch time
+//! 5. the mailbox flag is read (one atomic load), a second `rdtsc` closes the dispatch time
 //!    (`in_vmm`, kept per exit reason: `exitless bench exits` reports it), and `KVM_RUN` is
 //!    re-entered.
 //!
@@ -36,7 +39,7 @@
 
 pub mod emulate;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
@@ -47,6 +50,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::devices::{Bus, VmEnd, VmEndSender};
+use crate::lifecycle::{Next, VcpuMailbox};
 use crate::stats::{tsc, ExitReason, TscClock, VcpuStats};
 
 /// What every vCPU thread shares.
@@ -56,8 +60,6 @@ pub struct VcpuShared {
     pub mmio: Arc<Bus>,
     pub mem: GuestMemoryMmap,
     pub end: VmEndSender,
-    /// Set by the VMM to make vCPUs leave their loop at the next exit.
-    pub stop: Arc<AtomicBool>,
     /// Unclaimed addresses already reported (each is logged once).
     pub unclaimed: Arc<Mutex<std::collections::HashSet<(bool, u64)>>>,
     /// Complete instructions KVM's emulator fails on (on by default).
@@ -103,6 +105,8 @@ pub struct Vcpu {
     fd: VcpuFd,
     shared: VcpuShared,
     stats: VcpuStats,
+    /// Where the VMM's pause, resume and stop arrive.
+    mailbox: VcpuMailbox,
 }
 
 /// Signal used to kick a vCPU out of `KVM_RUN`.
@@ -118,12 +122,13 @@ pub fn install_kick_handler() -> std::io::Result<()> {
 }
 
 impl Vcpu {
-    pub fn new(id: u8, fd: VcpuFd, shared: VcpuShared) -> Self {
+    pub fn new(id: u8, fd: VcpuFd, shared: VcpuShared, mailbox: VcpuMailbox) -> Self {
         Vcpu {
             id,
             fd,
             shared,
             stats: VcpuStats::default(),
+            mailbox,
         }
     }
 
@@ -141,7 +146,14 @@ impl Vcpu {
         let clock = TscClock::start();
         let mut left_guest: Option<u64> = None;
         self.shared.first_run.get_or_init(std::time::Instant::now);
-        while !self.shared.stop.load(Ordering::Acquire) {
+        loop {
+            if self.mailbox.has_mail() {
+                if self.mailbox.handle() == Next::Stop {
+                    break;
+                }
+                // Time parked is not time spent handling the exit.
+                left_guest = None;
+            }
             let Vcpu {
                 fd, shared, stats, ..
             } = &mut self;

@@ -1,0 +1,493 @@
+//! The VM's lifecycle: its state and the messages that move its vCPUs between states.
+//!
+//! ```text
+//!   Created --start--> Running --pause--> Paused
+//!                         ^  <--resume----  |
+//!                         |                 |
+//!                         +----> Stopped <--+   (the guest ends the VM, quit/shutdown, a signal,
+//!                                                the time limit, an error)
+//! ```
+//!
+//! Owns the state and each vCPU's mailbox; it may touch the vCPU threads only through those
+//! mailboxes and a kick (the signal that makes `KVM_RUN` return), and the VM only through a
+//! [`GuestClock`]. A request in the wrong state (resume a running VM, pause a paused one, anything
+//! but `state` once stopped) is refused with a [`LifecycleError::WrongState`] naming the state;
+//! nothing changes.
+//!
+//! **How a pause works.** The controller posts `Pause` to every vCPU's mailbox and raises the
+//! vCPU's `pending` flag (one atomic load on the exit path, the same cost as the stop flag it
+//! replaces), then kicks every vCPU that has not answered, every millisecond, until each has
+//! answered `Paused`: the kick takes it out of `KVM_RUN`, it sees the flag, reads its mailbox and
+//! parks, blocked on the mailbox, until `Resume` or `Stop`. Every command carries a sequence
+//! number and its answers echo it, so an answer that comes after its command was given up on is
+//! ignored. Once every vCPU is parked, guest time is frozen: the VM's kvmclock is read
+//! (`KVM_GET_CLOCK`) and written back at the resume (`KVM_SET_CLOCK`), so a guest on kvmclock
+//! does not see the pause (as Cloud Hypervisor does). The guest's raw TSC keeps counting, as on
+//! every KVM VMM.
+//!
+//! **What a pause does not stop**: device workers (virtio) finish the requests already in their
+//! queues and may raise interrupts, which the guest takes at the resume. A snapshot would add
+//! a `quiesce` step for them; the state machine has the place for it (`Paused` is the only state
+//! from which it would be allowed).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Where the VM is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    Created,
+    Running,
+    Paused,
+    Stopped,
+}
+
+impl VmState {
+    pub fn name(self) -> &'static str {
+        match self {
+            VmState::Created => "created",
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::Stopped => "stopped",
+        }
+    }
+}
+
+/// A message to one vCPU thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuCommand {
+    /// Leave `KVM_RUN` and park until `Resume` or `Stop`.
+    Pause,
+    /// Go on (a no-op for a running vCPU).
+    Resume,
+    /// Leave the run loop; the thread ends.
+    Stop,
+}
+
+/// A vCPU's answer: its id, the command's sequence number, and what it did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VcpuAck {
+    pub id: u8,
+    pub seq: u64,
+    pub command: VcpuCommand,
+}
+
+/// Why a lifecycle request was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LifecycleError {
+    /// The request does not apply in this state (an API client's mistake: HTTP 400).
+    #[error("cannot {op} a VM that is {}", .state.name())]
+    WrongState { op: &'static str, state: VmState },
+    /// The VM could not do it (a vCPU did not answer, KVM refused): HTTP 500.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// The VM's clock, frozen while the VM is paused.
+pub trait GuestClock: Send + Sync {
+    /// Reads the guest's clock (ns), to be written back at the resume.
+    fn freeze(&self) -> Result<u64, String>;
+    /// Sets the guest's clock back to what `freeze` read.
+    fn thaw(&self, ns: u64) -> Result<(), String>;
+}
+
+/// kvmclock through `KVM_GET_CLOCK` / `KVM_SET_CLOCK`.
+pub struct KvmClock(pub Arc<kvm_ioctls::VmFd>);
+
+impl GuestClock for KvmClock {
+    fn freeze(&self) -> Result<u64, String> {
+        self.0
+            .get_clock()
+            .map(|c| c.clock)
+            .map_err(|e| format!("KVM_GET_CLOCK: {e}"))
+    }
+
+    fn thaw(&self, ns: u64) -> Result<(), String> {
+        let data = kvm_bindings::kvm_clock_data {
+            clock: ns,
+            ..Default::default()
+        };
+        self.0
+            .set_clock(&data)
+            .map_err(|e| format!("KVM_SET_CLOCK: {e}"))
+    }
+}
+
+/// One vCPU's end of the lifecycle: its mailbox, its flag and where it answers.
+pub struct VcpuMailbox {
+    pub id: u8,
+    pending: Arc<AtomicBool>,
+    commands: mpsc::Receiver<(u64, VcpuCommand)>,
+    acks: mpsc::Sender<VcpuAck>,
+}
+
+/// What a vCPU does after reading its mailbox.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    Run,
+    Stop,
+}
+
+impl VcpuMailbox {
+    /// The exit path's check: is there a command? (one atomic load)
+    #[inline]
+    pub fn has_mail(&self) -> bool {
+        self.pending.load(Ordering::Acquire)
+    }
+
+    /// Reads the mailbox; on `Pause` answers and parks until `Resume` (answered) or `Stop`.
+    pub fn handle(&self) -> Next {
+        self.pending.store(false, Ordering::Release);
+        while let Ok((seq, cmd)) = self.commands.try_recv() {
+            if self.obey(seq, cmd) == Next::Stop {
+                return Next::Stop;
+            }
+        }
+        Next::Run
+    }
+
+    fn obey(&self, seq: u64, cmd: VcpuCommand) -> Next {
+        match cmd {
+            VcpuCommand::Stop => Next::Stop,
+            VcpuCommand::Resume => {
+                self.ack(seq, cmd);
+                Next::Run
+            }
+            VcpuCommand::Pause => {
+                self.ack(seq, cmd);
+                self.park()
+            }
+        }
+    }
+
+    /// Blocks on the mailbox (a kick's signal does not wake it for good) until told to go on.
+    fn park(&self) -> Next {
+        loop {
+            match self.commands.recv() {
+                Err(_) | Ok((_, VcpuCommand::Stop)) => return Next::Stop,
+                Ok((seq, VcpuCommand::Resume)) => {
+                    self.pending.store(false, Ordering::Release);
+                    self.ack(seq, VcpuCommand::Resume);
+                    return Next::Run;
+                }
+                Ok((seq, VcpuCommand::Pause)) => self.ack(seq, VcpuCommand::Pause),
+            }
+        }
+    }
+
+    fn ack(&self, seq: u64, command: VcpuCommand) {
+        let _ = self.acks.send(VcpuAck {
+            id: self.id,
+            seq,
+            command,
+        });
+    }
+}
+
+/// The controller's end of one vCPU.
+struct VcpuLink {
+    pending: Arc<AtomicBool>,
+    commands: mpsc::Sender<(u64, VcpuCommand)>,
+}
+
+/// Kicks vCPU `id` out of `KVM_RUN`.
+pub type Kick = Box<dyn Fn(usize) + Send + Sync>;
+
+/// How long a pause waits for every vCPU to park.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+struct Inner {
+    state: VmState,
+    seq: u64,
+    /// The guest clock read at the pause.
+    frozen_clock: Option<u64>,
+    paused_at: Option<Instant>,
+    /// Total time spent paused.
+    paused_total: Duration,
+}
+
+/// The VM's state and the controller of its vCPUs (shared by the main thread and the API).
+pub struct Lifecycle {
+    inner: Mutex<Inner>,
+    links: Vec<VcpuLink>,
+    acks: Mutex<mpsc::Receiver<VcpuAck>>,
+    kick: Mutex<Option<Kick>>,
+    clock: Option<Box<dyn GuestClock>>,
+}
+
+impl Lifecycle {
+    /// A lifecycle for `vcpus` vCPUs and their mailboxes (one each, in id order).
+    pub fn new(vcpus: u8, clock: Option<Box<dyn GuestClock>>) -> (Arc<Self>, Vec<VcpuMailbox>) {
+        let (ack_tx, ack_rx) = mpsc::channel();
+        let mut links = Vec::new();
+        let mut boxes = Vec::new();
+        for id in 0..vcpus {
+            let pending = Arc::new(AtomicBool::new(false));
+            let (tx, rx) = mpsc::channel();
+            links.push(VcpuLink {
+                pending: pending.clone(),
+                commands: tx,
+            });
+            boxes.push(VcpuMailbox {
+                id,
+                pending,
+                commands: rx,
+                acks: ack_tx.clone(),
+            });
+        }
+        let lc = Lifecycle {
+            inner: Mutex::new(Inner {
+                state: VmState::Created,
+                seq: 0,
+                frozen_clock: None,
+                paused_at: None,
+                paused_total: Duration::ZERO,
+            }),
+            links,
+            acks: Mutex::new(ack_rx),
+            kick: Mutex::new(None),
+            clock,
+        };
+        (Arc::new(lc), boxes)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn state(&self) -> VmState {
+        self.lock().state
+    }
+
+    /// Time spent paused so far (the current pause included).
+    pub fn paused_for(&self) -> Duration {
+        let i = self.lock();
+        i.paused_total + i.paused_at.map(|t| t.elapsed()).unwrap_or_default()
+    }
+
+    /// The vCPU threads run: `kick` takes vCPU `id` out of `KVM_RUN`. Created -> Running.
+    pub fn started(&self, kick: Kick) -> Result<(), LifecycleError> {
+        let mut i = self.lock();
+        expect(&i, "start", VmState::Created)?;
+        *self.kick.lock().unwrap_or_else(|p| p.into_inner()) = Some(kick);
+        i.state = VmState::Running;
+        Ok(())
+    }
+
+    /// Running -> Paused: every vCPU parked, the guest clock frozen.
+    pub fn pause(&self) -> Result<(), LifecycleError> {
+        let mut i = self.lock();
+        expect(&i, "pause", VmState::Running)?;
+        i.seq += 1;
+        let seq = i.seq;
+        if let Err(e) = self.command_all(seq, VcpuCommand::Pause, PAUSE_TIMEOUT) {
+            // Whoever parked goes on; the VM stays running.
+            i.seq += 1;
+            let _ = self.command_all(i.seq, VcpuCommand::Resume, PAUSE_TIMEOUT);
+            return Err(e);
+        }
+        i.frozen_clock = match &self.clock {
+            Some(c) => Some(c.freeze().map_err(LifecycleError::Failed)?),
+            None => None,
+        };
+        i.paused_at = Some(Instant::now());
+        i.state = VmState::Paused;
+        Ok(())
+    }
+
+    /// Paused -> Running: the guest clock set back to where it stopped, every vCPU on.
+    pub fn resume(&self) -> Result<(), LifecycleError> {
+        let mut i = self.lock();
+        expect(&i, "resume", VmState::Paused)?;
+        if let (Some(c), Some(ns)) = (&self.clock, i.frozen_clock) {
+            c.thaw(ns).map_err(LifecycleError::Failed)?;
+        }
+        i.seq += 1;
+        let seq = i.seq;
+        self.command_all(seq, VcpuCommand::Resume, PAUSE_TIMEOUT)?;
+        if let Some(t) = i.paused_at.take() {
+            i.paused_total += t.elapsed();
+        }
+        i.frozen_clock = None;
+        i.state = VmState::Running;
+        Ok(())
+    }
+
+    /// Any state -> Stopped: every vCPU is told to leave its loop (the caller kicks and joins).
+    /// Returns the state it was in.
+    pub fn stop(&self) -> VmState {
+        let mut i = self.lock();
+        let was = i.state;
+        i.seq += 1;
+        for link in &self.links {
+            let _ = link.commands.send((i.seq, VcpuCommand::Stop));
+            link.pending.store(true, Ordering::Release);
+        }
+        if let Some(t) = i.paused_at.take() {
+            i.paused_total += t.elapsed();
+        }
+        i.state = VmState::Stopped;
+        was
+    }
+
+    /// Posts `cmd` to every vCPU and waits (kicking those that have not answered, every
+    /// millisecond) until each has answered it, or `timeout`.
+    fn command_all(
+        &self,
+        seq: u64,
+        cmd: VcpuCommand,
+        timeout: Duration,
+    ) -> Result<(), LifecycleError> {
+        let mut waiting: Vec<bool> = vec![true; self.links.len()];
+        for (id, link) in self.links.iter().enumerate() {
+            if link.commands.send((seq, cmd)).is_err() {
+                return Err(LifecycleError::Failed(format!("vCPU {id} has ended")));
+            }
+            link.pending.store(true, Ordering::Release);
+        }
+        let acks = self.acks.lock().unwrap_or_else(|p| p.into_inner());
+        let kick = self.kick.lock().unwrap_or_else(|p| p.into_inner());
+        let deadline = Instant::now() + timeout;
+        while waiting.iter().any(|w| *w) {
+            if cmd == VcpuCommand::Pause {
+                if let Some(k) = kick.as_ref() {
+                    waiting
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, w)| **w)
+                        .for_each(|(id, _)| k(id));
+                }
+            }
+            match acks.recv_timeout(Duration::from_millis(1)) {
+                Ok(a) if a.seq == seq && a.command == cmd => waiting[usize::from(a.id)] = false,
+                Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(LifecycleError::Failed("every vCPU has ended".into()))
+                }
+            }
+            if Instant::now() >= deadline {
+                let late: Vec<usize> = (0..waiting.len()).filter(|&i| waiting[i]).collect();
+                return Err(LifecycleError::Failed(format!(
+                    "vCPU(s) {late:?} did not answer {cmd:?} within {timeout:?}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn expect(i: &Inner, op: &'static str, want: VmState) -> Result<(), LifecycleError> {
+    if i.state == want {
+        Ok(())
+    } else {
+        Err(LifecycleError::WrongState { op, state: i.state })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+
+    /// A vCPU thread without KVM: "runs" (counts) until its mailbox says otherwise.
+    fn fake_vcpu(mb: VcpuMailbox, work: Arc<AtomicU64>) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || loop {
+            if mb.has_mail() && mb.handle() == Next::Stop {
+                return;
+            }
+            work.fetch_add(1, Ordering::Relaxed);
+            std::thread::yield_now();
+        })
+    }
+
+    struct FakeClock(AtomicU64, Mutex<Vec<u64>>);
+    impl GuestClock for FakeClock {
+        fn freeze(&self) -> Result<u64, String> {
+            Ok(self.0.fetch_add(1000, Ordering::SeqCst))
+        }
+        fn thaw(&self, ns: u64) -> Result<(), String> {
+            self.1.lock().unwrap().push(ns);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn every_transition_allowed_and_refused() {
+        let clock = Arc::new(FakeClock(AtomicU64::new(5000), Mutex::new(vec![])));
+        struct Shared(Arc<FakeClock>);
+        impl GuestClock for Shared {
+            fn freeze(&self) -> Result<u64, String> {
+                self.0.freeze()
+            }
+            fn thaw(&self, ns: u64) -> Result<(), String> {
+                self.0.thaw(ns)
+            }
+        }
+        let (lc, boxes) = Lifecycle::new(3, Some(Box::new(Shared(clock.clone()))));
+        let work = Arc::new(AtomicU64::new(0));
+        let wrong = |op, state| Err(LifecycleError::WrongState { op, state });
+        assert_eq!(lc.state(), VmState::Created);
+        assert_eq!(lc.pause(), wrong("pause", VmState::Created));
+        assert_eq!(lc.resume(), wrong("resume", VmState::Created));
+        let threads: Vec<_> = boxes
+            .into_iter()
+            .map(|b| fake_vcpu(b, work.clone()))
+            .collect();
+        lc.started(Box::new(|_| {})).unwrap();
+        assert_eq!(lc.state(), VmState::Running);
+        assert!(lc.started(Box::new(|_| {})).is_err());
+        assert_eq!(lc.resume(), wrong("resume", VmState::Running));
+        lc.pause().unwrap();
+        assert_eq!(lc.state(), VmState::Paused);
+        // Every fake vCPU is parked: no work is done while paused.
+        let before = work.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(work.load(Ordering::SeqCst), before);
+        assert_eq!(lc.pause(), wrong("pause", VmState::Paused));
+        lc.resume().unwrap();
+        assert_eq!(
+            *clock.1.lock().unwrap(),
+            vec![5000],
+            "the frozen clock written back"
+        );
+        while work.load(Ordering::SeqCst) == before {
+            std::thread::yield_now();
+        }
+        assert_eq!(lc.state(), VmState::Running);
+        lc.pause().unwrap();
+        assert_eq!(lc.stop(), VmState::Paused);
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(lc.state(), VmState::Stopped);
+        assert_eq!(lc.pause(), wrong("pause", VmState::Stopped));
+        assert_eq!(lc.resume(), wrong("resume", VmState::Stopped));
+        assert_eq!(
+            lc.resume().unwrap_err().to_string(),
+            "cannot resume a VM that is stopped"
+        );
+    }
+
+    #[test]
+    fn a_vcpu_that_never_parks_fails_the_pause_and_the_vm_stays_running() {
+        let (lc, mut boxes) = Lifecycle::new(2, None);
+        let work = Arc::new(AtomicU64::new(0));
+        let ok = fake_vcpu(boxes.remove(0), work);
+        let stuck = boxes.remove(0); // never reads its mailbox
+        lc.started(Box::new(|_| {})).unwrap();
+        let e = lc
+            .command_all(99, VcpuCommand::Pause, Duration::from_millis(30))
+            .unwrap_err();
+        assert!(e.to_string().contains("[1]"), "{e}");
+        // The real pause gives up the same way (with its own longer timeout, not waited here):
+        // the healthy vCPU is resumed and the state is unchanged.
+        lc.command_all(100, VcpuCommand::Resume, Duration::from_millis(30))
+            .unwrap_err();
+        assert_eq!(lc.state(), VmState::Running);
+        lc.stop();
+        ok.join().unwrap();
+        drop(stuck);
+    }
+}

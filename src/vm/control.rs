@@ -1,0 +1,184 @@
+//! What the outside sees of a running VM: the devices' counters for the report and the control
+//! API's view ([`VmControl`], the VM's side of [`crate::api::Control`]).
+//!
+//! Owns nothing of the VM: it holds shared handles (counters, the lifecycle, KVM's statistics
+//! descriptors) and may change the VM only through the lifecycle, the balloon's target and the
+//! quit flag.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde_json::{json, Value};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::api::ApiError;
+use crate::devices::legacy::{probe, serial};
+use crate::lifecycle::Lifecycle;
+use crate::stats::DeviceFact;
+
+/// Devices whose counters end up in the report.
+pub(crate) struct DeviceCounters {
+    pub probe: Option<(Arc<probe::ProbeCounters>, EventFd, EventFd)>,
+    pub console: Arc<Mutex<serial::ConsoleWatch>>,
+    pub console_queue: Arc<serial::ConsoleQueue>,
+    /// What the console writer left behind (set once it is finished).
+    pub console_totals: std::sync::OnceLock<serial::ConsoleTotals>,
+    /// The PCI/virtio devices (their workers stop when this is dropped).
+    pub virtio: Option<Arc<crate::devices::virtio::VirtioSet>>,
+}
+
+impl DeviceCounters {
+    /// The console's and the PCI devices' facts: what can be read while the VM runs (the
+    /// probe's ioeventfd counters are drained by reading them, so only the final report has them).
+    fn live_facts(&self) -> Vec<DeviceFact> {
+        let mut v = vec![];
+        let console = self.console.lock().unwrap_or_else(|p| p.into_inner());
+        let mut facts = BTreeMap::from([
+            ("bytes_out".into(), console.bytes()),
+            ("bytes_dropped".into(), self.console_queue.dropped()),
+        ]);
+        if let Some(t) = self.console_totals.get() {
+            facts.insert("bytes_dropped".into(), t.dropped);
+            facts.insert("bytes_unwritten".into(), t.unwritten);
+        }
+        v.push(DeviceFact {
+            device: "serial".into(),
+            facts,
+        });
+        drop(console);
+        if let Some(set) = &self.virtio {
+            v.extend(set.facts());
+        }
+        v
+    }
+
+    /// Device workers that panicked.
+    pub fn panics(&self) -> Vec<String> {
+        self.virtio.as_ref().map(|s| s.panics()).unwrap_or_default()
+    }
+
+    /// Every device's facts, for the final report: the live ones with the probe's after the
+    /// console's.
+    pub fn facts(&self) -> Vec<DeviceFact> {
+        let mut v = self.live_facts();
+        if let Some((c, pio_evt, mmio_evt)) = &self.probe {
+            let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+            // The eventfd counters hold how many ioeventfd writes KVM completed in-kernel.
+            let drain = |e: &EventFd| e.read().unwrap_or(0);
+            v.insert(
+                1,
+                DeviceFact {
+                    device: "probe".into(),
+                    facts: BTreeMap::from([
+                        ("pio_reads".into(), ld(&c.pio_reads)),
+                        ("pio_writes".into(), ld(&c.pio_writes)),
+                        ("mmio_reads".into(), ld(&c.mmio_reads)),
+                        ("mmio_writes".into(), ld(&c.mmio_writes)),
+                        ("pio_ioeventfd".into(), drain(pio_evt)),
+                        ("mmio_ioeventfd".into(), drain(mmio_evt)),
+                    ]),
+                },
+            );
+        }
+        v
+    }
+}
+
+/// What the control API (`--api-socket`) may do to this VM.
+pub(crate) struct VmControl {
+    pub started: Instant,
+    pub counters: Arc<DeviceCounters>,
+    pub kvm_stats: Arc<Vec<crate::kvm_stats::VcpuStatsFd>>,
+    /// Each vCPU's exits to userspace by reason, as they happen.
+    pub exits: Vec<Arc<crate::stats::LiveExits>>,
+    /// Converts the vCPUs' TSC cycles in `KVM_RUN` to time.
+    pub tsc: crate::stats::TscClock,
+    /// In-kernel exits by reason (`--kernel-exit-reasons`), and where they come from.
+    pub traces: crate::kvm_trace::Shared,
+    pub kernel_reasons: String,
+    pub quit: Arc<AtomicBool>,
+    pub lifecycle: Arc<Lifecycle>,
+    pub cpus: u8,
+    pub mem_bytes: u64,
+}
+
+impl VmControl {
+    /// Each vCPU's counters: exits to userspace by reason, time in `KVM_RUN`, and KVM's own
+    /// statistics where every vCPU has them (`exitless top`).
+    fn vcpus(&self) -> Vec<Value> {
+        let hz = self.tsc.hz();
+        let kvm_per_vcpu = self.kvm_stats.len() == self.exits.len();
+        self.exits
+            .iter()
+            .enumerate()
+            .map(|(id, live)| {
+                let cycles = live.1.load(Ordering::Relaxed);
+                let mut kvm = if kvm_per_vcpu {
+                    self.kvm_stats[id].read()
+                } else {
+                    BTreeMap::new()
+                };
+                if let Some(t) = self.traces.get(id).and_then(|t| t.get()) {
+                    kvm.extend(t.read());
+                }
+                json!({
+                    "id": id,
+                    "exits": crate::stats::LiveExits::sum(std::iter::once(&**live)),
+                    "run_ns": (cycles as f64 * 1e9 / hz) as u64,
+                    "kvm": kvm,
+                })
+            })
+            .collect()
+    }
+}
+
+impl crate::api::Control for VmControl {
+    fn info(&self) -> Value {
+        json!({
+            "state": self.lifecycle.state(),
+            "vcpus": self.cpus,
+            "memory_bytes": self.mem_bytes,
+            "uptime_s": self.started.elapsed().as_secs_f64(),
+            "paused_s": self.lifecycle.paused_for().as_secs_f64(),
+        })
+    }
+
+    fn pause(&self) -> Result<(), ApiError> {
+        Ok(self.lifecycle.pause()?)
+    }
+
+    fn resume(&self) -> Result<(), ApiError> {
+        Ok(self.lifecycle.resume()?)
+    }
+
+    fn stats(&self) -> Value {
+        let devices: serde_json::Map<String, Value> = self
+            .counters
+            .live_facts()
+            .into_iter()
+            .map(|f| (f.device, json!(f.facts)))
+            .collect();
+        json!({
+            "uptime_s": self.started.elapsed().as_secs_f64(),
+            "exits": crate::stats::LiveExits::sum(self.exits.iter().map(|e| &**e)),
+            "devices": devices,
+            "kvm": crate::kvm_stats::sum(self.kvm_stats.iter()),
+            "vcpus": self.vcpus(),
+            "kernel_exit_reasons": self.kernel_reasons,
+            "state": self.lifecycle.state(),
+        })
+    }
+
+    fn set_balloon(&self, bytes: u64) -> Result<u32, String> {
+        match &self.counters.virtio {
+            Some(set) => set.set_balloon_target(bytes),
+            None => Err("this VM has no balloon (start it with --balloon)".into()),
+        }
+    }
+
+    fn quit(&self) {
+        self.quit.store(true, Ordering::SeqCst);
+    }
+}
