@@ -80,7 +80,10 @@ fn main(_boot: &'static kit::BootInfo) -> ! {
         let pa = core::ptr::addr_of!(PVCLOCK) as u64; // identity-mapped
         arch::wrmsr(MSR_KVM_SYSTEM_TIME_NEW, pa | 1);
     }
-    println!("kit: clock guest (kvmclock {})", if kvmclock { "on" } else { "off" });
+    println!(
+        "kit: clock guest (kvmclock {})",
+        if kvmclock { "on" } else { "off" }
+    );
     let hz = lapic::tsc_hz();
     let (t0, k0) = (arch::rdtsc(), if kvmclock { kvmclock_ns() } else { 0 });
     let mut tick: u64 = 0;
