@@ -16,7 +16,7 @@
 //!
 //! **How a pause works.** The controller posts `Pause` to every vCPU's mailbox and raises the
 //! vCPU's `pending` flag (one atomic load on the exit path, the same cost as the stop flag it
-//! replaces), then kicks every vCPU that has not answered, every millisecond, until each has
+//! replaced), then kicks every vCPU that has not answered, every millisecond, until each has
 //! answered `Paused`: the kick takes it out of `KVM_RUN`, it sees the flag, reads its mailbox and
 //! parks, blocked on the mailbox, until `Resume` or `Stop`. Every command carries a sequence
 //! number and its answers echo it, so an answer that comes after its command was given up on is
@@ -341,11 +341,18 @@ impl Lifecycle {
         timeout: Duration,
     ) -> Result<(), LifecycleError> {
         let mut waiting: Vec<bool> = vec![true; self.links.len()];
+        // Posted to every vCPU even when one has ended, so that none is left parked.
+        let mut ended = Vec::new();
         for (id, link) in self.links.iter().enumerate() {
             if link.commands.send((seq, cmd)).is_err() {
-                return Err(LifecycleError::Failed(format!("vCPU {id} has ended")));
+                ended.push(id);
             }
             link.pending.store(true, Ordering::Release);
+        }
+        if !ended.is_empty() {
+            return Err(LifecycleError::Failed(format!(
+                "vCPU(s) {ended:?} have ended (the VM is stopping)"
+            )));
         }
         let acks = self.acks.lock().unwrap_or_else(|p| p.into_inner());
         let kick = self.kick.lock().unwrap_or_else(|p| p.into_inner());
@@ -489,5 +496,31 @@ mod tests {
         lc.stop();
         ok.join().unwrap();
         drop(stuck);
+    }
+
+    #[test]
+    fn a_pause_after_a_vcpu_ended_fails_and_leaves_no_vcpu_parked() {
+        let (lc, mut boxes) = Lifecycle::new(2, None);
+        drop(boxes.remove(0)); // vCPU 0's thread has ended
+        let other = fake_vcpu(boxes.remove(0), Arc::new(AtomicU64::new(0)));
+        lc.started(Box::new(|_| {})).unwrap();
+        let e = lc.pause().unwrap_err();
+        assert!(e.to_string().contains("[0] have ended"), "{e}");
+        assert_eq!(lc.state(), VmState::Running);
+        // vCPU 1 was told to pause and then to resume, and answered both: it is not parked.
+        let acks = lc.acks.lock().unwrap();
+        let mut seen = Vec::new();
+        while seen.len() < 2 {
+            let a = acks.recv_timeout(Duration::from_secs(60)).unwrap();
+            seen.push((a.id, a.command));
+        }
+        drop(acks);
+        assert_eq!(
+            seen,
+            [(1, VcpuCommand::Pause), (1, VcpuCommand::Resume)],
+            "{seen:?}"
+        );
+        lc.stop();
+        other.join().unwrap();
     }
 }
