@@ -303,6 +303,8 @@ async fn serve_connection(stream: tokio::net::UnixStream, vm: Arc<dyn Control>) 
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(CLIENT_TIMEOUT)
         .max_buf_size(MAX_HEAD)
+        // A client that shuts down its side after its request still gets the answer.
+        .half_close(true)
         .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
     let _ = conn.await;
 }
