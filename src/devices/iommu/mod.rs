@@ -599,15 +599,19 @@ impl Iommu {
         let s = &self.stats;
         let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let (hits, misses) = self.iotlb_counts();
-        let (gsts, iqh, iqt) = {
-            let r = &self.lock().regs;
-            (r.gsts, r.iqh, r.iqt)
+        let (gsts, iqh, iqt, statuses) = {
+            let inner = self.lock();
+            let r = &inner.regs;
+            (r.gsts, r.iqh, r.iqt, self.wait_statuses(&inner))
         };
         let mut m = std::collections::BTreeMap::new();
         // Where the invalidation queue stands: the head and tail the model processed, and (in
         // sidecore) the tail the guest last wrote to the shared page.
         m.insert("qi_head".to_string(), iqh >> 4);
         m.insert("qi_tail".to_string(), iqt >> 4);
+        for (k, v) in ["free", "in_use", "done", "abort", "other"].iter().zip(statuses) {
+            m.insert(format!("qi_wait_status_{k}"), v);
+        }
         if let Some(p) = self.page.get() {
             m.insert("qi_tail_guest".to_string(), p.guest_iqt() >> 4);
         }

@@ -64,6 +64,30 @@ pub fn decode(lo: u64, hi: u64) -> Option<Descriptor> {
 }
 
 impl Iommu {
+    /// How many wait descriptors in the queue have each status value at their status address
+    /// (Linux's `desc_status`: 0 free, 1 in use, 2 done, 3 abort; 4 for anything else): for a
+    /// guest that hung waiting, this tells a completion the model never wrote from one the guest
+    /// overwrote.
+    pub(super) fn wait_statuses(&self, inner: &Inner) -> [u64; 5] {
+        let mut counts = [0u64; 5];
+        let Some((base, n)) = inner.regs.queue() else {
+            return counts;
+        };
+        for i in 0..n {
+            let d = read_desc(&self.mem, base + 16 * i).and_then(|(lo, hi)| decode(lo, hi));
+            if let Some(Descriptor::Wait {
+                status: Some((addr, _)),
+                ..
+            }) = d
+            {
+                if let Ok(v) = self.mem.read_obj::<u32>(GuestAddress(addr)) {
+                    counts[(v as usize).min(4)] += 1;
+                }
+            }
+        }
+        counts
+    }
+
     /// Processes the queue from IQH to IQT (when queued invalidation is on and no error stops it).
     pub(super) fn run_queue(&self, inner: &mut Inner) {
         let r = &inner.regs;
