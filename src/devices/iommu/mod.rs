@@ -609,7 +609,10 @@ impl Iommu {
         // sidecore) the tail the guest last wrote to the shared page.
         m.insert("qi_head".to_string(), iqh >> 4);
         m.insert("qi_tail".to_string(), iqt >> 4);
-        for (k, v) in ["free", "in_use", "done", "abort", "other"].iter().zip(statuses) {
+        for (k, v) in ["free", "in_use", "done", "abort", "other"]
+            .iter()
+            .zip(statuses)
+        {
             m.insert(format!("qi_wait_status_{k}"), v);
         }
         if let Some(p) = self.page.get() {
