@@ -46,3 +46,27 @@ ops=op(1,0x90,0,0x7000)+op(0,0x18,0,1<<26)+op(1,0x20,0,0x1000)+op(0,0x18,0,(1<<2
 ops+=op(0,0x18,0,(1<<26)|(1<<31))+op(3,0x0008,4,0x10001)+op(1,0x88,0,0x10)+op(2,0x34,0,0)
 os.makedirs(c+'iommu',exist_ok=True)
 open(c+'iommu/enable_dma_wait','wb').write(bytes(img)+ops)
+# virtio_net: options (bit 1 MRG_RXBUF, 2 CTRL_VQ, 4 NOTF_COAL); rx: one 2 KiB writable buffer;
+# tx: one frame; ctrl: a NOTF_COAL command (class 6; cmd 1 RX_SET / 0 TX_SET: max packets, usecs).
+def net(opts, cmd, data):
+    s=bytes([opts])
+    s+=bytes([1])+desc(B+0x2000,2048,2,0)+bytes([1,0])
+    s+=bytes([1])+desc(B+0x1000,12+60,0,0)+bytes([1,0])
+    s+=bytes([3])+desc(B+0x3000,2,1,1)+desc(B+0x3010,len(data),1,2)+desc(B+0x3020,1,2,0)+bytes([1,0])
+    buf=bytearray(0x3100)
+    buf[0:72]=bytes(12)+bytes([0xff]*6)+bytes([2,0,0,0,0,1])+b'\x08\x06'+bytes(46)
+    buf[0x1000:0x1000+72]=bytes(12)+bytes([0xff]*6)+bytes([2,0,0,0,0,0x2a])+b'\x08\x06'+bytes(46)
+    buf[0x3000:0x3002]=bytes([6,cmd])
+    buf[0x3010:0x3010+len(data)]=data
+    return s+bytes(buf)
+open(c+'virtio_net/notf_coal_rx','wb').write(net(0x16,1,struct.pack('<II',16,50)))
+open(c+'virtio_net/notf_coal_tx','wb').write(net(0x36,0,struct.pack('<II',8,2000000)))
+open(c+'virtio_net/mac_table','wb').write(net(0x04,1,bytes(8)))
+# acpi_e820: flags (bit 0 size from text, 1 ECAM in E820, 2 MCFG, 3 DMAR), u64 size, vCPUs,
+# u64 ECAM base, start and end bus, u64 DMAR base, memory pick; text from byte 32.
+def acpi(flags,size,cpus,base,sb,eb,dmar,pick,text=b''):
+    b=bytes([flags])+struct.pack('<QBQBBQB',size,cpus,base,sb,eb,dmar,pick)
+    return b+bytes(32-len(b))+text
+open(c+'acpi_e820/q35','wb').write(acpi(0x0e,512<<20,2,0xe0000000,0,255,0xfed90000,3))
+open(c+'acpi_e820/text_4g','wb').write(acpi(0x07,0,4,0xe0000000,0,0,0,2,b'4G'))
+open(c+'acpi_e820/bad_ecam','wb').write(acpi(0x06,64<<20,255,0xfffffffffff00000,255,0,0,0))

@@ -156,13 +156,40 @@ const BUFFERS: u64 = 0x10000;
 /// `m`, `m` head bytes; then the bytes the buffers hold, from `BUFFERS` on. The device is
 /// activated with every queue and each queue is processed in turn, twice.
 fn virtio_queues(dev: &mut dyn VirtioDevice, mem: &GuestMemoryMmap, data: &[u8]) {
+    let nq = dev.queue_max_sizes().len();
+    let queues = fuzzed_queues(nq, mem, data);
+    let features = dev.features();
+    let stats = dev.stats();
+    let Ok(handler) = dev.activate(Activation {
+        mem: mem.clone(),
+        queues,
+        features,
+        stats,
+    }) else {
+        return;
+    };
+    process_twice(handler, nq);
+}
+
+/// Processes each of `nq` queues in turn, twice (a second pass finds what the first left).
+fn process_twice(mut handler: Box<dyn crate::devices::virtio::QueueHandler>, nq: usize) {
+    for _ in 0..2 {
+        for q in 0..nq {
+            if handler.process(q).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// The queues of [`virtio_queues`], laid out from `data` in `mem`.
+fn fuzzed_queues(nq: usize, mem: &GuestMemoryMmap, data: &[u8]) -> Vec<Vq> {
     let mut pos = 0;
     let mut next = || {
         pos += 1;
         data.get(pos - 1).copied().unwrap_or(0)
     };
     let event_idx = next() & 1 != 0;
-    let nq = dev.queue_max_sizes().len();
     let msix = Arc::new(Msix::new(nq as u16 + 1, Arc::new(NoRoutes::default())).expect("msix"));
     let mut queues = Vec::new();
     for q in 0..nq {
@@ -222,22 +249,152 @@ fn virtio_queues(dev: &mut dyn VirtioDevice, mem: &GuestMemoryMmap, data: &[u8])
     let rest = data.get(pos..).unwrap_or_default();
     let rest = &rest[..rest.len().min(VIRTIO_MEM - BUFFERS as usize)];
     mem.write_slice(rest, GuestAddress(BUFFERS)).unwrap();
-    let features = dev.features();
-    let stats = dev.stats();
-    let Ok(mut handler) = dev.activate(Activation {
-        mem: mem.clone(),
-        queues,
-        features,
-        stats,
-    }) else {
+    queues
+}
+
+/// virtio-net over a datagram socket pair standing in for the tap (no host network), queues
+/// as [`virtio_queues`] lays them out (receive, transmit, control). The options byte picks the
+/// features: bit 1 `MRG_RXBUF`, bit 2 `CTRL_VQ`, bit 3 `GUEST_CSUM`, bit 4 `NOTF_COAL`, bit 5
+/// adaptive moderation; the first 1600 buffer bytes (from `BUFFERS` on) are also sent as a frame
+/// from the host side before the queues are processed, so receive has something to deliver.
+/// Control commands (`NOTF_COAL`'s included) come from the control queue's chains.
+pub fn virtio_net(data: &[u8]) {
+    use crate::devices::virtio::moderation::Coalesce;
+    use crate::devices::virtio::tap::Tap;
+    use std::os::fd::FromRawFd;
+    use virtio_bindings::virtio_net::{
+        VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MRG_RXBUF,
+        VIRTIO_NET_F_NOTF_COAL,
+    };
+    let opts = data.first().copied().unwrap_or(0);
+    let mut features = 1u64 << 32;
+    for (b, f) in [
+        (1, VIRTIO_NET_F_MRG_RXBUF),
+        (2, VIRTIO_NET_F_CTRL_VQ),
+        (3, VIRTIO_NET_F_GUEST_CSUM),
+        (4, VIRTIO_NET_F_NOTF_COAL),
+    ] {
+        if opts & (1 << b) != 0 {
+            features |= 1 << f;
+        }
+    }
+    let coalesce = if opts & 0x20 != 0 {
+        Coalesce::Adaptive { cap_us: 32 }
+    } else {
+        Coalesce::Off
+    };
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors socketpair returns; checked.
+    let rc = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    assert_eq!(rc, 0, "socketpair");
+    // SAFETY: both descriptors are fresh and owned here alone.
+    let (ours, peer) = unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    };
+    let mem = guest_memory(VIRTIO_MEM);
+    let queues = fuzzed_queues(3, &mem, data);
+    let mut frame = vec![0u8; 1600];
+    let _ = mem.read_slice(&mut frame, GuestAddress(BUFFERS));
+    let _ = std::io::Write::write(&mut &peer, &frame);
+    let stats = Arc::new(crate::devices::virtio::DeviceStats::default());
+    let tap = Arc::new(Tap::from_file(ours, "fuzz"));
+    let Ok(h) = crate::devices::virtio::net::handler(queues, tap, features, stats, coalesce) else {
         return;
     };
-    for _ in 0..2 {
-        for q in 0..nq {
-            if handler.process(q).is_err() {
-                return;
-            }
+    process_twice(Box::new(h), 3);
+}
+
+/// The boot-time tables from a hostile configuration: a guest memory size (as `--mem` gives it,
+/// parsed from text when the first byte is odd), a vCPU count, an ECAM window (any base, any
+/// bus range) and a DMAR base. The E820 map of the size must keep its RAM out of the MMIO hole,
+/// its entries apart and non-empty, and count every byte of RAM once; the ACPI tables, written
+/// into guest memory of 0.5 to 2 MiB, must either fail with an error or leave an RSDP whose
+/// checksums and XSDT entries hold.
+pub fn acpi_e820(data: &[u8]) {
+    use crate::arch::x86_64::acpi::{setup_acpi_tables, AcpiConfig, EcamRegion};
+    use crate::arch::x86_64::boot::e820_map;
+    use crate::arch::x86_64::layout::{HIGH_RAM_START, MMIO_HOLE_START};
+    let mut b = [0u8; 32];
+    let n = data.len().min(32);
+    b[..n].copy_from_slice(&data[..n]);
+    let word = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
+    let mem_bytes = if b[0] & 1 != 0 {
+        let text = String::from_utf8_lossy(data.get(32..).unwrap_or_default());
+        match crate::config::parse_size(&text) {
+            Ok(v) => v,
+            Err(_) => return,
         }
+    } else {
+        word(1)
+    };
+    if mem_bytes < crate::memory::MIN_MEM {
+        return; // refused before any table is built (memory::create)
+    }
+    let (low, high) = crate::memory::split(mem_bytes);
+    let map = e820_map(low, high, b[0] & 2 != 0);
+    let mut ram = 0u64;
+    for (i, &(a, len, ty)) in map.iter().enumerate() {
+        assert!(len > 0, "an empty E820 entry in {map:x?}");
+        let end = a.checked_add(len).expect("an E820 entry wraps");
+        if ty == 1 {
+            assert!(end <= MMIO_HOLE_START || a >= HIGH_RAM_START, "{map:x?}");
+            ram += len;
+        }
+        for &(a2, len2, _) in &map[i + 1..] {
+            assert!(
+                end <= a2 || a2 + len2 <= a,
+                "overlapping E820 entries: {map:x?}"
+            );
+        }
+    }
+    // Every byte of RAM once, less the BIOS area and the gap below 1 MiB.
+    use crate::arch::x86_64::layout::{EBDA_START, HIMEM_START};
+    assert_eq!(ram, EBDA_START + (low - HIMEM_START) + high, "{map:x?}");
+
+    let cfg = AcpiConfig {
+        num_cpus: b[9],
+        pci_ecam: (b[0] & 4 != 0).then(|| EcamRegion {
+            base: word(10),
+            start_bus: b[18],
+            end_bus: b[19],
+        }),
+        dmar: (b[0] & 8 != 0).then(|| word(20)),
+    };
+    let mem = guest_memory([512 << 10, 1 << 20, 2 << 20, 2 << 20][usize::from(b[28] % 4)]);
+    let Ok(rsdp) = setup_acpi_tables(&mem, &cfg) else {
+        return;
+    };
+    let table = |at: u64, len: usize| {
+        let mut t = vec![0u8; len];
+        mem.read_slice(&mut t, GuestAddress(at))
+            .expect("a table in memory");
+        t
+    };
+    let sum = |t: &[u8]| t.iter().fold(0u8, |a, &x| a.wrapping_add(x));
+    let r = table(rsdp.0, 36);
+    assert_eq!(&r[..8], b"RSD PTR ");
+    assert_eq!(sum(&r[..20]), 0, "RSDP checksum");
+    assert_eq!(sum(&r), 0, "RSDP extended checksum");
+    let xsdt_at = u64::from_le_bytes(r[24..32].try_into().unwrap());
+    let head = table(xsdt_at, 36);
+    let xlen = u32::from_le_bytes(head[4..8].try_into().unwrap()) as usize;
+    let xsdt = table(xsdt_at, xlen);
+    assert_eq!(sum(&xsdt), 0, "XSDT checksum");
+    for e in xsdt[36..].chunks_exact(8) {
+        let at = u64::from_le_bytes(e.try_into().unwrap());
+        let h = table(at, 36);
+        let len = u32::from_le_bytes(h[4..8].try_into().unwrap()) as usize;
+        assert_eq!(sum(&table(at, len)), 0, "checksum of {:?}", &h[..4]);
     }
 }
 
@@ -418,6 +575,30 @@ pub fn iommu(data: &[u8]) {
                     assert_eq!(out.iter().map(|s| s.len).sum::<u64>(), len);
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The seed corpus of the newer targets runs through them without a panic (the targets'
+    /// own assertions included), in the ordinary test run.
+    #[test]
+    fn the_seed_corpus_runs_clean() {
+        let targets: [(&str, fn(&[u8])); 2] = [
+            ("virtio_net", super::virtio_net),
+            ("acpi_e820", super::acpi_e820),
+        ];
+        for (name, target) in targets {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("fuzz/corpus")
+                .join(name);
+            let mut n = 0;
+            for e in std::fs::read_dir(&dir).unwrap() {
+                target(&std::fs::read(e.unwrap().path()).unwrap());
+                n += 1;
+            }
+            assert!(n >= 3, "{n} seeds in {}", dir.display());
         }
     }
 }

@@ -20,7 +20,7 @@ if [[ $# -gt 0 && $1 =~ ^[0-9]+$ ]]; then
     shift
 fi
 
-all=(bzimage elf_sink api_line virtio_block virtio_rng virtio_balloon virtio_vsock pci iommu)
+all=(bzimage elf_sink api_line virtio_block virtio_rng virtio_balloon virtio_vsock virtio_net pci iommu acpi_e820)
 targets=("$@")
 [[ ${#targets[@]} -gt 0 ]] || targets=("${all[@]}")
 
@@ -30,6 +30,8 @@ max_len() {
     case $1 in
         bzimage | elf_sink) echo 65536 ;;
         api_line) echo 4096 ;;
+        virtio_net) echo 16384 ;;
+        acpi_e820) echo 64 ;;
         pci) echo 1200 ;;
         iommu) echo 40960 ;;
         *) echo 8192 ;;

@@ -219,22 +219,41 @@ impl VirtioDevice for Net {
         ] {
             a.stats.add_extra(k, 0);
         }
-        let mut queues = a.queues.into_iter();
-        let (Some(mut rx), Some(mut tx)) = (queues.next(), queues.next()) else {
-            return Err("virtio-net needs a receive and a transmit queue".into());
-        };
-        rx.moderator = Moderator::new(self.coalesce);
-        tx.moderator = Moderator::new(self.coalesce);
-        let ctrl = queues
-            .next()
-            .filter(|_| a.features & bit(VIRTIO_NET_F_CTRL_VQ) != 0);
-        let mut h = NetHandler::new(rx, tx, self.tap.clone(), a.features, a.stats)?;
-        h.ctrl = ctrl;
+        let h = handler(
+            a.queues,
+            self.tap.clone(),
+            a.features,
+            a.stats,
+            self.coalesce,
+        )?;
         Ok(Box::new(h))
     }
     fn stats(&self) -> Arc<DeviceStats> {
         self.stats.clone()
     }
+}
+
+/// The queue handler over `queues` (receive, transmit, then control if negotiated) once the
+/// tap's offloads are set; apart so that the fuzz target can drive it over a socket.
+pub(crate) fn handler(
+    queues: Vec<Vq>,
+    tap: Arc<Tap>,
+    features: u64,
+    stats: Arc<DeviceStats>,
+    coalesce: Coalesce,
+) -> Result<NetHandler, String> {
+    let mut queues = queues.into_iter();
+    let (Some(mut rx), Some(mut tx)) = (queues.next(), queues.next()) else {
+        return Err("virtio-net needs a receive and a transmit queue".into());
+    };
+    rx.moderator = Moderator::new(coalesce);
+    tx.moderator = Moderator::new(coalesce);
+    let ctrl = queues
+        .next()
+        .filter(|_| features & bit(VIRTIO_NET_F_CTRL_VQ) != 0);
+    let mut h = NetHandler::new(rx, tx, tap, features, stats)?;
+    h.ctrl = ctrl;
+    Ok(h)
 }
 
 enum Delivery {

@@ -153,8 +153,9 @@ impl Tap {
         ok
     }
 
-    /// A stand-in for unit tests: any datagram descriptor behaves like a tap for the handler.
-    #[cfg(test)]
+    /// A stand-in for unit tests and the fuzz target: any datagram descriptor behaves like a
+    /// tap for the handler (offloads cannot be set on it: see [`handler`](super::net::handler)).
+    #[doc(hidden)]
     pub fn from_file(file: File, name: &str) -> Tap {
         Tap {
             file,
