@@ -585,7 +585,8 @@ mod tests {
     /// own assertions included), in the ordinary test run.
     #[test]
     fn the_seed_corpus_runs_clean() {
-        let targets: [(&str, fn(&[u8])); 2] = [
+        type Target = fn(&[u8]);
+        let targets: [(&str, Target); 2] = [
             ("virtio_net", super::virtio_net),
             ("acpi_e820", super::acpi_e820),
         ];
