@@ -337,7 +337,7 @@ pub fn acpi_e820(data: &[u8]) {
     } else {
         word(1)
     };
-    if mem_bytes < crate::memory::MIN_MEM {
+    if crate::memory::check_size(mem_bytes).is_err() {
         return; // refused before any table is built (memory::create)
     }
     let (low, high) = crate::memory::split(mem_bytes);

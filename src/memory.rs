@@ -23,6 +23,11 @@ use crate::arch::x86_64::layout::{HIGH_RAM_START, MMIO_HOLE_START};
 
 /// Smallest guest we accept: enough for the boot data below 1 MiB plus a kernel.
 pub const MIN_MEM: u64 = 16 << 20;
+/// Largest guest we accept: its RAM above 4 GiB must end within 46 physical address bits (what
+/// x86_64 CPUs give guests at the least), and so never wrap the address space (the fuzz target
+/// `acpi_e820` found an E820 entry that did, for a size near 2^64, on a host whose capacity
+/// could not be read).
+pub const MAX_MEM: u64 = (1 << 46) - (HIGH_RAM_START - MMIO_HOLE_START);
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -30,6 +35,8 @@ pub enum MemoryError {
     TooSmall(u64),
     #[error("guest memory {asked} MiB is more than this host has ({host} MiB of RAM and swap)")]
     TooLarge { asked: u64, host: u64 },
+    #[error("guest memory {0} MiB does not fit a guest's address space (at most {max} MiB)", max = MAX_MEM >> 20)]
+    BeyondAddressSpace(u64),
     #[error("cannot map {0} MiB of guest memory: {1}")]
     Map(u64, String),
 }
@@ -55,11 +62,23 @@ pub fn host_capacity() -> Option<u64> {
     Some(field("MemTotal:")? + field("SwapTotal:").unwrap_or(0))
 }
 
+/// Whether a guest of `size` bytes can be laid out at all (the host's capacity aside).
+pub fn check_size(size: u64) -> Result<(), MemoryError> {
+    if size < MIN_MEM {
+        return Err(MemoryError::TooSmall(size >> 20));
+    }
+    if size > MAX_MEM {
+        return Err(MemoryError::BeyondAddressSpace(size >> 20));
+    }
+    Ok(())
+}
+
 /// Maps `size` bytes of guest RAM.
 pub fn create(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
     if size < MIN_MEM {
         return Err(MemoryError::TooSmall(size >> 20));
     }
+    // The host's limit first: the one a user meets.
     if let Some(host) = host_capacity() {
         if size > host {
             return Err(MemoryError::TooLarge {
@@ -68,6 +87,7 @@ pub fn create(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
             });
         }
     }
+    check_size(size)?;
     let (low, high) = split(size);
     let mut ranges = vec![(GuestAddress(0), low as usize)];
     if high > 0 {
@@ -171,6 +191,25 @@ fn advise_huge_pages(mem: &GuestMemoryMmap) {
 mod tests {
     use super::*;
     use vm_memory::GuestMemoryBackend;
+
+    #[test]
+    fn sizes_past_the_address_space_are_refused() {
+        assert!(matches!(
+            check_size(u64::MAX),
+            Err(MemoryError::BeyondAddressSpace(_))
+        ));
+        // create: the host's capacity refuses it, or where unreadable the address space.
+        assert!(create(MAX_MEM + 1).is_err());
+        assert!(matches!(
+            check_size(MIN_MEM - 1),
+            Err(MemoryError::TooSmall(_))
+        ));
+        assert!(check_size(MAX_MEM).is_ok());
+        let (_, high) = split(MAX_MEM);
+        assert!(HIGH_RAM_START
+            .checked_add(high)
+            .is_some_and(|e| e <= 1 << 46));
+    }
 
     #[test]
     fn splits_around_the_hole() {
