@@ -187,8 +187,8 @@ fn debian_guest_uses_disk_and_network_behind_the_sidecore_iommu_and_sees_a_bad_d
 /// write where sidecore traps none, and lazy (caching mode off) needs fewer invalidation waits
 /// than strict.
 #[test]
-fn debian_bench_iommu_linux_part_traps_and_batches_as_expected() {
-    const TEST: &str = "debian_bench_iommu_linux_part_traps_and_batches_as_expected";
+fn debian_bench_iommu_real_guest_part_traps_and_batches_as_expected() {
+    const TEST: &str = "debian_bench_iommu_real_guest_part_traps_and_batches_as_expected";
     if !needs(TEST, &[Need::Kvm, Need::GuestUserspace, Need::DebianGuest]) {
         return;
     }
