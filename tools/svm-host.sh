@@ -247,12 +247,14 @@ longest_lockup() {
         sort -n | tail -n 1 | grep . || echo 0
 }
 stop_l1() {
-    kill "$qemu_pid" 2>/dev/null
+    kill "$qemu_pid" 2>/dev/null || true
     wait "$qemu_pid" 2>/dev/null || true
     qemu_pid=""
     wait $cat_pids 2>/dev/null || true
     cat_pids=""
-    [ -n "$console_keep" ] && cp "$console" "$console_keep"
+    # An `if`, not `&&`: as a function's last command a false test would be its status, and
+    # `set -e` would end the script before it says why L1 stopped.
+    if [ -n "$console_keep" ]; then cp "$console" "$console_keep"; fi
 }
 deadline=$(($(date +%s) + timeout_s))
 next_hang_check=0
@@ -275,11 +277,7 @@ while kill -0 "$qemu_pid" 2>/dev/null; do
     fi
     sleep 0.5
 done
-wait "$qemu_pid" 2>/dev/null || true
-qemu_pid=""
-wait $cat_pids 2>/dev/null || true
-cat_pids=""
-[ -n "$console_keep" ] && cp "$console" "$console_keep"
+stop_l1
 status="$(sed -n 's/^status \([0-9]*\).*/\1/p' "$run/status" 2>/dev/null | tail -n 1)"
 if [ -z "$status" ]; then
     echo "svm-host.sh: L1 ended without the command's status; QEMU said:" >&2
