@@ -277,6 +277,15 @@ pub struct RunArgs {
     /// `off` runs unfiltered.
     #[arg(long, value_enum, default_value_t = crate::seccomp::Mode::On)]
     pub seccomp: crate::seccomp::Mode,
+    /// Landlock: once set up, each thread may open only the few files the VMM still needs
+    /// (the report, `/proc/self`, removing its sockets at the end); every other path is refused.
+    /// `on` restricts where the kernel has Landlock and says once where it has none; `require`
+    /// refuses to start there; `off` does not restrict.
+    #[arg(long, value_enum, default_value_t = crate::sandbox::Mode::On)]
+    pub landlock: crate::sandbox::Mode,
+    /// Test only: the main thread tries to open PATH once restricted and says whether it could.
+    #[arg(long, hide = true, value_name = "PATH")]
+    pub landlock_selftest: Option<PathBuf>,
     /// Limit the memory the VMM (guest RAM included) may use, so that the host reclaims guest
     /// RAM behind the guest's back (uncooperative swapping): `SIZE[,swap=SIZE][,cgroup=PATH]`.
     /// exitless creates a memory cgroup for itself (root only) and removes it at the end, or
@@ -400,6 +409,8 @@ impl RunArgs {
             kernel_exit_reasons: self.kernel_exit_reasons,
             seccomp: self.seccomp,
             seccomp_selftest: self.seccomp_selftest.clone(),
+            landlock: self.landlock,
+            landlock_selftest: self.landlock_selftest.clone(),
             mem_limit: self
                 .mem_limit
                 .as_deref()

@@ -116,6 +116,10 @@ pub struct VmConfig {
     pub seccomp: crate::seccomp::Mode,
     /// Test only: the thread kind that makes a forbidden system call (`--seccomp-selftest`).
     pub seccomp_selftest: Option<String>,
+    /// Landlock file restrictions per thread (`--landlock`, see `sandbox`).
+    pub landlock: crate::sandbox::Mode,
+    /// Test only: a path the main thread tries to open once restricted (`--landlock-selftest`).
+    pub landlock_selftest: Option<PathBuf>,
     /// `--mem-limit`: the VMM runs in a memory cgroup with this limit (see `memlimit`).
     pub mem_limit: Option<crate::memlimit::MemLimitConfig>,
 }

@@ -10,7 +10,8 @@
 //! - [`stats`]: exit counters and the end-of-run summary; [`rates`]: ELI's Table 3.1 rows as
 //!   rates; [`top`]: `exitless top`, the live view of a running VM;
 //! - [`panics`]: panics of device workers and vCPUs, caught and reported once;
-//! - [`seccomp`]: the system call filters of each kind of thread;
+//! - [`seccomp`]: the system call filters of each kind of thread; [`sandbox`]: their Landlock
+//!   file restrictions;
 //! - [`ratelimit`]: rate limits on the warnings a guest can trigger;
 //! - [`startup`]: where the time before the first `KVM_RUN` goes;
 //! - [`host`]: what the host KVM is and what it cannot run; [`apicv`]: whether it virtualizes
@@ -42,6 +43,7 @@ pub mod memory;
 pub mod panics;
 pub mod ratelimit;
 pub mod rates;
+pub mod sandbox;
 pub mod seccomp;
 pub mod startup;
 pub mod stats;

@@ -78,6 +78,10 @@ fn fail(msg: &str) -> ExitCode {
 }
 
 fn run(args: exitless::cli::RunArgs) -> ExitCode {
+    let inherited = exitless::sandbox::close_inherited_fds();
+    if inherited > 0 {
+        log::debug!("closed {inherited} inherited descriptors");
+    }
     // The host's command-line needs only matter for Linux kernels; detection is cheap.
     let host_cmdline = match (&args.kernel, exitless::vmm::open_kvm()) {
         (Some(_), Ok(kvm)) => exitless::host::HostInfo::detect(&kvm)

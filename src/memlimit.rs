@@ -194,6 +194,25 @@ fn write(path: &Path, value: &str) -> Result<(), String> {
 
 impl MemCgroup {
     /// Puts this process under the limit `cfg` asks for (see the module doc).
+    /// What the end of the run still opens (see `sandbox`): the group's files, the group left
+    /// for, the parent of a group created here (to remove it).
+    pub fn landlock_rules(&self) -> Vec<crate::sandbox::Allowed> {
+        use crate::sandbox::allow;
+        use landlock::AccessFs;
+        let mut r = vec![allow(
+            &self.dir,
+            AccessFs::ReadFile | AccessFs::WriteFile,
+            "the memory cgroup's files",
+        )];
+        if let Some(b) = &self.back_to {
+            r.push(allow(b, AccessFs::WriteFile, "leaving the memory cgroup"));
+        }
+        if let (true, Some(p)) = (self.created, self.dir.parent()) {
+            r.push(allow(p, AccessFs::RemoveDir, "removing the memory cgroup"));
+        }
+        r
+    }
+
     pub fn enter(cfg: &MemLimitConfig) -> Result<MemCgroup, String> {
         MemCgroup::enter_in(cfg, &Mounts::detect(), std::process::id())
     }

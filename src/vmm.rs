@@ -191,6 +191,8 @@ mod tests {
             kernel_exit_reasons: false,
             seccomp: Default::default(),
             seccomp_selftest: None,
+            landlock: Default::default(),
+            landlock_selftest: None,
             mem_limit: None,
         };
         assert_eq!(exit_status(&VmEnd::PowerOff, &cfg), 0);

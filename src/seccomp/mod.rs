@@ -642,6 +642,10 @@ pub fn enabled() -> bool {
 /// Installs `kind`'s filter on the calling thread (nothing if [`init`] was not called or the
 /// mode is `Off`). A filter the kernel refuses ends the process: the user asked for it.
 pub fn apply(kind: Kind) {
+    // Landlock first (its calls are not in the filters); workers inherit their creator's.
+    if !matches!(kind, Kind::Worker(_)) {
+        crate::sandbox::restrict_thread(kind.name());
+    }
     let Some(state) = STATE.get() else { return };
     let Some((_, prog)) = state.programs.iter().find(|(k, _)| *k == kind) else {
         return;

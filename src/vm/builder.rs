@@ -93,6 +93,18 @@ impl<'a> VmBuilder<'a> {
         register_memory(&vm, &mem)?;
         self.clock.mark("vm_and_memory");
         let entry = self.load_boot_data(&mem)?;
+        // Before the first thread starts: each builds its restriction from this ruleset.
+        let cgroup_rules = mem_cgroup
+            .as_ref()
+            .map(crate::memlimit::MemCgroup::landlock_rules)
+            .unwrap_or_default();
+        crate::sandbox::init(
+            cfg.landlock,
+            cfg,
+            &cgroup_rules,
+            cfg.landlock_selftest.as_deref(),
+        )
+        .map_err(VmmError::Config)?;
         let (end_tx, end_rx) = mpsc::channel::<VmEnd>();
         let mut legacy = legacy_devices(&vm, cfg, &end_tx)?;
         let virtio = crate::devices::virtio::build(
