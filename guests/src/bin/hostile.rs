@@ -13,7 +13,13 @@
 //! 4. an interrupt storm: every MSI-X vector of every device armed, requests completing with
 //!    interrupts on, the function mask toggled under them;
 //! 5. a console flood (UART registers poked, then restored);
-//! 6. the check: virtio-rng gives entropy, and the read-only virtio-blk disk reads back the
+//! 6. with an emulated VT-d (`--iommu`): garbage in its register file (both pages), root and
+//!    context tables pointing past RAM, at MMIO or at each other, looping page tables, an
+//!    invalidation queue of garbage descriptors whose wait descriptors write their status at
+//!    MMIO or past RAM, register-based invalidations, and device DMA through all of it; then a
+//!    clean root table must give a recorded fault for a device's DMA, and a pass-through context
+//!    a working virtio-rng through the IOMMU;
+//! 7. the check: virtio-rng gives entropy, and the read-only virtio-blk disk reads back the
 //!    pattern the host wrote (`kit: PASS hostile` only then).
 //!
 //! What the guest must not do to itself is filtered out of the random accesses, so that only the
@@ -23,6 +29,15 @@
 //! (the kit's image, stacks and page tables). Every device gets its own 4 MiB scratch window for
 //! rings and buffers; devices only write upwards from an address, and the balloon (which discards
 //! the pages it is given) has the lowest window, so no device write reaches what it reads.
+//!
+//! The IOMMU phase keeps its tables and queue in a 4 MiB area of their own above the windows,
+//! laid out so that no translation the guest's garbage can produce lets a device write guest RAM
+//! outside it: page tables (TABLE_AREA) point into TABLE_AREA only read-only (loops included) and
+//! writable only where no RAM is; root and context tables (CTX_AREA) point to CTX_AREA, to
+//! TABLE_AREA or where no RAM is; the invalidation queue lies only in QI_AREA, whose every
+//! descriptor that writes a status writes it in STATUS_AREA, at MMIO or past RAM; register writes
+//! that would move the root table, the queue or the IOMMU's interrupts elsewhere are rewritten.
+//! The balloon (which discards the pages it reads) takes no DMA in this phase.
 #![no_std]
 #![no_main]
 
@@ -90,6 +105,8 @@ struct State {
     devs: [Dev; MAX_FUNCS],
     ndevs: usize,
     counts: Counts,
+    /// An emulated VT-d answers at `IOMMU_REGS`.
+    iommu: bool,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -101,6 +118,10 @@ struct Counts {
     resets: u64,
     console: u64,
     storm_requests: u64,
+    iommu_regs: u64,
+    iommu_tables: u64,
+    iommu_descs: u64,
+    iommu_dma: u64,
 }
 
 static mut STATE: State = State {
@@ -110,6 +131,7 @@ static mut STATE: State = State {
     ecam: 0,
     devs: [NO_DEV; MAX_FUNCS],
     ndevs: 0,
+    iommu: false,
     counts: Counts {
         pio: 0,
         mmio: 0,
@@ -118,6 +140,10 @@ static mut STATE: State = State {
         resets: 0,
         console: 0,
         storm_requests: 0,
+        iommu_regs: 0,
+        iommu_tables: 0,
+        iommu_descs: 0,
+        iommu_dma: 0,
     },
 };
 
@@ -835,11 +861,21 @@ extern "C" fn console_flood(_: u64) -> u64 {
     0
 }
 
-// ---------------------------------------------------------------- phase 6: the check
+// ---------------------------------------------------------------- phase 6: the IOMMU
+
+#[path = "hostile/iommu.rs"]
+mod iommu;
+
+// ---------------------------------------------------------------- phase 7: the check
 
 /// Resets `d` and sets up its queue 0 (8 entries at `mem`) the proper way; `vector`: the MSI-X
 /// vector of the queue and of configuration changes.
 fn setup(d: &Dev, mem: u64, vector: u16) -> kit::virtio::Queue {
+    setup_with(d, mem, vector, 0)
+}
+
+/// `setup`, also accepting the features `wanted` (e.g. ACCESS_PLATFORM).
+fn setup_with(d: &Dev, mem: u64, vector: u16, wanted: u64) -> kit::virtio::Queue {
     let v = kit::virtio::Device {
         func: d.func,
         common: d.common,
@@ -849,7 +885,7 @@ fn setup(d: &Dev, mem: u64, vector: u16) -> kit::virtio::Queue {
         config: d.device_cfg,
     };
     d.func.enable();
-    if v.negotiate(0).is_none() {
+    if v.negotiate(wanted).is_none() {
         kit::fail(NAME, format_args!("{:02x}.0 refused VERSION_1", d.func.dev));
     }
     w16(d.common + 0x10, vector);
@@ -957,9 +993,14 @@ fn main(boot: &'static kit::BootInfo) -> ! {
     phase("virtqueues", virtio_attacks, false);
     phase("interrupt storm", storm, true);
     phase("console flood", console_flood, false);
+    s.iommu = iommu::present();
+    if s.iommu {
+        phase("IOMMU", iommu::attacks, true);
+        iommu::check(s);
+    }
     let c = s.counts;
     println!(
-        "kit: hostile counts pio={} mmio={} config={} chains={} resets={} storm_requests={} interrupts={} console_bytes={}",
+        "kit: hostile counts pio={} mmio={} config={} chains={} resets={} storm_requests={} interrupts={} console_bytes={} iommu_regs={} iommu_tables={} iommu_descs={} iommu_dma={}",
         c.pio,
         c.mmio,
         c.config,
@@ -967,7 +1008,11 @@ fn main(boot: &'static kit::BootInfo) -> ! {
         c.resets,
         c.storm_requests,
         INTERRUPTS.load(Ordering::Relaxed),
-        c.console
+        c.console,
+        c.iommu_regs,
+        c.iommu_tables,
+        c.iommu_descs,
+        c.iommu_dma
     );
     check(s);
     kit::pass(NAME);
