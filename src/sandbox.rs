@@ -26,6 +26,9 @@
 //! built before the first thread starts ([`init`]). Device workers start from the launcher (or
 //! a vCPU), already restricted, and inherit its domain.
 //!
+//! Also here: [`close_inherited_fds`], which `exitless run` calls first, so that no descriptor
+//! of its parent reaches a process with an untrusted guest.
+//!
 //! Owns the ruleset; touches only the files named above (and creates the stats file).
 
 use std::fs::OpenOptions;
