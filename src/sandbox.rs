@@ -32,6 +32,7 @@
 //! Owns the ruleset; touches only the files named above (and creates the stats file).
 
 use std::fs::OpenOptions;
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
@@ -229,7 +230,13 @@ fn build(allowed: &[Allowed]) -> Result<RulesetCreated, landlock::RulesetError> 
             log::debug!("landlock: {} does not exist", a.path.display());
             continue;
         };
-        let is_dir = std::fs::metadata(&a.path).is_ok_and(|m| m.is_dir());
+        let kind = std::fs::metadata(&a.path).map(|m| m.file_type());
+        // A pipe or socket (`--stats-json /dev/stdout` into a pipe) is no file-system object:
+        // Landlock neither takes a rule for it nor restricts opening it.
+        if kind.as_ref().is_ok_and(|k| k.is_fifo() || k.is_socket()) {
+            continue;
+        }
+        let is_dir = kind.is_ok_and(|k| k.is_dir());
         let mut access = a.access & handled;
         if !is_dir {
             access &= AccessFs::from_file(TARGET);

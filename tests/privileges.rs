@@ -197,6 +197,30 @@ fn landlock_refuses_a_path_outside_the_allowed_files_once_running() {
     // The report, written at the end by the restricted main thread, is there.
     let report = std::fs::read_to_string(dir.path("report.json")).unwrap();
     assert!(report.contains("guest powered off"), "{report}");
+    // The report into a pipe (`/dev/stdout`), which is no file Landlock can name.
+    let out = Command::new(exitless())
+        .args([
+            "run",
+            "--guest",
+            "poweroff",
+            "--no-summary",
+            "--stats-json",
+            "/dev/stdout",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("\"end\": \"guest powered off\""),
+        "{stdout}"
+    );
     let off = run("off");
     assert!(
         off.contains(&format!("landlock selftest: {} opened", secret.display())),
