@@ -9,15 +9,16 @@
 //!   memory cgroup's report), and the exitless binary itself (a panic's backtrace);
 //! - writing the `--stats-json` report (created empty at set-up, written at the end);
 //! - removing the `--api-socket` and `--vsock` socket files at the end (their directories get
-//!   "remove a file" and nothing else) and, on kernels with Landlock ABI 9+, connecting to the
-//!   vsock's `PATH_PORT` sockets (guest-initiated connections);
+//!   "remove a file" and nothing else);
 //! - with `--mem-limit`: reading and writing its cgroup's files, going back to the group the
 //!   process came from, and removing the group it created.
 //!
 //! Handled are all file-system rights of Landlock ABI 6 and its TCP bind and connect rights
-//! (exitless uses no TCP): a kernel with an older ABI enforces what it knows (best effort; Debian
-//! 12's 6.1 kernel has ABI 2), one without Landlock enforces nothing: `on` then says so once and
-//! runs on, `require` refuses to start.
+//! (exitless uses no TCP). Not handled: connecting to a Unix socket (ABI 9's right), which the
+//! vsock device does at run time for every guest-initiated connection (`PATH_PORT`). A kernel
+//! with an older ABI enforces what it knows (best effort; Debian 12's 6.1 kernel has ABI 2), one
+//! without Landlock enforces nothing: `on` then says so once and runs on, `require` refuses to
+//! start.
 //!
 //! **Why per thread.** Landlock restricts the calling thread and the threads it starts later
 //! (a process-wide flag needs ABI 8, Linux 7.0); exitless starts threads during set-up (the
@@ -150,8 +151,8 @@ pub fn allowed(cfg: &crate::config::VmConfig, cgroup: &[Allowed]) -> Vec<Allowed
         if let Some(dir) = parent(s) {
             a.push(allow(
                 dir,
-                AccessFs::RemoveFile | AccessFs::ResolveUnix,
-                "removing a socket at the end; vsock connections",
+                AccessFs::RemoveFile,
+                "removing a socket at the end",
             ));
         }
     }
