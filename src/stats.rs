@@ -136,10 +136,13 @@ pub struct VcpuStats {
     /// Guest RIP and CPL when the vCPU stopped.
     pub last_rip: Option<u64>,
     pub last_cpl: Option<u16>,
-    /// Guest RIPs seen by the sampler (`--sample-rips`), with their counts.
+    /// Guest RIPs seen by the sampler (`--sample-rips`), with their counts: at most
+    /// [`RIPS_MAX`] RIPs, the samples of further ones under [`RIP_OTHER`]. Bounded because the
+    /// guest chooses its RIPs: a guest that never runs at the same address twice would otherwise
+    /// grow the VMM's memory by one entry per sample for as long as it runs.
     pub rip_samples: HashMap<u64, u64>,
     /// The same for the current and the previous [`RECENT_WINDOW`] (a hung guest's loop shows
-    /// there undiluted by the boot before it).
+    /// there undiluted by the boot before it); same bound.
     pub rip_recent: [HashMap<u64, u64>; 2],
     rip_window_start: Option<std::time::Instant>,
 }
@@ -149,6 +152,13 @@ pub const MMIO_PAGES_MAX: usize = 1024;
 /// The key (not a page address: those are 4 KiB-aligned) under which exits on pages past
 /// [`MMIO_PAGES_MAX`] are counted; the report calls it `other`.
 pub const MMIO_OTHER_PAGES: u64 = u64::MAX;
+
+/// How many distinct guest RIPs each map of `--sample-rips` holds (~100 samples per second per
+/// vCPU: a bit over 40 s of samples that all differ; a real profile has far fewer hot RIPs).
+pub const RIPS_MAX: usize = 4096;
+/// The key (not a canonical kernel or user address) under which samples of RIPs past
+/// [`RIPS_MAX`] are counted; the report calls it `other`.
+pub const RIP_OTHER: u64 = u64::MAX;
 
 /// Length of each window of recent RIP samples.
 pub const RECENT_WINDOW: Duration = Duration::from_secs(30);
@@ -177,17 +187,29 @@ impl Default for VcpuStats {
     }
 }
 
+/// One sample of `rip` in `map`, within [`RIPS_MAX`] (one slot stays free for [`RIP_OTHER`]).
+fn count_rip(map: &mut HashMap<u64, u64>, rip: u64) {
+    let key = if map.contains_key(&rip) || map.len() < RIPS_MAX - 1 {
+        rip
+    } else {
+        RIP_OTHER
+    };
+    *map.entry(key).or_default() += 1;
+}
+
 impl VcpuStats {
     /// Records one sampled guest RIP.
     pub fn sample_rip(&mut self, rip: u64) {
         let now = std::time::Instant::now();
         let start = *self.rip_window_start.get_or_insert(now);
         if now.duration_since(start) >= RECENT_WINDOW {
-            self.rip_recent[1] = std::mem::take(&mut self.rip_recent[0]);
+            // Swapped and cleared, not replaced: the maps keep their room.
+            self.rip_recent.swap(0, 1);
+            self.rip_recent[0].clear();
             self.rip_window_start = Some(now);
         }
-        *self.rip_samples.entry(rip).or_default() += 1;
-        *self.rip_recent[0].entry(rip).or_default() += 1;
+        count_rip(&mut self.rip_samples, rip);
+        count_rip(&mut self.rip_recent[0], rip);
     }
 
     #[inline]
@@ -394,7 +416,10 @@ fn rip_profile<'a>(maps: impl Iterator<Item = &'a HashMap<u64, u64>>) -> Vec<(St
     v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     v.into_iter()
         .take(PROFILE_TOP)
-        .map(|(rip, n)| (format!("{rip:#x}"), n))
+        .map(|(rip, n)| match rip {
+            RIP_OTHER => ("other".to_string(), n),
+            rip => (format!("{rip:#x}"), n),
+        })
         .collect()
 }
 
@@ -711,6 +736,26 @@ mod tests {
         assert_eq!(other, 2 * (MMIO_PAGES_MAX as u64 * 2 + 1));
         let total: u64 = s.mmio_pages.values().sum();
         assert_eq!(total, 2 * MMIO_PAGES_MAX as u64 * 3 + 1);
+    }
+
+    /// A guest that never runs at the same RIP twice cannot grow the sampler's maps past
+    /// [`RIPS_MAX`]: the rest is counted under `other`, and no sample is lost.
+    #[test]
+    fn sampled_rips_are_bounded() {
+        let mut s = VcpuStats::default();
+        let n = RIPS_MAX as u64 * 3;
+        for rip in 0..n {
+            s.sample_rip(0xffff_ffff_8100_0000 + rip);
+        }
+        s.sample_rip(0xffff_ffff_8100_0000);
+        for m in [&s.rip_samples, &s.rip_recent[0]] {
+            assert_eq!(m.len(), RIPS_MAX);
+            assert_eq!(m.values().sum::<u64>(), n + 1);
+            assert_eq!(m[&0xffff_ffff_8100_0000], 2, "a counted RIP keeps counting");
+            assert_eq!(m[&RIP_OTHER], n - (RIPS_MAX as u64 - 1));
+        }
+        let profile = rip_profile([&s.rip_samples].into_iter());
+        assert_eq!(profile[0].0, "other");
     }
 
     #[test]
