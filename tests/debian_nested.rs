@@ -5,9 +5,16 @@
 //! `--nested off` the guest's CPU has no `svm` flag and `kvm-amd` refuses to load. And everywhere:
 //! `--nested on` is refused, with the reason, on a host that cannot give it (PVM).
 //!
+//! QEMU inside the guest is the same check's peer: `qemu-system-x86_64 -M q35 -accel kvm` (as
+//! `bench exits --vs qemu` runs it) boots the very demo ELF that exitless embeds (written out with
+//! `exitless kit extract`) as L3 to the same `PASS`, in the same guest as an exitless L3 run, and
+//! both times are printed side by side.
+//!
 //! The guest's initramfs is `initrd-nested.img` (`tools/debian-guest.sh`: the tools initramfs
 //! plus KVM's modules and `load-kvm`) followed by one more archive written here: the exitless
-//! binary under test and the shared libraries its loader lists. Needs a KVM that runs guest
+//! binary under test and the shared libraries its loader lists (and for the QEMU test, QEMU with
+//! its libraries and firmware, taken from the machine the test runs on: the emulated SVM host
+//! has them at their Debian paths). Needs a KVM that runs guest
 //! userspace and offers nesting; on a PVM host `tools/test.sh` runs these tests inside the
 //! emulated SVM host (`tools/svm-host.sh`, whose kvm-amd runs with nested=1).
 
@@ -18,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use common::debian::{self, results, Vm};
 use common::*;
+use exitless::bench::nested::QemuFiles;
 
 const NEEDS: &[Need] = &[
     Need::Kvm,
@@ -31,11 +39,13 @@ const L3_WAIT: Duration = Duration::from_secs(600);
 
 /// `initrd-nested.img` followed by an archive with the exitless binary under test at
 /// /bin/exitless and its shared libraries at their paths.
-fn nested_initrd(dir: &TempDir) -> PathBuf {
+/// With `qemu`, QEMU and its firmware too.
+fn nested_initrd(dir: &TempDir, qemu: Option<&QemuFiles>) -> PathBuf {
     let out = dir.path("initrd-nested-exitless.img");
-    exitless::bench::nested::initrd_with_exitless(
+    exitless::bench::nested::initrd_with(
         Path::new(debian::INITRD_NESTED),
         Path::new(exitless()),
+        qemu,
         &out,
     )
     .unwrap_or_else(|e| panic!("{e}"));
@@ -44,7 +54,17 @@ fn nested_initrd(dir: &TempDir) -> PathBuf {
 
 /// The Debian guest's arguments with the nested initramfs (and `extra`).
 fn nested_args(dir: &TempDir, cpus: u32, mem: &str, extra: &[&str]) -> Vec<String> {
-    let initrd = nested_initrd(dir);
+    nested_args_with(dir, None, cpus, mem, extra)
+}
+
+fn nested_args_with(
+    dir: &TempDir,
+    qemu: Option<&QemuFiles>,
+    cpus: u32,
+    mem: &str,
+    extra: &[&str],
+) -> Vec<String> {
+    let initrd = nested_initrd(dir, qemu);
     let mut args = debian::args(cpus, mem);
     let at = args.iter().position(|a| a == "--initrd").unwrap() + 1;
     args[at] = initrd.display().to_string();
@@ -200,6 +220,90 @@ fn debian_guest_loads_kvm_and_runs_exitless_demo_as_l3() {
          exits {}, nested_run {}",
         report["total_exits"], report["kvm"]["exits"], report["kvm"]["nested_run"]
     );
+}
+
+/// One L3 run inside the guest, timed by the guest's uptime: `cmd` with its console in `log`;
+/// returns (status, PASS lines, seconds).
+fn l3_run(vm: &mut Vm, key: &str, cmd: &str, log: &str) -> (String, String, f64) {
+    let out = vm.step(
+        &format!(
+            "a=$(cut -d' ' -f1 /proc/uptime); {cmd} </dev/null >{log} 2>&1; s=$?; \
+             b=$(cut -d' ' -f1 /proc/uptime); r {key}status $s; r {key}uptime $a $b; \
+             r {key}pass $(grep -c 'kit: PASS demo' {log})"
+        ),
+        L3_WAIT,
+    );
+    let res = results(&out);
+    let get = |k: &str| res.get(&format!("{key}{k}")).cloned().unwrap_or_default();
+    let seconds = get("uptime")
+        .split_once(' ')
+        .and_then(|(a, b)| Some(b.parse::<f64>().ok()? - a.parse::<f64>().ok()?))
+        .unwrap_or(f64::NAN);
+    (get("status"), get("pass"), seconds)
+}
+
+#[test]
+fn qemu_in_the_debian_guest_runs_the_same_demo_as_l3() {
+    const TEST: &str = "qemu_in_the_debian_guest_runs_the_same_demo_as_l3";
+    if !needs(TEST, NEEDS) || !needs(TEST, &[Need::Qemu]) {
+        return;
+    }
+    let qemu = match QemuFiles::find() {
+        Ok(q) => q,
+        Err(why) => return skip(TEST, &why),
+    };
+    let dir = TempDir::new("debian-nested-qemu");
+    let started = Instant::now();
+    let args = nested_args_with(&dir, Some(&qemu), 2, "1G", &[]);
+    let mut vm = Vm::boot_shell(None, &args, &dir.path("report.json"));
+    eprintln!(
+        "{TEST}: shell after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let (status, dev) = load_kvm(&mut vm);
+    assert_eq!((status, dev.as_str()), (0, "present"), "kvm loads");
+    // The demo ELF exitless embeds, as a file for QEMU's -kernel.
+    let demo = "/tmp/kit/demo";
+    let n = vm.number(
+        &format!("exitless kit extract /tmp/kit >/dev/null; r demo $(wc -c <{demo})"),
+        "demo",
+    );
+    assert!(n > 0, "exitless kit extract wrote {demo}");
+
+    let exitless = l3_run(&mut vm, "x", "exitless run --timeout 300", "/tmp/l3x");
+    let qemu_cmd = format!(
+        "timeout 300 {} {}",
+        qemu.binary.display(),
+        exitless::bench::qemu_args(Path::new(demo), &[], "").join(" ")
+    );
+    let peer = l3_run(&mut vm, "q", &qemu_cmd, "/tmp/l3q");
+    let shown = vm.step(
+        "echo ---exitless; tail -n 5 /tmp/l3x; echo ---qemu; tail -n 8 /tmp/l3q",
+        debian::STEP_WAIT,
+    );
+    eprintln!("{TEST}: the L3 runs' last lines:\n{shown}");
+    if exitless.0 != "0" || exitless.1 != "1" {
+        vm.fail(&format!(
+            "exitless inside the guest: status {:?}, PASS lines {:?}",
+            exitless.0, exitless.1
+        ));
+    }
+    if peer.0 != "0" || peer.1 != "1" {
+        vm.fail(&format!(
+            "QEMU inside the guest ({qemu_cmd}): status {:?}, PASS lines {:?}",
+            peer.0, peer.1
+        ));
+    }
+    eprintln!(
+        "{TEST}: the demo as L3 (L2 uptime for the whole VMM run, start to exit): exitless \
+         {:.2} s, QEMU {:.2} s (QEMU/exitless {:.2})",
+        exitless.2,
+        peer.2,
+        peer.2 / exitless.2
+    );
+    vm.send("poweroff -f");
+    let r = vm.finish();
+    assert_eq!(r.status, Some(0), "{}", r.describe());
 }
 
 #[test]

@@ -18,7 +18,12 @@
 //! 3. right before and right after the inner bench, L1's KVM statistics of the Debian guest's VM
 //!    are read through the outer exitless's control socket (`{"op":"stats"}` → `kvm`: `exits`,
 //!    `nested_run`);
-//! 4. a CPU-bound workload at both levels: the demo guest's loops (100 M iterations at CPL3, 20 k
+//! 4. with `--vs qemu`, the same bench ELF under `qemu-system-x86_64 -M q35 -accel kvm` at both
+//!    levels, in the same run (columns `l2_qemu_ns`, `l3_qemu_ns`): the L2 bench is a `--vs qemu`
+//!    run; at L3 a second inner `bench exits --vs qemu` follows the counted one (so that L1's
+//!    counters see exitless's L3 exits alone), with QEMU, its libraries and its firmware added to
+//!    the L2 guest's initramfs;
+//! 5. a CPU-bound workload at both levels: the demo guest's loops (100 M iterations at CPL3, 20 k
 //!    at CPL0, no exits), run here and then inside the L2 guest after the counters' second read,
 //!    as the rows `loop_cpl3` and `loop_cpl0` (ns per iteration).
 //!
@@ -76,6 +81,10 @@ pub struct NestedArgs {
     /// The L2 guest's vCPUs.
     #[arg(long, default_value_t = 2)]
     pub cpus: u32,
+    /// Also run the bench guest under QEMU (`-M q35 -accel kvm`) at both levels: here, and
+    /// inside the L2 guest (QEMU, its libraries and firmware are added to its initramfs).
+    #[arg(long, value_enum)]
+    pub vs: Option<super::Peer>,
 }
 
 /// The command that runs this bench where it can run.
@@ -215,19 +224,96 @@ fn shared_libraries(binary: &Path, elf: &[u8]) -> Result<Vec<String>, String> {
 /// paths, written to `out` (an initramfs that runs exitless inside the guest; the nested test
 /// builds its own with the binary under test).
 pub fn initrd_with_exitless(base: &Path, binary: &Path, out: &Path) -> Result<(), String> {
-    let mut img =
-        std::fs::read(base).map_err(|e| format!("cannot read {}: {e}", base.display()))?;
-    let elf =
-        std::fs::read(binary).map_err(|e| format!("cannot read {}: {e}", binary.display()))?;
-    let mut files = vec![("/bin/exitless".to_string(), elf.clone())];
-    for lib in shared_libraries(binary, &elf)? {
-        let data = std::fs::read(&lib).map_err(|e| format!("cannot read {lib}: {e}"))?;
-        files.push((lib, data));
+    initrd_with(base, binary, None, out)
+}
+
+/// QEMU as the guest's peer VMM: `qemu-system-x86_64` (from PATH) and the firmware files of
+/// [`QEMU_FIRMWARE`] this host has.
+#[derive(Clone, Debug)]
+pub struct QemuFiles {
+    pub binary: PathBuf,
+    pub firmware: Vec<PathBuf>,
+}
+
+/// What `qemu-system-x86_64 -M q35 -accel kvm -kernel ELF` may load (SeaBIOS, the option ROMs
+/// of its direct kernel boot: PVH, Linux, multiboot; kvmvapic), where Debian's packages put them
+/// (QEMU searches /usr/share/qemu, then /usr/share/seabios); the same list as
+/// tools/svm-host.sh's.
+pub const QEMU_FIRMWARE: &[&str] = &[
+    "/usr/share/qemu/bios-256k.bin",
+    "/usr/share/qemu/bios.bin",
+    "/usr/share/qemu/bios-microvm.bin",
+    "/usr/share/qemu/qboot.rom",
+    "/usr/share/qemu/linuxboot.bin",
+    "/usr/share/qemu/linuxboot_dma.bin",
+    "/usr/share/qemu/kvmvapic.bin",
+    "/usr/share/qemu/pvh.bin",
+    "/usr/share/qemu/multiboot_dma.bin",
+    "/usr/share/qemu/efi-virtio.rom",
+    "/usr/share/seabios/bios-256k.bin",
+    "/usr/share/seabios/bios.bin",
+    "/usr/share/seabios/bios-microvm.bin",
+];
+
+impl QemuFiles {
+    /// QEMU on PATH and its firmware, or why not.
+    pub fn find() -> Result<QemuFiles, String> {
+        let binary = super::find_program("qemu-system-x86_64").ok_or(
+            "qemu-system-x86_64 is not on PATH (apt-get install qemu-system-x86; the emulated \
+             SVM host of tools/svm-host.sh has it)",
+        )?;
+        let firmware: Vec<PathBuf> = QEMU_FIRMWARE
+            .iter()
+            .map(PathBuf::from)
+            .filter(|p| p.is_file())
+            .collect();
+        if !firmware.iter().any(|p| p.ends_with("bios-256k.bin")) {
+            return Err(format!(
+                "QEMU's BIOS (bios-256k.bin) is in none of {:?}: apt-get install seabios",
+                QEMU_FIRMWARE
+            ));
+        }
+        Ok(QemuFiles { binary, firmware })
     }
+}
+
+/// `base` followed by one more archive: `exitless` at /bin/exitless and, with `qemu`, QEMU at its
+/// own path and its firmware; every program with the shared libraries its loader lists, at their
+/// paths (each file once). Written to `out`.
+pub fn initrd_with(
+    base: &Path,
+    exitless: &Path,
+    qemu: Option<&QemuFiles>,
+    out: &Path,
+) -> Result<(), String> {
+    let read = |p: &Path| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+    let mut img = read(base)?;
+    let mut files: std::collections::BTreeMap<String, Vec<u8>> = Default::default();
+    let mut programs = vec![("/bin/exitless".to_string(), exitless.to_path_buf())];
+    if let Some(q) = qemu {
+        programs.push((q.binary.display().to_string(), q.binary.clone()));
+        for f in &q.firmware {
+            // Read through symlinks: the guest gets the file at the path QEMU looks at.
+            files.insert(f.display().to_string(), read(f)?);
+        }
+    }
+    for (at, host) in &programs {
+        let elf = read(host)?;
+        for lib in shared_libraries(host, &elf)? {
+            if let std::collections::btree_map::Entry::Vacant(e) = files.entry(lib) {
+                let data = read(Path::new(e.key()))?;
+                e.insert(data);
+            }
+        }
+        files.insert(at.clone(), elf);
+    }
+    let mut dirs = std::collections::BTreeSet::new();
     for (path, data) in &files {
-        for parent in Path::new(path).ancestors().skip(1) {
-            if parent.as_os_str().len() > 1 {
-                newc_entry(&mut img, &parent.display().to_string(), 0o040755, &[]);
+        let parents: Vec<_> = Path::new(path).ancestors().skip(1).collect();
+        for parent in parents.into_iter().rev() {
+            let d = parent.display().to_string();
+            if d.len() > 1 && dirs.insert(d.clone()) {
+                newc_entry(&mut img, &d, 0o040755, &[]);
             }
         }
         newc_entry(&mut img, path, 0o100755, data);
@@ -461,6 +547,9 @@ pub struct Level {
     /// KVM's exits of its bench VMs, all rounds.
     pub kvm_exits: Option<u64>,
     pub userspace_exits: Option<u64>,
+    /// The rows of a separate `--vs qemu` run whose `peer_ns` are QEMU's (at L3, where QEMU
+    /// runs apart from the counted run); `None`: QEMU's figures, if any, are in `rows`.
+    pub peer: Option<Vec<Value>>,
 }
 
 impl Level {
@@ -485,16 +574,23 @@ impl Level {
             rows,
             kvm_exits: counts["kvm_exits"].as_u64(),
             userspace_exits: counts["exits_to_userspace"].as_u64(),
+            peer: None,
         })
     }
 
     fn row(&self, op: &str) -> Option<&Value> {
         self.rows.iter().find(|r| r["op"] == op)
     }
+
+    /// QEMU's time for `op` at this level (`--vs qemu`).
+    fn qemu_ns(&self, op: &str) -> Option<f64> {
+        let rows = self.peer.as_ref().unwrap_or(&self.rows);
+        rows.iter().find(|r| r["op"] == op)?["peer_ns"].as_f64()
+    }
 }
 
 /// The `bench exits` arguments both levels run with.
-fn exits_args(args: &NestedArgs, counts: &str) -> Vec<String> {
+fn exits_args(args: &NestedArgs, counts: &str, vs_qemu: bool) -> Vec<String> {
     let mut v: Vec<String> = [
         "bench",
         "exits",
@@ -511,6 +607,9 @@ fn exits_args(args: &NestedArgs, counts: &str) -> Vec<String> {
     .collect();
     if args.quick {
         v.push("--quick".into());
+    }
+    if vs_qemu {
+        v.extend(["--vs".into(), "qemu".into()]);
     }
     v
 }
@@ -529,7 +628,11 @@ fn run_l2(args: &NestedArgs, dir: &Path) -> Result<Level, String> {
         dir.join("l2-counts.json"),
     );
     let mut child = Command::new(&exe)
-        .args(exits_args(args, &counts.display().to_string()))
+        .args(exits_args(
+            args,
+            &counts.display().to_string(),
+            args.vs == Some(super::Peer::Qemu),
+        ))
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&out).map_err(|e| e.to_string())?)
         .stderr(std::fs::File::create(&errors).map_err(|e| e.to_string())?)
@@ -550,6 +653,35 @@ fn run_l2(args: &NestedArgs, dir: &Path) -> Result<Level, String> {
         )),
         super::Finished::Exited(_) => Level::of(&read_lossy(&out), &read_lossy(&counts))
             .map_err(|e| format!("L2: exitless bench exits: {e}")),
+    }
+}
+
+/// `exitless bench exits --vs qemu` inside the L2 guest: its rows, whose `peer_ns` are QEMU's
+/// at L3.
+fn l3_qemu(g: &mut Guest, args: &NestedArgs, step: Duration) -> Result<Vec<Value>, String> {
+    let inner = exits_args(args, "/tmp/l3q-counts.json", true).join(" ");
+    let out = g.step(
+        &format!("exitless {inner} </dev/null >/tmp/l3q.json 2>/tmp/l3q.err; r l3qstatus $?"),
+        bench_limit(args) * 2,
+    )?;
+    let status = results(&out).remove("l3qstatus").unwrap_or_default();
+    let shown = if status == "0" {
+        g.step("r json-begin; cat /tmp/l3q.json; echo; r json-end", step)?
+    } else {
+        let err = g.step("cat /tmp/l3q.err", step)?;
+        return Err(g.context(&format!(
+            "L3: exitless bench exits --vs qemu inside the L2 guest failed (status {status:?}):\n{}",
+            tail(&err.replace('\r', ""), 10)
+        )));
+    };
+    let text = between(&shown, "json-begin", "json-end")
+        .ok_or_else(|| g.context("L3: the QEMU bench's JSON did not come back whole"))?;
+    match serde_json::from_str::<Value>(text.trim()) {
+        Ok(Value::Array(rows)) => Ok(rows),
+        _ => Err(g.context(&format!(
+            "L3: the QEMU bench's JSON is not an array: {}",
+            super::clip(&text)
+        ))),
     }
 }
 
@@ -591,7 +723,11 @@ fn demo_l2(args: &NestedArgs, dir: &Path) -> Result<(f64, f64), String> {
 fn run_l3(args: &NestedArgs, dir: &Path, progress: &dyn Fn(&str)) -> Result<Inner, String> {
     let initrd = dir.join("initrd-nested-exitless.img");
     let exe = std::env::current_exe().map_err(|e| format!("cannot find exitless itself: {e}"))?;
-    initrd_with_exitless(&args.initrd, &exe, &initrd)?;
+    let qemu = match args.vs {
+        Some(super::Peer::Qemu) => Some(QemuFiles::find().map_err(|e| format!("--vs qemu: {e}"))?),
+        None => None,
+    };
+    initrd_with(&args.initrd, &exe, qemu.as_ref(), &initrd)?;
     let socket = dir.join("l2.sock");
     let limit = Duration::from_secs_f64(args.timeout);
     let s = |p: &Path| p.display().to_string();
@@ -634,7 +770,9 @@ fn run_l3(args: &NestedArgs, dir: &Path, progress: &dyn Fn(&str)) -> Result<Inne
         )));
     }
     progress("running exitless bench exits inside the L2 guest (the bench guest at L3)");
-    let inner = exits_args(args, "/tmp/l3-counts.json").join(" ");
+    // QEMU's L3 run is a second inner bench, after the counted one: L1's counters must see
+    // exitless's L3 exits alone.
+    let inner = exits_args(args, "/tmp/l3-counts.json", false).join(" ");
     let before = L1Counters::read(&socket)?;
     let started = Instant::now();
     let out = g.step(
@@ -660,8 +798,12 @@ fn run_l3(args: &NestedArgs, dir: &Path, progress: &dyn Fn(&str)) -> Result<Inne
         .ok_or_else(|| g.context("L3: the inner bench's JSON did not come back whole"))?;
     let counts_text = between(&shown, "counts-begin", "counts-end")
         .ok_or_else(|| g.context("L3: the inner bench's counts did not come back whole"))?;
-    let level = Level::of(&json_text, &counts_text)
+    let mut level = Level::of(&json_text, &counts_text)
         .map_err(|e| g.context(&format!("L3: exitless bench exits: {e}")))?;
+    if qemu.is_some() {
+        progress("running exitless bench exits --vs qemu inside the L2 guest (QEMU at L3)");
+        level.peer = Some(l3_qemu(&mut g, args, step)?);
+    }
     // The CPU-bound loops, after the counters' second read (they are no part of the figure).
     progress("running the demo guest inside the L2 guest (its CPU-bound loops at L3)");
     let demo = g.step(
@@ -699,6 +841,9 @@ pub struct Row {
     pub ratio: Option<f64>,
     pub l2_exit: Value,
     pub l3_exit: Value,
+    /// The same operation under QEMU at each level (`--vs qemu`).
+    pub l2_qemu_ns: Option<f64>,
+    pub l3_qemu_ns: Option<f64>,
     /// Set on the CPU-bound rows (which make no exits): what they are.
     pub loop_note: Option<&'static str>,
 }
@@ -755,6 +900,8 @@ pub fn loop_rows(l2: (f64, f64), l3: (f64, f64), tsc_hz: u64) -> Vec<Row> {
             ratio: (a > 0.0).then(|| round3(b / a)),
             l2_exit: Value::Null,
             l3_exit: Value::Null,
+            l2_qemu_ns: None,
+            l3_qemu_ns: None,
             loop_note: Some(LOOP_NOTE),
         })
         .collect()
@@ -785,6 +932,8 @@ pub fn rows(l2: &Level, l3: &Level) -> Vec<Row> {
                     .map(|(x, y)| round3(y / x)),
                 l2_exit: a.map(|r| r["exit"].clone()).unwrap_or(Value::Null),
                 l3_exit: b.map(|r| r["exit"].clone()).unwrap_or(Value::Null),
+                l2_qemu_ns: l2.qemu_ns(op),
+                l3_qemu_ns: l3.qemu_ns(op),
                 loop_note: None,
             }
         })
@@ -803,6 +952,11 @@ pub fn to_json(rows: &[Row], t: &Turtles) -> Value {
                     "ratio": r.ratio,
                     "l2_exit": r.l2_exit,
                     "l3_exit": r.l3_exit,
+                    "l2_qemu_ns": r.l2_qemu_ns,
+                    "l3_qemu_ns": r.l3_qemu_ns,
+                    "l3_qemu_over_exitless": r.l3_qemu_ns.zip(r.l3_ns)
+                        .filter(|(_, x)| *x > 0.0)
+                        .map(|(q, x)| round3(q / x)),
                     "l1_exits_per_l3_exit": t.l1_exits_per_l3_exit().filter(|_| exits),
                     "l1_nested_runs_per_l3_exit": t.nested_runs_per_l3_exit().filter(|_| exits),
                     "l3_exits": t.l3_exits.filter(|_| exits),
@@ -841,10 +995,25 @@ pub fn table(rows: &[Row], t: &Turtles, l3_seconds: Option<f64>) -> String {
         t.rounds,
         if t.rounds == 1 { "" } else { "s" }
     );
-    let _ = writeln!(
+    let qemu = rows
+        .iter()
+        .any(|r| r.l2_qemu_ns.is_some() || r.l3_qemu_ns.is_some());
+    let _ = write!(
         s,
         "{:<26} {:>10} {:>10} {:>8}  {:<10} {:<10}",
         "op", "L2 ns", "L3 ns", "L3/L2", "L2 exit", "L3 exit"
+    );
+    let _ = writeln!(
+        s,
+        "{}",
+        if qemu {
+            format!(
+                " {:>12} {:>12} {:>10}",
+                "L2 qemu ns", "L3 qemu ns", "L3 qemu/us"
+            )
+        } else {
+            String::new()
+        }
     );
     for r in rows {
         // exitless's dispatch cost and the CPU-bound loops are no exits of their own.
@@ -856,7 +1025,7 @@ pub fn table(rows: &[Row], t: &Turtles, l3_seconds: Option<f64>) -> String {
                 "-".into()
             }
         };
-        let _ = writeln!(
+        let _ = write!(
             s,
             "{:<26} {:>10} {:>10} {:>8}  {:<10} {:<10}",
             r.op,
@@ -866,6 +1035,21 @@ pub fn table(rows: &[Row], t: &Turtles, l3_seconds: Option<f64>) -> String {
             exit(r.l2_ns, &r.l2_exit),
             exit(r.l3_ns, &r.l3_exit),
         );
+        if qemu {
+            let vs = r
+                .l3_qemu_ns
+                .zip(r.l3_ns)
+                .filter(|(_, x)| *x > 0.0)
+                .map_or("-".into(), |(q, x)| format!("{:.2}", q / x));
+            let _ = write!(
+                s,
+                " {:>12} {:>12} {:>10}",
+                f(r.l2_qemu_ns),
+                f(r.l3_qemu_ns),
+                vs
+            );
+        }
+        let _ = writeln!(s);
     }
     let per = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.1}"));
     let _ = writeln!(
