@@ -27,6 +27,7 @@ const GUESTS: &[&str] = &[
     "bench-io",
     "bench-iommu",
     "clock",
+    "blk-flush",
 ];
 
 fn main() {

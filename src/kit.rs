@@ -35,6 +35,7 @@ pub const GUESTS: &[(&str, &[u8])] = &[
     guest!("bench-io"),
     guest!("bench-iommu"),
     guest!("clock"),
+    guest!("blk-flush"),
 ];
 
 /// The guest booted when no kernel is given.
