@@ -16,6 +16,8 @@
 //!   exits per L3 exit (`bench nested`).
 //! - [`iommu`]: the emulated VT-d's cost per DMA under the thesis's teardown strategies, samecore
 //!   vs sidecore (`bench iommu`, Table 2.1).
+//! - [`soak`]: many kit-guest boots in a row and many VMs at once, boots/s/core, and a check
+//!   that VMs leave nothing on the host (`bench soak`).
 //! - [`vswap`]: uncooperative overcommit, baseline swapping vs balloon vs swap mapper (`bench
 //!   vswap`).
 
@@ -25,6 +27,7 @@ pub mod io;
 pub mod iommu;
 pub mod irq;
 pub mod nested;
+pub mod soak;
 pub mod vswap;
 
 use std::path::{Path, PathBuf};
@@ -72,6 +75,11 @@ pub enum BenchCommand {
     /// strict, deferred, optimistic-256 and optimistic-4096 teardown, with no IOMMU, samecore and
     /// sidecore emulation: throughput as % of no IOMMU, map+unmap cycles, IOTLB hit rate.
     Iommu(iommu::IommuArgs),
+    /// Many boots of a kit guest (the demo by default), one after the other and then many VMs at
+    /// once, each its own exitless process: boots per second per core, per-boot time and peak
+    /// RSS, and a leak check of the host (processes, sockets, network interfaces, /dev/shm) before
+    /// and after. Fails on a failed boot or a leak.
+    Soak(soak::SoakArgs),
     /// The load generator `bench irq` runs inside its guest.
     #[command(hide = true)]
     IrqLoad(irq::LoadArgs),
@@ -151,6 +159,7 @@ pub fn main(cmd: BenchCommand) -> ExitCode {
         BenchCommand::Irq(args) => irq::run(&args),
         BenchCommand::Iommu(args) => iommu::run(&args),
         BenchCommand::IrqLoad(args) => irq::load(&args),
+        BenchCommand::Soak(args) => soak::run(&args),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
