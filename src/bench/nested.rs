@@ -258,10 +258,14 @@ pub const QEMU_FIRMWARE: &[&str] = &[
 impl QemuFiles {
     /// QEMU on PATH and its firmware, or why not.
     pub fn find() -> Result<QemuFiles, String> {
-        let binary = super::find_program("qemu-system-x86_64").ok_or(
+        let found = super::find_program("qemu-system-x86_64").ok_or(
             "qemu-system-x86_64 is not on PATH (apt-get install qemu-system-x86; the emulated \
              SVM host of tools/svm-host.sh has it)",
         )?;
+        // Its real path (e.g. /usr/bin, not a symlink in a directory only this host has on
+        // PATH): the guest gets it there, on the guest's PATH.
+        let binary =
+            std::fs::canonicalize(&found).map_err(|e| format!("{}: {e}", found.display()))?;
         let firmware: Vec<PathBuf> = QEMU_FIRMWARE
             .iter()
             .map(PathBuf::from)
@@ -1008,8 +1012,8 @@ pub fn table(rows: &[Row], t: &Turtles, l3_seconds: Option<f64>) -> String {
         "{}",
         if qemu {
             format!(
-                " {:>12} {:>12} {:>10}",
-                "L2 qemu ns", "L3 qemu ns", "L3 qemu/us"
+                " {:>12} {:>12} {:>16}",
+                "L2 qemu ns", "L3 qemu ns", "L3 qemu/exitless"
             )
         } else {
             String::new()
@@ -1043,13 +1047,20 @@ pub fn table(rows: &[Row], t: &Turtles, l3_seconds: Option<f64>) -> String {
                 .map_or("-".into(), |(q, x)| format!("{:.2}", q / x));
             let _ = write!(
                 s,
-                " {:>12} {:>12} {:>10}",
+                " {:>12} {:>12} {:>16}",
                 f(r.l2_qemu_ns),
                 f(r.l3_qemu_ns),
                 vs
             );
         }
         let _ = writeln!(s);
+    }
+    if qemu {
+        let _ = writeln!(
+            s,
+            "qemu: the same bench guest under qemu-system-x86_64 -M q35 -accel kvm at each level \
+             (at L3 in a second inner bench, after the counted one)"
+        );
     }
     let per = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.1}"));
     let _ = writeln!(
@@ -1171,6 +1182,41 @@ mod tests {
         assert!(j[0]["note"].as_str().unwrap().contains("whole L3 run"));
         assert!(table(&r, &t, None).contains("8.0 per L3 exit"));
         assert!(L1Counters::of(&json!({"kvm": {}})).is_err());
+    }
+
+    /// `--vs qemu`: QEMU's times come from the L2 rows' `peer_ns` and, at L3, from the separate
+    /// QEMU run's rows (never from the counted run's).
+    #[test]
+    fn qemu_columns_come_from_the_peer_figures_of_each_level() {
+        let mut l2 = level(&[("cpuid", Some(100.0))], 500);
+        l2.rows[0]["peer_ns"] = json!(120.0);
+        let mut l3 = level(&[("cpuid", Some(2000.0))], 1000);
+        l3.rows[0]["peer_ns"] = json!(1.0);
+        l3.peer = Some(vec![
+            json!({"op": "cpuid", "ns": 1900.0, "peer_ns": 3000.0}),
+        ]);
+        let r = rows(&l2, &l3);
+        assert_eq!(
+            (r[0].l2_qemu_ns, r[0].l3_qemu_ns),
+            (Some(120.0), Some(3000.0))
+        );
+        let t = Turtles {
+            l3_exits: Some(1000),
+            l1: L1Counters::default(),
+            rounds: 1,
+        };
+        let j = to_json(&r, &t);
+        assert_eq!(j[0]["l3_qemu_over_exitless"], 1.5);
+        let text = table(&r, &t, None);
+        assert!(
+            text.contains("L3 qemu/exitless") && text.contains("1.50"),
+            "{text}"
+        );
+        let plain = rows(
+            &level(&[("cpuid", Some(1.0))], 1),
+            &level(&[("cpuid", Some(2.0))], 1),
+        );
+        assert!(!table(&plain, &t, None).contains("qemu"));
     }
 
     #[test]
