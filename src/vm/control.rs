@@ -42,6 +42,7 @@ impl DeviceCounters {
         if let Some(t) = self.console_totals.get() {
             facts.insert("bytes_dropped".into(), t.dropped);
             facts.insert("bytes_unwritten".into(), t.unwritten);
+            facts.insert("bytes_lost".into(), t.lost);
         }
         v.push(DeviceFact {
             device: "serial".into(),

@@ -12,6 +12,8 @@
 //! writes is dropped and counted (`bytes_dropped` in the serial device's facts). Before the
 //! summary the VMM waits for the writer to drain the queue for as long as it makes progress
 //! ([`ConsoleWriter::finish`]); what a stalled stdout never took is counted as `bytes_unwritten`.
+//! A full non-blocking stdout (`EAGAIN`) is waited out; one that fails for good (a closed pipe) is
+//! dropped, the log kept, and what it refused is counted as `bytes_lost`.
 //! The kernel-panic watch stays on the vCPU thread (it ends the VM; it never blocks).
 
 use std::collections::VecDeque;
@@ -133,6 +135,8 @@ struct QueueState {
     cap: usize,
     dropped: u64,
     written: u64,
+    /// Taken from the queue but refused by a stdout that failed for good.
+    lost: u64,
     closed: bool,
 }
 
@@ -196,6 +200,8 @@ pub struct ConsoleTotals {
     pub dropped: u64,
     /// Still queued when the writer stopped making progress (stdout stalled).
     pub unwritten: u64,
+    /// Refused by a stdout that failed (closed pipe, bad descriptor); the log still has them.
+    pub lost: u64,
 }
 
 impl ConsoleWriter {
@@ -245,23 +251,56 @@ impl ConsoleWriter {
         ConsoleTotals {
             dropped: s.dropped,
             unwritten: s.bytes.len() as u64,
+            lost: s.lost,
         }
     }
 }
 
-/// The writer's loop. Console failures (a closed stdout) never stop it: stdout is then left
-/// out and the log still written.
+/// The writer's loop. Console failures never stop it: a stdout that is momentarily full
+/// (`EAGAIN` on a non-blocking descriptor) is retried; one that fails for good (a closed pipe) is
+/// left out from then on, the bytes it did not take counted as lost, and the log still written.
 fn drain(q: &ConsoleQueue, mut out: Option<Box<dyn Write + Send>>, mut log: Option<CappedLog>) {
     while let Some(chunk) = q.take() {
         if let Some(o) = out.as_mut() {
-            if o.write_all(&chunk).and_then(|_| o.flush()).is_err() {
+            if let Err(lost) = write_out(o.as_mut(), &chunk) {
+                q.lock().lost += lost;
                 out = None;
             }
+        } else {
+            q.lock().lost += chunk.len() as u64;
         }
         if let Some(l) = log.as_mut() {
             l.write(&chunk);
         }
         q.lock().written += chunk.len() as u64;
+    }
+}
+
+/// Writes all of `buf`, waiting out `EAGAIN`/`EINTR` (1 ms naps: the writer has nothing else to
+/// do, and `finish` gives up on a writer that stops making progress). Err: the bytes not written.
+fn write_out(o: &mut dyn Write, buf: &[u8]) -> Result<(), u64> {
+    use std::io::ErrorKind::{Interrupted, WouldBlock};
+    let mut done = 0;
+    while done < buf.len() {
+        match o.write(&buf[done..]) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == Interrupted => {}
+            Err(e) if e.kind() == WouldBlock => std::thread::sleep(Duration::from_millis(1)),
+            Err(_) => break,
+        }
+    }
+    let flushed = loop {
+        match o.flush() {
+            Err(e) if matches!(e.kind(), Interrupted | WouldBlock) => {
+                std::thread::sleep(Duration::from_millis(1))
+            }
+            r => break r.is_ok(),
+        }
+    };
+    match (done == buf.len(), flushed) {
+        (true, true) => Ok(()),
+        _ => Err((buf.len() - done) as u64),
     }
 }
 
@@ -505,6 +544,57 @@ mod tests {
             (9_900..10_000).contains(&(t.dropped + t.unwritten)),
             "{t:?}"
         );
+    }
+
+    /// A stdout that says `EAGAIN` now and then (a non-blocking terminal or pipe) still gets
+    /// every byte; one that breaks for good is dropped, its bytes counted as lost, and the log
+    /// keeps everything.
+    #[test]
+    fn a_full_stdout_is_retried_and_a_broken_one_counted() {
+        struct Flaky(Shared, u32);
+        impl Write for Flaky {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.1 += 1;
+                if !self.1.is_multiple_of(3) {
+                    return Err(std::io::ErrorKind::WouldBlock.into());
+                }
+                let n = b.len().min(5);
+                self.0.write(&b[..n])
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        struct Broken;
+        impl Write for Broken {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(std::io::ErrorKind::BrokenPipe.into())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let text: Vec<u8> = (0..300u32).map(|i| b'a' + (i % 26) as u8).collect();
+        let run = |out: Box<dyn Write + Send>, log: Shared| {
+            let log = CappedLog::new(Box::new(log), 1 << 20);
+            let w = ConsoleWriter::start(Some(out), Some(log), 1 << 20).unwrap();
+            let (tx, _end) = mpsc::channel();
+            let mut o = ConsoleOut::new(Some(w.queue()), Arc::default(), tx);
+            for c in text.chunks(30) {
+                o.write_all(c).unwrap();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            w.finish(Duration::from_secs(5))
+        };
+        let (stdout, log) = (Shared::default(), Shared::default());
+        let t = run(Box::new(Flaky(stdout.clone(), 0)), log.clone());
+        assert_eq!(t, ConsoleTotals::default());
+        assert_eq!(*stdout.0.lock().unwrap(), text);
+        assert_eq!(*log.0.lock().unwrap(), text);
+        let log = Shared::default();
+        let t = run(Box::new(Broken), log.clone());
+        assert_eq!((t.lost, t.dropped, t.unwritten), (300, 0, 0), "{t:?}");
+        assert_eq!(*log.0.lock().unwrap(), text);
     }
 
     /// Everything reaches stdout and the log, in order, when they keep up.
