@@ -41,6 +41,50 @@ fn payload() -> Vec<u8> {
         .collect()
 }
 
+/// Waits until the guest has acknowledged everything sent on `s` (`SIOCOUTQ` is 0).
+fn wait_until_acknowledged(s: &TcpStream, deadline: Instant) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    loop {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int for a TCP socket we own.
+        let rc = unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+        if rc != 0 {
+            return Err(format!("SIOCOUTQ: {}", std::io::Error::last_os_error()));
+        }
+        if queued == 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{queued} bytes still unacknowledged by the guest"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The namespace's non-zero `TCPAbort*` counters (`/proc/thread-self/net/netstat` of a thread
+/// inside it): a connection reset by the host shows here.
+fn tcp_aborts(ns: &Netns) -> String {
+    let text = ns
+        .spawn(|| std::fs::read_to_string("/proc/thread-self/net/netstat").unwrap_or_default())
+        .join()
+        .unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("TcpExt:")).collect();
+    let [names, values] = lines[..] else {
+        return "unknown".into();
+    };
+    let found: Vec<String> = names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .filter(|(n, v)| n.starts_with("TCPAbort") && *v != "0")
+        .map(|(n, v)| format!("{n}={v}"))
+        .collect();
+    if found.is_empty() {
+        "none".into()
+    } else {
+        found.join(" ")
+    }
+}
+
 fn hex(d: impl AsRef<[u8]>) -> String {
     d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -104,7 +148,10 @@ fn debian_guest_pings_both_ways_and_moves_32_mib_each_way_over_tcp() {
     let data = payload();
     let want = hex(Sha256::digest(&data));
     vm.step(
-        &format!("nc -l -p {TO_GUEST_PORT} > /tmp/in & r listening $!"),
+        // stdin from /dev/null: a background nc also reads the serial console, so the next
+        // step typed there went to it (or stopped it) instead of the shell, and the file was
+        // measured before nc had written it all (29-31 of 32 MiB) or the step never answered.
+        &format!("nc -l -p {TO_GUEST_PORT} < /dev/null > /tmp/in & r listening $!"),
         debian::STEP_WAIT,
     );
     let sender = {
@@ -119,7 +166,10 @@ fn debian_guest_pings_both_ways_and_moves_32_mib_each_way_over_tcp() {
                 }
             };
             s.write_all(&data).map_err(|e| format!("send: {e}"))?;
-            // The guest's nc ends when the host closes.
+            // Close only once the guest has acknowledged every byte: closing at once would
+            // orphan the socket with up to its send buffer (4 MiB) unsent, which the host
+            // kernel may reset under pressure; the guest would then see a short stream.
+            wait_until_acknowledged(&s, Instant::now() + TRANSFER_WAIT)?;
             Ok(())
         })
     };
@@ -127,13 +177,15 @@ fn debian_guest_pings_both_ways_and_moves_32_mib_each_way_over_tcp() {
     let sent = sender.join().expect("sender thread");
     assert_eq!(sent, Ok(()));
     let out = vm.step(
-        "wait; r in-bytes $(wc -c < /tmp/in); r in-sha $(sha256sum /tmp/in | cut -d' ' -f1)",
+        "wait; r jobs $(jobs); r in-bytes $(wc -c < /tmp/in); \
+         r in-sha $(sha256sum /tmp/in | cut -d' ' -f1)",
         TRANSFER_WAIT,
     );
     let res = debian::results(&out);
     eprintln!(
-        "{TEST}: host -> guest 32 MiB in {:.1} s",
-        started.elapsed().as_secs_f64()
+        "{TEST}: host -> guest 32 MiB in {:.1} s; the namespace's TCP aborts: {}",
+        started.elapsed().as_secs_f64(),
+        tcp_aborts(&ns)
     );
     assert_eq!(
         res.get("in-bytes").map(String::as_str),

@@ -10,8 +10,8 @@
 //! was woken within the maximum, and halves when it waited longer, so an idle or slow driver
 //! costs no CPU. A window of 0 (the start, or `--queue-poll-us 0`) is the plain epoll loop.
 //! While it polls, the worker also asks the handler for input on its own descriptors
-//! ([`QueueHandler::poll_input`]), so that input could be delivered by the same spin without an
-//! epoll wake-up (receive-side polling; virtio-net has it off for now: see `net.rs`).
+//! ([`QueueHandler::poll_input`]: the tap of virtio-net), so received frames are delivered by the
+//! same spin without an epoll wake-up: receive-side polling.
 //!
 //! # Held interrupts
 //! An interrupt that moderation holds back (`moderation`) has a deadline; the worker keeps a
