@@ -71,7 +71,11 @@ fn main(boot: &'static kit::BootInfo) -> ! {
             }
             header(1, b * BLOCK / 512);
             match q.submit(
-                &[(HDR, 16, false), (DATA, BLOCK as u32, false), (STATUS, 1, true)],
+                &[
+                    (HDR, 16, false),
+                    (DATA, BLOCK as u32, false),
+                    (STATUS, 1, true),
+                ],
                 SPINS,
             ) {
                 Some(_) if status() == 0 => {}
