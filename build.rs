@@ -28,6 +28,7 @@ const GUESTS: &[&str] = &[
     "bench-iommu",
     "clock",
     "blk-flush",
+    "compute",
 ];
 
 fn main() {

@@ -8,6 +8,7 @@
 //! | PUT | `/api/v1/vm/pause` | Running -> Paused (every vCPU parked, kvmclock frozen) | the info |
 //! | PUT | `/api/v1/vm/resume` | Paused -> Running | the info |
 //! | GET | `/api/v1/vm/stats` | live exits by reason, devices' facts, KVM's counters | `{"uptime_s":..,"exits":{..},..}` |
+//! | PUT | `/api/v1/vm/snapshot` | `{"dir":"/abs/path"}`: a paused VM written there (see `snapshot`) | `{"dir":..,"state_bytes":..,"memory_data_bytes":..,"ms":..}` |
 //! | PUT | `/api/v1/vm/balloon` | `{"size":"256M"}` or `{"bytes":N}`: the balloon's new target | `{"target_pages":N}` |
 //! | PUT | `/api/v1/vm/shutdown` | stops the VM (as `quit`: the summary and report are written) | `{}` |
 //!
@@ -96,6 +97,8 @@ pub trait Control: Send + Sync {
     fn resume(&self) -> Result<(), ApiError>;
     /// Live facts: uptime, devices, KVM's counters.
     fn stats(&self) -> Value;
+    /// Paused only: writes a snapshot into `dir`; what was written.
+    fn snapshot(&self, dir: &Path) -> Result<Value, ApiError>;
     /// A new balloon target in bytes: the target in 4 KiB pages, or why not.
     fn set_balloon(&self, bytes: u64) -> Result<u32, String>;
     /// Stop the VM.
@@ -135,6 +138,11 @@ pub const ROUTES: &[Route] = &[
     },
     Route {
         method: "PUT",
+        path: "/api/v1/vm/snapshot",
+        handler: snapshot,
+    },
+    Route {
+        method: "PUT",
         path: "/api/v1/vm/balloon",
         handler: balloon,
     },
@@ -163,6 +171,25 @@ pub fn handle(method: &str, path: &str, body: &[u8], vm: &dyn Control) -> (u16, 
         Ok(v) => (200, v),
         Err(e) => (e.status, json!({"error": e.message})),
     }
+}
+
+/// `PUT /api/v1/vm/snapshot`: `{"dir":"/absolute/path"}` (the API's working directory is not
+/// the client's: a relative path is refused).
+fn snapshot(body: &[u8], vm: &dyn Control) -> Result<Value, ApiError> {
+    let req: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("the body is not JSON: {e}")))?;
+    let dir = req
+        .get("dir")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::bad_request("a snapshot needs \"dir\" (a directory's path)"))?;
+    let dir = Path::new(dir);
+    if !dir.is_absolute() {
+        return Err(ApiError::bad_request(format!(
+            "\"dir\" must be an absolute path, not {}",
+            dir.display()
+        )));
+    }
+    vm.snapshot(dir)
 }
 
 /// `PUT /api/v1/vm/balloon`: `{"size":"256M"}` or `{"bytes":N}`.
@@ -343,6 +370,8 @@ pub enum Call {
     Stats,
     /// A size: `512M`, `1G`, bytes.
     Balloon(String),
+    /// A directory (made absolute by the caller).
+    Snapshot(PathBuf),
     Quit,
 }
 
@@ -355,6 +384,7 @@ impl Call {
             Call::Resume => ("PUT", "/api/v1/vm/resume", None),
             Call::Stats => ("GET", "/api/v1/vm/stats", None),
             Call::Balloon(size) => ("PUT", "/api/v1/vm/balloon", Some(json!({"size": size}))),
+            Call::Snapshot(dir) => ("PUT", "/api/v1/vm/snapshot", Some(json!({"dir": dir}))),
             Call::Quit => ("PUT", "/api/v1/vm/shutdown", None),
         }
     }
@@ -459,6 +489,14 @@ mod tests {
         fn stats(&self) -> Value {
             json!({"uptime_s": 1.5, "devices": {"virtio-rng": {"requests": 3}}})
         }
+        fn snapshot(&self, dir: &Path) -> Result<Value, ApiError> {
+            if !self.paused.load(Ordering::SeqCst) {
+                return Err(ApiError::bad_request(
+                    "cannot snapshot a VM that is running",
+                ));
+            }
+            Ok(json!({"dir": dir}))
+        }
         fn set_balloon(&self, bytes: u64) -> Result<u32, String> {
             if bytes > 1 << 30 {
                 return Err("larger than guest memory".into());
@@ -496,6 +534,11 @@ mod tests {
             ("PUT", "/api/v1/vm/balloon", r#"{"bytes":-1}"#, 400),
             ("PUT", "/api/v1/vm/balloon", r#"{"size":"2G"}"#, 400),
             ("PUT", "/api/v1/vm/balloon", r#"{"size":7}"#, 400),
+            ("PUT", "/api/v1/vm/snapshot", "", 400),
+            ("PUT", "/api/v1/vm/snapshot", r#"{"dir":"rel/dir"}"#, 400),
+            ("PUT", "/api/v1/vm/snapshot", r#"{"dir":7}"#, 400),
+            ("PUT", "/api/v1/vm/snapshot", r#"{"dir":"/abs"}"#, 400),
+            ("GET", "/api/v1/vm/snapshot", "", 405),
             ("GET", "/api/v1/vm/balloon", "", 405),
             ("DELETE", "/api/v1/vm", "", 405),
             ("GET", "/api/v1/vm/reboot", "", 404),
@@ -579,6 +622,7 @@ mod tests {
             Call::Resume,
             Call::Stats,
             Call::Balloon("1M".into()),
+            Call::Snapshot("/s".into()),
             Call::Quit,
         ] {
             let (m, p, _) = c.route();

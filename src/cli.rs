@@ -1,5 +1,5 @@
-//! The command line: `exitless run`, `exitless kit`, `exitless host`, `exitless bench`,
-//! `exitless ctl`.
+//! The command line: `exitless run`, `exitless restore`, `exitless kit`, `exitless host`,
+//! `exitless bench`, `exitless ctl`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -25,6 +25,9 @@ pub struct Cli {
 pub enum Command {
     /// Boot a guest: a Linux kernel (bzImage or ELF vmlinux) or, with no kernel, the embedded demo.
     Run(RunArgs),
+    /// Run a VM from a snapshot (`exitless ctl snapshot DIR` of a paused VM): its memory mapped
+    /// lazily from the snapshot, its state set back, the guest going on where it stopped.
+    Restore(RestoreArgs),
     /// The embedded test-kit guests.
     Kit {
         #[command(subcommand)]
@@ -63,6 +66,9 @@ pub enum CtlRequest {
     Stats,
     /// Set the balloon's target, e.g. `256M` (the guest's driver inflates or deflates to it).
     Balloon { size: String },
+    /// Write a snapshot of the paused VM into DIR (a new directory, or one without a snapshot);
+    /// `exitless restore --snapshot DIR` runs it again.
+    Snapshot { dir: PathBuf },
     /// Stop the VM (it prints its summary as when interrupted).
     Quit,
 }
@@ -77,8 +83,97 @@ impl CtlRequest {
             CtlRequest::Resume => Call::Resume,
             CtlRequest::Stats => Call::Stats,
             CtlRequest::Balloon { size } => Call::Balloon(size.clone()),
+            CtlRequest::Snapshot { dir } => Call::Snapshot(absolute(dir)),
             CtlRequest::Quit => Call::Quit,
         }
+    }
+}
+
+/// `path` made absolute against this process's working directory (the VM's may differ).
+fn absolute(path: &std::path::Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// `exitless restore`.
+#[derive(Args, Debug, Clone)]
+pub struct RestoreArgs {
+    /// The snapshot directory (`state.json` and `memory`).
+    #[arg(long, value_name = "DIR")]
+    pub snapshot: PathBuf,
+    /// Start paused: every vCPU is held before it runs, until `exitless ctl resume`.
+    #[arg(long)]
+    pub paused: bool,
+    /// Read the whole memory file and check its checksum before anything runs (by default a
+    /// restore reads no guest memory: pages come in as the guest touches them).
+    #[arg(long)]
+    pub verify_memory: bool,
+    /// The control API's socket (as for `exitless run`).
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+    /// Stop the VM after this many seconds (status 124).
+    #[arg(long)]
+    pub timeout: Option<f64>,
+    /// Also copy the guest console to this file.
+    #[arg(long)]
+    pub console_log: Option<PathBuf>,
+    /// Write the run report as JSON to this file.
+    #[arg(long)]
+    pub stats_json: Option<PathBuf>,
+    /// Do not print the exit summary at the end.
+    #[arg(long)]
+    pub no_summary: bool,
+    /// System call filters (as for `exitless run`).
+    #[arg(long, value_enum, default_value_t = crate::seccomp::Mode::On)]
+    pub seccomp: crate::seccomp::Mode,
+}
+
+impl RestoreArgs {
+    /// The configuration of the VM a snapshot's machine describes, run as these options say.
+    pub fn to_config(&self, m: &crate::snapshot::Machine) -> Result<VmConfig, String> {
+        use crate::arch::x86_64::nested::NestedMode;
+        let timeout = match self.timeout {
+            Some(t) if !(t.is_finite() && t > 0.0) => {
+                return Err(format!(
+                    "--timeout must be a positive number of seconds, not {t}"
+                ))
+            }
+            t => t.map(Duration::from_secs_f64),
+        };
+        Ok(VmConfig {
+            kernel: KernelSource::Snapshot {
+                dir: self.snapshot.clone(),
+                guest: m.guest.clone(),
+            },
+            initrd: None,
+            cmdline: m.cmdline.clone(),
+            mem_bytes: m.mem_bytes,
+            cpus: m.cpus,
+            debug_exit: m.debug_exit,
+            probe: m.probe,
+            stats_json: self.stats_json.clone(),
+            summary: !self.no_summary,
+            reboot_status: 0,
+            timeout,
+            console_log: self.console_log.clone(),
+            console_log_max: 64 << 20,
+            console_buffer: 1 << 20,
+            unpack_bzimage: true,
+            sample_rips: false,
+            virtio: Default::default(),
+            api_socket: self.api_socket.clone(),
+            nested: if m.nested.is_some() {
+                NestedMode::On
+            } else {
+                NestedMode::Off
+            },
+            irq_path: Default::default(),
+            dedicated: None,
+            halt_poll_ns: None,
+            kernel_exit_reasons: false,
+            seccomp: self.seccomp,
+            seccomp_selftest: None,
+            mem_limit: None,
+        })
     }
 }
 

@@ -9,6 +9,8 @@ pub enum KernelSource {
     File(PathBuf),
     /// A test-kit guest built into the binary (see `kit`).
     Embedded(&'static str),
+    /// None: the VM is restored from the snapshot in `dir`, which booted `guest`.
+    Snapshot { dir: PathBuf, guest: String },
 }
 
 /// The kernel command line exitless uses unless told otherwise: serial console, reboot through the
@@ -129,7 +131,7 @@ impl VmConfig {
     pub fn default_mem(kernel: &KernelSource) -> u64 {
         match kernel {
             KernelSource::Embedded(_) => 64 << 20,
-            KernelSource::File(_) => 512 << 20,
+            KernelSource::File(_) | KernelSource::Snapshot { .. } => 512 << 20,
         }
     }
 }

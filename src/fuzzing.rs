@@ -113,6 +113,14 @@ pub fn api_line(data: &[u8]) {
         fn stats(&self) -> serde_json::Value {
             serde_json::json!({"uptime_s": 1.0})
         }
+        fn snapshot(
+            &self,
+            _dir: &std::path::Path,
+        ) -> Result<serde_json::Value, crate::api::ApiError> {
+            Err(crate::api::ApiError::bad_request(
+                "cannot snapshot a VM that is running",
+            ))
+        }
         fn set_balloon(&self, bytes: u64) -> Result<u32, String> {
             u32::try_from(bytes / 4096).map_err(|e| e.to_string())
         }

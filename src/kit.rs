@@ -36,6 +36,7 @@ pub const GUESTS: &[(&str, &[u8])] = &[
     guest!("bench-iommu"),
     guest!("clock"),
     guest!("blk-flush"),
+    guest!("compute"),
 ];
 
 /// The guest booted when no kernel is given.

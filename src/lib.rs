@@ -19,6 +19,8 @@
 //! - [`kvm_stats`]: KVM's own per-vCPU exit counters (binary statistics); [`kvm_trace`]: KVM's
 //!   in-kernel exits by reason (the `kvm:kvm_exit` tracepoint);
 //! - [`vmm`]: builds a VM from a [`config::VmConfig`] and runs it to the end;
+//! - [`vm`] and [`lifecycle`]: the VM object and its states; [`api`]: its REST API;
+//! - [`snapshot`]: a paused VM written to a directory, and read back for a restore;
 //! - [`kit`]: the embedded test-kit guests;
 //! - [`bench`]: benchmarks of the exit path on this host (`exitless bench exits`);
 //! - [`cli`] and [`terminal`]: the command line and the console.
@@ -45,6 +47,7 @@ pub mod ratelimit;
 pub mod rates;
 pub mod sandbox;
 pub mod seccomp;
+pub mod snapshot;
 pub mod startup;
 pub mod stats;
 pub mod terminal;

@@ -26,9 +26,12 @@
 //! every KVM VMM.
 //!
 //! **What a pause does not stop**: device workers (virtio) finish the requests already in their
-//! queues and may raise interrupts, which the guest takes at the resume. A snapshot would add
-//! a `quiesce` step for them; the state machine has the place for it (`Paused` is the only state
-//! from which it would be allowed).
+//! queues and may raise interrupts, which the guest takes at the resume. (A snapshot refuses a
+//! VM with such devices for now: see `snapshot`.)
+//!
+//! **Snapshots.** Only from `Paused`: [`Lifecycle::save_vcpus`] posts `Save` to every parked
+//! vCPU, which reads its own state on its thread (the closure its run loop hands to
+//! [`VcpuMailbox::handle`]) and answers with it; the VM stays paused.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -64,14 +67,24 @@ pub enum VcpuCommand {
     Resume,
     /// Leave the run loop; the thread ends.
     Stop,
+    /// (Parked only) answer with this vCPU's state, for a snapshot; stay parked.
+    Save,
 }
 
-/// A vCPU's answer: its id, the command's sequence number, and what it did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A vCPU's saved state (opaque here: `snapshot::vcpu::VcpuState`), or why it could not be read.
+pub type SavedVcpu = Result<Box<dyn std::any::Any + Send>, String>;
+
+/// What a vCPU does to answer `Save`.
+pub type SaveFn<'a> = &'a mut dyn FnMut() -> SavedVcpu;
+
+/// A vCPU's answer: its id, the command's sequence number, and what it did (with its state,
+/// for `Save`).
+#[derive(Debug)]
 pub struct VcpuAck {
     pub id: u8,
     pub seq: u64,
     pub command: VcpuCommand,
+    pub saved: Option<SavedVcpu>,
 }
 
 /// Why a lifecycle request was refused.
@@ -137,51 +150,59 @@ impl VcpuMailbox {
         self.pending.load(Ordering::Acquire)
     }
 
-    /// Reads the mailbox; on `Pause` answers and parks until `Resume` (answered) or `Stop`.
-    pub fn handle(&self) -> Next {
+    /// Reads the mailbox; on `Pause` answers and parks until `Resume` (answered) or `Stop`,
+    /// answering `Save` with what `save` reads.
+    pub fn handle(&self, save: SaveFn) -> Next {
         self.pending.store(false, Ordering::Release);
         while let Ok((seq, cmd)) = self.commands.try_recv() {
-            if self.obey(seq, cmd) == Next::Stop {
+            if self.obey(seq, cmd, save) == Next::Stop {
                 return Next::Stop;
             }
         }
         Next::Run
     }
 
-    fn obey(&self, seq: u64, cmd: VcpuCommand) -> Next {
+    fn obey(&self, seq: u64, cmd: VcpuCommand, save: SaveFn) -> Next {
         match cmd {
             VcpuCommand::Stop => Next::Stop,
             VcpuCommand::Resume => {
-                self.ack(seq, cmd);
+                self.ack(seq, cmd, None);
                 Next::Run
             }
             VcpuCommand::Pause => {
-                self.ack(seq, cmd);
-                self.park()
+                self.ack(seq, cmd, None);
+                self.park(save)
+            }
+            VcpuCommand::Save => {
+                // Only a parked vCPU's state is whole; the controller sends `Save` only then.
+                self.ack(seq, cmd, Some(Err("the vCPU is not parked".into())));
+                Next::Run
             }
         }
     }
 
     /// Blocks on the mailbox (a kick's signal does not wake it for good) until told to go on.
-    fn park(&self) -> Next {
+    fn park(&self, save: SaveFn) -> Next {
         loop {
             match self.commands.recv() {
                 Err(_) | Ok((_, VcpuCommand::Stop)) => return Next::Stop,
                 Ok((seq, VcpuCommand::Resume)) => {
                     self.pending.store(false, Ordering::Release);
-                    self.ack(seq, VcpuCommand::Resume);
+                    self.ack(seq, VcpuCommand::Resume, None);
                     return Next::Run;
                 }
-                Ok((seq, VcpuCommand::Pause)) => self.ack(seq, VcpuCommand::Pause),
+                Ok((seq, VcpuCommand::Pause)) => self.ack(seq, VcpuCommand::Pause, None),
+                Ok((seq, VcpuCommand::Save)) => self.ack(seq, VcpuCommand::Save, Some(save())),
             }
         }
     }
 
-    fn ack(&self, seq: u64, command: VcpuCommand) {
+    fn ack(&self, seq: u64, command: VcpuCommand, saved: Option<SavedVcpu>) {
         let _ = self.acks.send(VcpuAck {
             id: self.id,
             seq,
             command,
+            saved,
         });
     }
 }
@@ -276,6 +297,35 @@ impl Lifecycle {
         Ok(())
     }
 
+    /// Before the vCPU threads start (Created): each will park before its first `KVM_RUN`
+    /// (a VM restored paused). [`Lifecycle::started_held`] then waits for them.
+    pub fn hold_at_start(&self) -> Result<(), LifecycleError> {
+        let mut i = self.lock();
+        expect(&i, "start paused", VmState::Created)?;
+        i.seq += 1;
+        for link in &self.links {
+            let _ = link.commands.send((i.seq, VcpuCommand::Pause));
+            link.pending.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Created -> Paused, after [`Lifecycle::hold_at_start`]: waits until every vCPU has parked.
+    pub fn started_held(&self, kick: Kick) -> Result<(), LifecycleError> {
+        let mut i = self.lock();
+        expect(&i, "start", VmState::Created)?;
+        *self.kick.lock().unwrap_or_else(|p| p.into_inner()) = Some(kick);
+        let seq = i.seq;
+        self.wait_all(seq, VcpuCommand::Pause, PAUSE_TIMEOUT)?;
+        i.frozen_clock = match &self.clock {
+            Some(c) => Some(c.freeze().map_err(LifecycleError::Failed)?),
+            None => None,
+        };
+        i.paused_at = Some(Instant::now());
+        i.state = VmState::Paused;
+        Ok(())
+    }
+
     /// Running -> Paused: every vCPU parked, the guest clock frozen.
     pub fn pause(&self) -> Result<(), LifecycleError> {
         let mut i = self.lock();
@@ -315,6 +365,32 @@ impl Lifecycle {
         Ok(())
     }
 
+    /// The guest clock the pause froze (Paused only): what a snapshot saves as kvmclock.
+    pub fn frozen_clock(&self) -> Result<u64, LifecycleError> {
+        let i = self.lock();
+        expect(&i, "snapshot", VmState::Paused)?;
+        i.frozen_clock
+            .ok_or_else(|| LifecycleError::Failed("this VM has no guest clock to save".into()))
+    }
+
+    /// Paused: every vCPU's state, read on its thread, in id order. The VM stays paused.
+    pub fn save_vcpus(&self) -> Result<Vec<Box<dyn std::any::Any + Send>>, LifecycleError> {
+        let mut i = self.lock();
+        expect(&i, "snapshot", VmState::Paused)?;
+        i.seq += 1;
+        let seq = i.seq;
+        let saved = self.command_all(seq, VcpuCommand::Save, PAUSE_TIMEOUT)?;
+        saved
+            .into_iter()
+            .enumerate()
+            .map(|(id, s)| match s {
+                Some(Ok(b)) => Ok(b),
+                Some(Err(e)) => Err(LifecycleError::Failed(format!("vCPU {id}: {e}"))),
+                None => Err(LifecycleError::Failed(format!("vCPU {id} sent no state"))),
+            })
+            .collect()
+    }
+
     /// Any state -> Stopped: every vCPU is told to leave its loop (the caller kicks and joins).
     /// Returns the state it was in.
     pub fn stop(&self) -> VmState {
@@ -333,14 +409,14 @@ impl Lifecycle {
     }
 
     /// Posts `cmd` to every vCPU and waits (kicking those that have not answered, every
-    /// millisecond) until each has answered it, or `timeout`.
+    /// millisecond) until each has answered it, or `timeout`. Returns what each sent with its
+    /// answer (their states, for `Save`).
     fn command_all(
         &self,
         seq: u64,
         cmd: VcpuCommand,
         timeout: Duration,
-    ) -> Result<(), LifecycleError> {
-        let mut waiting: Vec<bool> = vec![true; self.links.len()];
+    ) -> Result<Vec<Option<SavedVcpu>>, LifecycleError> {
         // Posted to every vCPU even when one has ended, so that none is left parked.
         let mut ended = Vec::new();
         for (id, link) in self.links.iter().enumerate() {
@@ -354,6 +430,19 @@ impl Lifecycle {
                 "vCPU(s) {ended:?} have ended (the VM is stopping)"
             )));
         }
+        self.wait_all(seq, cmd, timeout)
+    }
+
+    /// Waits (kicking those that have not answered a `Pause`, every millisecond) until every
+    /// vCPU has answered `cmd` numbered `seq`, or `timeout`.
+    fn wait_all(
+        &self,
+        seq: u64,
+        cmd: VcpuCommand,
+        timeout: Duration,
+    ) -> Result<Vec<Option<SavedVcpu>>, LifecycleError> {
+        let mut waiting: Vec<bool> = vec![true; self.links.len()];
+        let mut saved: Vec<Option<SavedVcpu>> = (0..self.links.len()).map(|_| None).collect();
         let acks = self.acks.lock().unwrap_or_else(|p| p.into_inner());
         let kick = self.kick.lock().unwrap_or_else(|p| p.into_inner());
         let deadline = Instant::now() + timeout;
@@ -368,7 +457,10 @@ impl Lifecycle {
                 }
             }
             match acks.recv_timeout(Duration::from_millis(1)) {
-                Ok(a) if a.seq == seq && a.command == cmd => waiting[usize::from(a.id)] = false,
+                Ok(a) if a.seq == seq && a.command == cmd => {
+                    waiting[usize::from(a.id)] = false;
+                    saved[usize::from(a.id)] = a.saved;
+                }
                 Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     return Err(LifecycleError::Failed("every vCPU has ended".into()))
@@ -381,7 +473,7 @@ impl Lifecycle {
                 )));
             }
         }
-        Ok(())
+        Ok(saved)
     }
 }
 
@@ -401,7 +493,7 @@ mod tests {
     /// A vCPU thread without KVM: "runs" (counts) until its mailbox says otherwise.
     fn fake_vcpu(mb: VcpuMailbox, work: Arc<AtomicU64>) -> std::thread::JoinHandle<()> {
         std::thread::spawn(move || loop {
-            if mb.has_mail() && mb.handle() == Next::Stop {
+            if mb.has_mail() && mb.handle(&mut || Ok(Box::new(u32::from(mb.id)))) == Next::Stop {
                 return;
             }
             work.fetch_add(1, Ordering::Relaxed);
@@ -453,7 +545,22 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(work.load(Ordering::SeqCst), before);
         assert_eq!(lc.pause(), wrong("pause", VmState::Paused));
+        // A snapshot's vCPU states: one from each parked vCPU, in id order; still paused.
+        let ids: Vec<u32> = lc
+            .save_vcpus()
+            .unwrap()
+            .into_iter()
+            .map(|b| *b.downcast::<u32>().unwrap())
+            .collect();
+        assert_eq!(ids, [0, 1, 2]);
+        assert_eq!(lc.frozen_clock(), Ok(5000));
+        assert_eq!(lc.state(), VmState::Paused);
+        assert_eq!(work.load(Ordering::SeqCst), before);
         lc.resume().unwrap();
+        assert!(matches!(
+            lc.save_vcpus(),
+            Err(LifecycleError::WrongState { op: "snapshot", .. })
+        ));
         assert_eq!(
             *clock.1.lock().unwrap(),
             vec![5000],

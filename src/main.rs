@@ -17,6 +17,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => run(args),
+        Command::Restore(args) => restore(args),
         Command::Kit { command } => match command {
             KitCommand::List => {
                 for n in exitless::kit::names() {
@@ -77,6 +78,22 @@ fn fail(msg: &str) -> ExitCode {
     ExitCode::from(1)
 }
 
+fn restore(args: exitless::cli::RestoreArgs) -> ExitCode {
+    let t0 = std::time::Instant::now();
+    let loaded = match exitless::vmm::load_snapshot(&args.snapshot, args.verify_memory) {
+        Ok(l) => l,
+        Err(e) => return fail(&e.to_string()),
+    };
+    let cfg = match args.to_config(&loaded.machine) {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    match exitless::vmm::restore(&cfg, loaded, args.paused, t0) {
+        Ok(outcome) => finish(&cfg, outcome),
+        Err(e) => fail(&e.to_string()),
+    }
+}
+
 fn run(args: exitless::cli::RunArgs) -> ExitCode {
     let inherited = exitless::sandbox::close_inherited_fds();
     if inherited > 0 {
@@ -98,7 +115,15 @@ fn run(args: exitless::cli::RunArgs) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     match exitless::vmm::run(&cfg) {
-        Ok(outcome) => {
+        Ok(outcome) => finish(&cfg, outcome),
+        Err(e) => fail(&e.to_string()),
+    }
+}
+
+/// The end of a run: the summary, the explanation of a failure, the report; the status.
+fn finish(cfg: &exitless::config::VmConfig, outcome: exitless::vmm::RunOutcome) -> ExitCode {
+    {
+        {
             let r = &outcome.report;
             if cfg.summary {
                 eprint!("{}", r.summary(&exitless::vmm::port_name));
@@ -117,6 +142,5 @@ fn run(args: exitless::cli::RunArgs) -> ExitCode {
             }
             ExitCode::from(r.status.clamp(0, 255) as u8)
         }
-        Err(e) => fail(&e.to_string()),
     }
 }

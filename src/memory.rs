@@ -107,6 +107,37 @@ pub fn create(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
     Ok(mem)
 }
 
+/// Maps guest RAM of `size` bytes from a snapshot's memory file (RAM's regions back to back in
+/// it), private and lazy: pages are read from the file when first touched, and the guest's
+/// writes go to its own copies, never to the file (see `snapshot::memory`).
+pub fn map_file(size: u64, file: &std::fs::File) -> Result<GuestMemoryMmap, MemoryError> {
+    check_size(size)?;
+    let (low, high) = split(size);
+    let mut ranges = vec![(GuestAddress(0), low as usize, 0u64)];
+    if high > 0 {
+        ranges.push((GuestAddress(HIGH_RAM_START), high as usize, low));
+    }
+    let map_err = |e: String| MemoryError::Map(size >> 20, e);
+    let regions = ranges
+        .iter()
+        .map(|&(addr, len, offset)| {
+            let file = file.try_clone().map_err(|e| map_err(e.to_string()))?;
+            let file = std::sync::Arc::new(file);
+            let map = |len: usize| {
+                vm_memory::mmap::MmapRegionBuilder::new(len)
+                    .with_file_offset(vm_memory::FileOffset::from_arc(file.clone(), offset))
+                    .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                    .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+                    .build()
+            };
+            let mapping = map_aligned_with(len, &map).map_err(|e| map_err(e.to_string()))?;
+            GuestRegionMmap::new(mapping, addr)
+                .ok_or_else(|| map_err(format!("region at {:#x} overflows", addr.0)))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    GuestMemoryMmap::from_regions(regions).map_err(|e| map_err(e.to_string()))
+}
+
 /// Huge pages' size and the alignment of every region's host mapping.
 pub const HUGE_PAGE: usize = 2 << 20;
 
@@ -118,18 +149,28 @@ const ALIGN_ATTEMPTS: usize = 4;
 /// An anonymous mapping of `len` bytes owned by vm-memory, placed on a [`HUGE_PAGE`] boundary
 /// when the kernel allows (see the module doc).
 fn map_aligned(len: usize) -> Result<MmapRegion, vm_memory::mmap::MmapRegionError> {
+    map_aligned_with(len, &|len| MmapRegion::new(len))
+}
+
+type MapFn<'a> = &'a dyn Fn(usize) -> Result<MmapRegion, vm_memory::mmap::MmapRegionError>;
+
+/// [`map_aligned`] for any mapping `map` makes (anonymous RAM, a snapshot's file).
+fn map_aligned_with(
+    len: usize,
+    map: MapFn,
+) -> Result<MmapRegion, vm_memory::mmap::MmapRegionError> {
     for _ in 1..ALIGN_ATTEMPTS {
-        let mapping = map_once(len)?;
+        let mapping = map_once(len, map)?;
         if (mapping.as_ptr() as usize).is_multiple_of(HUGE_PAGE) {
             return Ok(mapping);
         }
     }
-    map_once(len)
+    map_once(len, map)
 }
 
 /// One try of [`map_aligned`]: reserve `len` + 2 MiB, free the aligned window inside, let
 /// vm-memory map there.
-fn map_once(len: usize) -> Result<MmapRegion, vm_memory::mmap::MmapRegionError> {
+fn map_once(len: usize, map: MapFn) -> Result<MmapRegion, vm_memory::mmap::MmapRegionError> {
     let reserve = len.checked_add(HUGE_PAGE);
     // SAFETY: a fresh inaccessible anonymous mapping; nothing refers to it yet.
     let base = reserve.map(|r| unsafe {
@@ -143,14 +184,14 @@ fn map_once(len: usize) -> Result<MmapRegion, vm_memory::mmap::MmapRegionError> 
         )
     });
     let (Some(reserve), Some(base)) = (reserve, base.filter(|b| *b != libc::MAP_FAILED)) else {
-        return MmapRegion::new(len);
+        return map(len);
     };
     let base = base as usize;
     let window = base.next_multiple_of(HUGE_PAGE);
     // SAFETY: [window, window + len) lies inside the reservation just made (window - base < 2 MiB)
     // and only this function knows of it; freeing it leaves the hole vm-memory maps into.
     unsafe { libc::munmap(window as *mut libc::c_void, len) };
-    let mapping = MmapRegion::new(len);
+    let mapping = map(len);
     // SAFETY: the reservation's head and tail around the window are still this function's own
     // PROT_NONE mappings (vm-memory's mapping is in the window or elsewhere, never in them).
     unsafe {

@@ -158,6 +158,42 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
     vm.wait()
 }
 
+/// Reads and checks the snapshot in `dir` against this host (see `snapshot::load`).
+pub fn load_snapshot(
+    dir: &std::path::Path,
+    verify_memory: bool,
+) -> Result<crate::snapshot::Loaded, VmmError> {
+    let kvm = open_kvm()?;
+    let here = crate::snapshot::HostIdentity::current(&HostInfo::detect(&kvm));
+    crate::snapshot::load(dir, &here, verify_memory).map_err(|e| VmmError::Config(e.to_string()))
+}
+
+/// Builds the VM from a loaded snapshot, starts it (held paused if asked) and waits for it;
+/// says on stderr how long the restore took from `t0` (the command's start) to running.
+pub fn restore(
+    cfg: &VmConfig,
+    snapshot: crate::snapshot::Loaded,
+    paused: bool,
+    t0: std::time::Instant,
+) -> Result<RunOutcome, VmmError> {
+    let dir = snapshot.dir.clone();
+    let mut vm = crate::vm::VmBuilder::restore(cfg, snapshot).build()?;
+    if paused {
+        vm.start_paused()?;
+    } else {
+        vm.start()?;
+    }
+    eprintln!(
+        "exitless: restored from {} in {:.3} ms ({}; {} vCPU(s), {} MiB mapped lazily)",
+        dir.display(),
+        t0.elapsed().as_secs_f64() * 1e3,
+        vm.state().name(),
+        cfg.cpus,
+        cfg.mem_bytes >> 20
+    );
+    vm.wait()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -40,9 +40,31 @@ pub enum VmEnd {
 pub type VmEndSender = mpsc::Sender<VmEnd>;
 
 /// A device on a bus. Reads fill `data` (its length is the access size); writes carry it.
+///
+/// For snapshots (see `snapshot`), a device describes its own state: [`BusDevice::save_state`]
+/// gives it as JSON (`null` for a device with nothing the guest could see change), and
+/// [`BusDevice::restore_state`] takes it back in a new device of the same kind. The default is
+/// "cannot be saved": a device that has not said what its state is blocks the snapshot, naming
+/// itself, rather than restoring wrong.
 pub trait BusDevice: Send {
     fn read(&mut self, offset: u64, data: &mut [u8]);
     fn write(&mut self, offset: u64, data: &[u8]);
+    fn save_state(&self) -> Result<serde_json::Value, String> {
+        Err("its state cannot be saved yet".into())
+    }
+    fn restore_state(&mut self, _state: &serde_json::Value) -> Result<(), String> {
+        Err("its state cannot be restored yet".into())
+    }
+}
+
+/// A device state as JSON (devices' `save_state`).
+pub fn state_json<T: serde::Serialize>(s: &T) -> Result<serde_json::Value, String> {
+    serde_json::to_value(s).map_err(|e| e.to_string())
+}
+
+/// A device state from JSON (devices' `restore_state`).
+pub fn state_from<T: serde::de::DeserializeOwned>(v: &serde_json::Value) -> Result<T, String> {
+    T::deserialize(v).map_err(|e| e.to_string())
 }
 
 /// One device's slot.
@@ -146,6 +168,49 @@ impl Bus {
             }
             None => false,
         }
+    }
+
+    /// Every device's state, keyed `NAME@BASE` (a snapshot's `devices` section); the first
+    /// device that cannot be saved is named in the error.
+    pub fn save_states(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, serde_json::Value>, String> {
+        self.slots
+            .iter()
+            .map(|s| {
+                let state = s.dev.lock().unwrap_or_else(|p| p.into_inner()).save_state();
+                let key = format!("{}@{:#x}", s.name, s.base);
+                state
+                    .map(|v| (key, v))
+                    .map_err(|e| format!("device {} at {:#x}: {e}", s.name, s.base))
+            })
+            .collect()
+    }
+
+    /// Sets every device's saved state: the saved devices and this bus's must be the same.
+    pub fn restore_states(
+        &self,
+        saved: &std::collections::BTreeMap<String, serde_json::Value>,
+    ) -> Result<(), String> {
+        let keys: Vec<String> = self
+            .slots
+            .iter()
+            .map(|s| format!("{}@{:#x}", s.name, s.base))
+            .collect();
+        if keys.len() != saved.len() || keys.iter().any(|k| !saved.contains_key(k)) {
+            return Err(format!(
+                "the snapshot's devices {:?} are not this VM's {keys:?}",
+                saved.keys().collect::<Vec<_>>()
+            ));
+        }
+        for (s, k) in self.slots.iter().zip(&keys) {
+            s.dev
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .restore_state(&saved[k])
+                .map_err(|e| format!("device {k}: {e}"))?;
+        }
+        Ok(())
     }
 
     /// The devices, for diagnostics: (name, base, len).

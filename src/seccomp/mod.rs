@@ -62,9 +62,10 @@ use std::sync::{mpsc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_fpu, kvm_ioeventfd, kvm_irq_level, kvm_irq_routing, kvm_irqfd,
-    kvm_lapic_state, kvm_mp_state, kvm_msi, kvm_msrs, kvm_regs, kvm_sregs, kvm_translation,
-    kvm_vcpu_events,
+    kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_fpu, kvm_ioeventfd, kvm_irq_level,
+    kvm_irq_routing, kvm_irqchip, kvm_irqfd, kvm_lapic_state, kvm_mp_state, kvm_msi, kvm_msrs,
+    kvm_nested_state, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_translation, kvm_vcpu_events,
+    kvm_xcrs, kvm_xsave,
 };
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
@@ -210,6 +211,15 @@ ioctl_iow_nr!(KVM_SET_GSI_ROUTING, KVMIO, 0x6a, kvm_irq_routing);
 ioctl_iow_nr!(KVM_IRQFD, KVMIO, 0x76, kvm_irqfd);
 ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_ioeventfd);
 ioctl_iow_nr!(KVM_SIGNAL_MSI, KVMIO, 0xa5, kvm_msi);
+// A snapshot: the vCPU's state, read on its thread; the VM's, read on the API's.
+ioctl_iowr_nr!(KVM_GET_CPUID2, KVMIO, 0x91, kvm_cpuid2);
+ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
+ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
+ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
+ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
+ioctl_iowr_nr!(KVM_GET_NESTED_STATE, KVMIO, 0xbe, kvm_nested_state);
+ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
+ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
 
 type Rules = BTreeMap<i64, Vec<SeccompRule>>;
 
@@ -404,6 +414,14 @@ fn vcpu() -> Rules {
             KVM_GET_FPU(),
             KVM_GET_LAPIC(),
             KVM_GET_MP_STATE(),
+            // A snapshot's `Save`, answered by the parked vCPU (after a `KVM_RUN` with
+            // immediate_exit that completes its pending I/O).
+            KVM_GET_CPUID2(),
+            KVM_GET_DEBUGREGS(),
+            KVM_GET_XSAVE(),
+            KVM_GET_XCRS(),
+            KVM_GET_TSC_KHZ(),
+            KVM_GET_NESTED_STATE(),
             // VM-level interrupt plumbing (MSI-X table writes, BAR moves).
             KVM_SET_GSI_ROUTING(),
             KVM_IRQFD(),
@@ -421,7 +439,9 @@ fn vcpu() -> Rules {
 
 /// The control API: one thread running its event loop (accepting clients, reading requests and
 /// writing replies), the live facts (KVM's statistics descriptors, the balloon's RSS), a balloon
-/// target (a configuration interrupt), pause and resume (kicks, the guest clock).
+/// target (a configuration interrupt), pause and resume (kicks, the guest clock), and a
+/// snapshot (its directory and files written and synced, guest RAM's resident pages asked with
+/// `mincore`, the irqchip and PIT read).
 fn api() -> Rules {
     use libc::*;
     let mut r = base();
@@ -448,11 +468,33 @@ fn api() -> Rules {
             SYS_epoll_ctl,
             // The shutdown's wake-up connects to the socket itself.
             SYS_connect,
+            // A snapshot.
+            SYS_mkdir,
+            SYS_mkdirat,
+            SYS_pwrite64,
+            SYS_write,
+            SYS_ftruncate,
+            SYS_fsync,
+            SYS_fdatasync,
+            SYS_mincore,
+            SYS_unlink,
+            SYS_unlinkat,
         ],
     );
     allow_args(&mut r, SYS_socket, 0, &[AF_UNIX as u64]);
-    // Pause and resume freeze and restore the guest's kvmclock (the kicks are `tgkill`s).
-    allow_args(&mut r, SYS_ioctl, 1, &[KVM_GET_CLOCK(), KVM_SET_CLOCK()]);
+    // Pause and resume freeze and restore the guest's kvmclock (the kicks are `tgkill`s); a
+    // snapshot reads the irqchip and the PIT.
+    allow_args(
+        &mut r,
+        SYS_ioctl,
+        1,
+        &[
+            KVM_GET_CLOCK(),
+            KVM_SET_CLOCK(),
+            KVM_GET_IRQCHIP(),
+            KVM_GET_PIT2(),
+        ],
+    );
     r
 }
 

@@ -71,6 +71,10 @@ pub struct VcpuShared {
     pub complete_stuck_hypercalls: bool,
     /// Stamped once, by the first vCPU to enter the guest (the end of the start-up).
     pub first_run: Arc<std::sync::OnceLock<std::time::Instant>>,
+    /// KVM's MSR index list (what a snapshot saves).
+    pub msr_index: Arc<Vec<u32>>,
+    /// The guest has SVM or VMX (a snapshot saves its nested state).
+    pub nested: bool,
 }
 
 /// `-KVM_ENOSYS`, what KVM itself answers to a hypercall it does not know.
@@ -148,7 +152,14 @@ impl Vcpu {
         self.shared.first_run.get_or_init(std::time::Instant::now);
         loop {
             if self.mailbox.has_mail() {
-                if self.mailbox.handle() == Next::Stop {
+                let Vcpu {
+                    mailbox,
+                    fd,
+                    shared,
+                    id,
+                    ..
+                } = &mut self;
+                if mailbox.handle(&mut || save_state(fd, shared, *id)) == Next::Stop {
                     break;
                 }
                 // Time parked is not time spent handling the exit.
@@ -387,6 +398,58 @@ impl Vcpu {
             emulate::Completion::Unhandled => Err(fail("")),
         }
     }
+}
+
+/// A parked vCPU's state for a snapshot: its pending I/O completed first, then read.
+fn save_state(fd: &mut VcpuFd, shared: &VcpuShared, id: u8) -> crate::lifecycle::SavedVcpu {
+    complete_pending_io(fd, shared)?;
+    let spec = crate::snapshot::vcpu::CaptureSpec {
+        id,
+        msr_index: &shared.msr_index,
+        nested: shared.nested,
+    };
+    let state = crate::snapshot::vcpu::capture(fd, &spec)?;
+    Ok(Box::new(state))
+}
+
+/// A port or MMIO read the vCPU exited for gets its data into the guest's register only at the
+/// next `KVM_RUN`: one with `immediate_exit` set completes it (and any string I/O left, whose
+/// further exits are served here) without entering the guest, as KVM's documentation asks
+/// before the state is read.
+fn complete_pending_io(fd: &mut VcpuFd, shared: &VcpuShared) -> Result<(), String> {
+    fd.set_kvm_immediate_exit(1);
+    let r = complete_with_immediate_exit(fd, shared);
+    fd.set_kvm_immediate_exit(0);
+    r
+}
+
+fn complete_with_immediate_exit(fd: &mut VcpuFd, shared: &VcpuShared) -> Result<(), String> {
+    // String I/O leaves at most a few more exits; more means something else is wrong.
+    for _ in 0..4096 {
+        match fd.run() {
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return Ok(()),
+            Ok(VcpuExit::Intr) => return Ok(()),
+            Ok(VcpuExit::IoOut(port, data)) => {
+                shared.pio.write(port.into(), data);
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !shared.pio.read(port.into(), data) {
+                    data.fill(0xff);
+                }
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                shared.mmio.write(addr, data);
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !shared.mmio.read(addr, data) {
+                    data.fill(0xff);
+                }
+            }
+            Ok(other) => return Err(format!("unexpected exit {other:?} completing its I/O")),
+            Err(e) => return Err(format!("KVM_RUN completing its I/O: {e}")),
+        }
+    }
+    Err("its I/O did not complete".into())
 }
 
 /// An exit off the I/O path, detached from the `kvm_run` borrow so the handler may use the vCPU.

@@ -3,6 +3,11 @@
 //! irqchip and PIT, guest memory, boot data (ACPI, kernel), devices, then vCPUs (CPUID and MSRs
 //! before the first `KVM_RUN`). Each step is one function.
 //!
+//! A restore ([`VmBuilder::restore`]) takes the same steps from a loaded snapshot: guest memory
+//! is the snapshot's memory file mapped lazily instead of fresh RAM, no boot data is loaded, and
+//! once the devices and vCPUs exist their saved states are set ([`restore_state`]), kvmclock
+//! last.
+//!
 //! Owns nothing once the build is done: everything it makes is handed to the [`Vm`]. It may touch
 //! KVM (the VM and vCPU descriptors), guest memory and the device buses.
 
@@ -60,13 +65,25 @@ struct LegacyDevices {
 pub struct VmBuilder<'a> {
     cfg: &'a VmConfig,
     clock: StartupClock,
+    restore: Option<crate::snapshot::Loaded>,
 }
 
 impl<'a> VmBuilder<'a> {
     pub fn new(cfg: &'a VmConfig) -> Self {
         let mut clock = StartupClock::new();
         clock.mark("main");
-        VmBuilder { cfg, clock }
+        VmBuilder {
+            cfg,
+            clock,
+            restore: None,
+        }
+    }
+
+    /// A VM restored from a loaded snapshot (its `cfg` made from the snapshot's machine).
+    pub fn restore(cfg: &'a VmConfig, snapshot: crate::snapshot::Loaded) -> Self {
+        let mut b = Self::new(cfg);
+        b.restore = Some(snapshot);
+        b
     }
 
     /// Every step of the build; the VM is `Created` (no vCPU has run).
@@ -88,11 +105,17 @@ impl<'a> VmBuilder<'a> {
             .map(crate::memlimit::MemCgroup::enter)
             .transpose()
             .map_err(VmmError::Config)?;
-        let mem = crate::memory::create(cfg.mem_bytes)?;
+        let mem = match &self.restore {
+            Some(s) => crate::memory::map_file(cfg.mem_bytes, &s.memory_file)?,
+            None => crate::memory::create(cfg.mem_bytes)?,
+        };
         let (vm, dedicated) = create_vm(&kvm, cfg, &platform)?;
         register_memory(&vm, &mem)?;
         self.clock.mark("vm_and_memory");
-        let entry = self.load_boot_data(&mem)?;
+        let entry = match self.restore {
+            Some(_) => None,
+            None => Some(self.load_boot_data(&mem)?),
+        };
         // Before the first thread starts: each builds its restriction from this ruleset.
         let cgroup_rules = mem_cgroup
             .as_ref()
@@ -127,6 +150,11 @@ impl<'a> VmBuilder<'a> {
         self.clock.mark("devices");
         let vm = Arc::new(vm);
         let (lifecycle, mailboxes) = Lifecycle::new(cfg.cpus, Some(Box::new(KvmClock(vm.clone()))));
+        let msr_index = kvm
+            .get_msr_index_list()
+            .map_err(kvm_err("reading the MSR list"))?
+            .as_slice()
+            .to_vec();
         let shared = VcpuShared {
             pio: Arc::new(legacy.pio),
             mmio: Arc::new(legacy.mmio),
@@ -137,9 +165,11 @@ impl<'a> VmBuilder<'a> {
             sample_rips: cfg.sample_rips,
             complete_stuck_hypercalls: platform.host.is_pvm(),
             first_run: self.clock.first_run.clone(),
+            msr_index: Arc::new(msr_index),
+            nested: platform.hw_virt.is_some(),
         };
+        let (pio, mmio) = (shared.pio.clone(), shared.mmio.clone());
         let vcpus = create_vcpus(
-            &kvm,
             &vm,
             cfg,
             &platform,
@@ -149,7 +179,19 @@ impl<'a> VmBuilder<'a> {
             mailboxes,
         )?;
         self.clock.mark("vcpus");
+        if let Some(s) = &self.restore {
+            restore_state(&vm, &vcpus, (&pio, &mmio), s)?;
+            self.clock.mark("restore_state");
+        }
+        let snapshot = super::SnapshotParts {
+            vm: vm.clone(),
+            mem: mem.clone(),
+            pio,
+            mmio,
+            restored_from: self.restore.as_ref().map(|s| s.dir.clone()),
+        };
         Ok(Vm::new(super::Parts {
+            snapshot,
             cfg: cfg.clone(),
             platform,
             _kvm: kvm,
@@ -188,6 +230,12 @@ impl<'a> VmBuilder<'a> {
                 let (_, bytes) = crate::kit::get(name)
                     .ok_or_else(|| VmmError::Config(format!("no embedded guest named {name:?}")))?;
                 (PathBuf::from(format!("<embedded {name}>")), Some(bytes))
+            }
+            KernelSource::Snapshot { dir, .. } => {
+                return Err(VmmError::Config(format!(
+                    "a VM from the snapshot {} is restored, not booted",
+                    dir.display()
+                )))
             }
         };
         let loaded = boot::load(
@@ -448,18 +496,14 @@ fn enable_emulation_failure_exits(vm: &VmFd) {
 /// Every vCPU with its CPUID, MSRs and LAPIC; the boot vCPU with the boot registers.
 #[allow(clippy::too_many_arguments)]
 fn create_vcpus(
-    kvm: &Kvm,
     vm: &VmFd,
     cfg: &VmConfig,
     platform: &Platform,
     dedicated_mask: Option<u32>,
-    entry: boot::EntryProtocol,
+    entry: Option<boot::EntryProtocol>,
     shared: VcpuShared,
     mailboxes: Vec<VcpuMailbox>,
 ) -> Result<Vec<Vcpu>, VmmError> {
-    let msr_list = kvm
-        .get_msr_index_list()
-        .map_err(kvm_err("reading the MSR list"))?;
     let quirks = platform.host.cpuid_quirks();
     let mut vcpus = Vec::new();
     for (id, mailbox) in (0..cfg.cpus).zip(mailboxes) {
@@ -477,19 +521,39 @@ fn create_vcpus(
         }
         fd.set_cpuid2(&c).map_err(kvm_err("setting CPUID"))?;
         nested::set_vmx_capability_msrs(&fd, &platform.vmx_msrs).map_err(VmmError::Kvm)?;
-        let msrs = msr::boot_msr_entries(msr_list.as_slice());
+        let msrs = msr::boot_msr_entries(&shared.msr_index);
         match fd.set_msrs(&msrs) {
             Ok(n) if n == msrs.as_slice().len() => {}
             Ok(n) => log::debug!("host accepted {n} of {} boot MSRs", msrs.as_slice().len()),
             Err(e) => log::warn!("setting boot MSRs: {e}"),
         }
         set_lint(&fd).map_err(kvm_err("setting up the local APIC"))?;
-        if id == 0 {
+        if let (0, Some(entry)) = (id, entry) {
             set_boot_registers(&fd, &shared.mem, entry)?;
         }
         vcpus.push(Vcpu::new(id, fd, shared.clone(), mailbox));
     }
     Ok(vcpus)
+}
+
+/// A restore's saved state into the new VM: devices, every vCPU, then the irqchip, PIT and
+/// kvmclock (last: the guest's clock goes on from its saved value as the vCPUs start).
+fn restore_state(
+    vm: &VmFd,
+    vcpus: &[Vcpu],
+    (pio, mmio): (&Bus, &Bus),
+    s: &crate::snapshot::Loaded,
+) -> Result<(), VmmError> {
+    let fail = |what: &str, e: String| VmmError::Config(format!("restoring {what}: {e}"));
+    pio.restore_states(&s.devices.pio)
+        .map_err(|e| fail("the devices", e))?;
+    mmio.restore_states(&s.devices.mmio)
+        .map_err(|e| fail("the devices", e))?;
+    for (v, state) in vcpus.iter().zip(&s.vcpus) {
+        crate::snapshot::vcpu::apply(v.fd(), state)
+            .map_err(|e| fail(&format!("vCPU {}", v.id), e))?;
+    }
+    crate::snapshot::vm::apply(vm, &s.vm).map_err(|e| fail("the VM", e))
 }
 
 /// The boot vCPU's registers, segments and FPU for the kernel's entry.

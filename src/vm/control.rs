@@ -2,8 +2,8 @@
 //! API's view ([`VmControl`], the VM's side of [`crate::api::Control`]).
 //!
 //! Owns nothing of the VM: it holds shared handles (counters, the lifecycle, KVM's statistics
-//! descriptors) and may change the VM only through the lifecycle, the balloon's target and the
-//! quit flag.
+//! descriptors, what a snapshot reads) and may change the VM only through the lifecycle, the
+//! balloon's target and the quit flag; a snapshot only reads the paused VM.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -103,6 +103,10 @@ pub(crate) struct VmControl {
     pub lifecycle: Arc<Lifecycle>,
     pub cpus: u8,
     pub mem_bytes: u64,
+    /// What a snapshot reads.
+    pub snapshot: crate::snapshot::Source,
+    /// The snapshot this VM was restored from.
+    pub restored_from: Option<std::path::PathBuf>,
 }
 
 impl VmControl {
@@ -143,7 +147,20 @@ impl crate::api::Control for VmControl {
             "memory_bytes": self.mem_bytes,
             "uptime_s": self.started.elapsed().as_secs_f64(),
             "paused_s": self.lifecycle.paused_for().as_secs_f64(),
+            "restored_from": self.restored_from,
         })
+    }
+
+    fn snapshot(&self, dir: &std::path::Path) -> Result<Value, ApiError> {
+        use crate::snapshot::SnapshotError;
+        match crate::snapshot::create(&self.snapshot, &self.lifecycle, dir) {
+            Ok(s) => Ok(json!(s)),
+            Err(e @ SnapshotError::Unsupported(_)) => Err(ApiError::bad_request(e.to_string())),
+            Err(e) => Err(ApiError {
+                status: 500,
+                message: e.to_string(),
+            }),
+        }
     }
 
     fn pause(&self) -> Result<(), ApiError> {

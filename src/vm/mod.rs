@@ -15,9 +15,11 @@
 //! everything of its VM; nothing outside it holds the VM except through [`Lifecycle`] and
 //! [`crate::api::Control`].
 //!
-//! Where a snapshot would go: from `Paused` (every vCPU parked on its thread, which still owns
-//! its `VcpuFd`), a `snapshot` message to each vCPU would return its state, and the VM's state
-//! (irqchip, PIT, clock, devices, memory) is reachable from here.
+//! Snapshots: from `Paused`, the API's snapshot request reaches [`crate::snapshot::create`]
+//! with what this VM hands over ([`SnapshotParts`]: the VM descriptor, guest memory, the
+//! buses); each vCPU's state comes from its own thread through the lifecycle. A VM restored
+//! from a snapshot is built by [`VmBuilder::restore`] and started like any other (or held
+//! paused: [`Vm::start_paused`]).
 
 mod builder;
 mod control;
@@ -48,8 +50,19 @@ use threads::VcpuThread;
 /// rest unwritten (a stdout nobody reads).
 const CONSOLE_PATIENCE: Duration = Duration::from_secs(2);
 
+/// What a snapshot of this VM reads (besides the vCPUs, which answer through the lifecycle).
+struct SnapshotParts {
+    vm: Arc<VmFd>,
+    mem: vm_memory::GuestMemoryMmap,
+    pio: Arc<crate::devices::Bus>,
+    mmio: Arc<crate::devices::Bus>,
+    /// The snapshot this VM was restored from (its RAM is then that snapshot's file).
+    restored_from: Option<std::path::PathBuf>,
+}
+
 /// What the builder hands over.
 struct Parts {
+    snapshot: SnapshotParts,
     cfg: VmConfig,
     platform: Platform,
     _kvm: Kvm,
@@ -111,6 +124,31 @@ impl Vm {
     /// Created -> Running: the control API, the console and device-launcher threads, then the
     /// vCPU threads. The calling thread then runs under the main thread's filter.
     pub fn start(&mut self) -> Result<(), VmmError> {
+        self.start_as(false)
+    }
+
+    /// Created -> Paused: as [`Vm::start`], but every vCPU parks before it first enters the
+    /// guest (a restored VM held for `resume`).
+    pub fn start_paused(&mut self) -> Result<(), VmmError> {
+        self.start_as(true)
+    }
+
+    /// The snapshot's side of the VM, for the control API.
+    fn snapshot_source(&self) -> crate::snapshot::Source {
+        let p = &self.parts;
+        let s = &p.snapshot;
+        crate::snapshot::Source {
+            vm: s.vm.clone(),
+            mem: s.mem.clone(),
+            anonymous_ram: s.restored_from.is_none(),
+            pio: s.pio.clone(),
+            mmio: s.mmio.clone(),
+            machine: machine(&p.cfg, p.platform.hw_virt),
+            host: crate::snapshot::HostIdentity::current(&p.platform.host),
+        }
+    }
+
+    fn start_as(&mut self, paused: bool) -> Result<(), VmmError> {
         if self.running.is_some() {
             return Err(VmmError::Config("the VM has already been started".into()));
         }
@@ -154,6 +192,8 @@ impl Vm {
                         lifecycle: p.lifecycle.clone(),
                         cpus: p.cfg.cpus,
                         mem_bytes: p.cfg.mem_bytes,
+                        snapshot: self.snapshot_source(),
+                        restored_from: p.snapshot.restored_from.clone(),
                     }),
                 )
                 .map_err(VmmError::Config)?,
@@ -168,15 +208,24 @@ impl Vm {
         let launcher = crate::seccomp::start_launcher().map_err(VmmError::Kvm)?;
         let raw = crate::terminal::RawModeGuard::new();
         threads::spawn_console_input(p.serial.clone(), p.end_tx.clone());
+        if paused {
+            p.lifecycle
+                .hold_at_start()
+                .map_err(|e| VmmError::Config(e.to_string()))?;
+        }
         let vcpu_threads = self.spawn_vcpus(trace, &traces)?;
         let p = &self.parts;
         let pthreads: Vec<libc::pthread_t> = {
             use std::os::unix::thread::JoinHandleExt;
             vcpu_threads.iter().map(|h| h.as_pthread_t()).collect()
         };
-        p.lifecycle
-            .started(Box::new(move |id| threads::kick_thread(pthreads[id])))
-            .map_err(|e| VmmError::Config(e.to_string()))?;
+        let kick: crate::lifecycle::Kick = Box::new(move |id| threads::kick_thread(pthreads[id]));
+        if paused {
+            p.lifecycle.started_held(kick)
+        } else {
+            p.lifecycle.started(kick)
+        }
+        .map_err(|e| VmmError::Config(e.to_string()))?;
         self.running = Some(Running {
             threads: vcpu_threads,
             started,
@@ -361,6 +410,28 @@ impl Vm {
             console_tail,
             explanation,
         }
+    }
+}
+
+/// What the VM is made of, as a snapshot records it.
+fn machine(
+    cfg: &VmConfig,
+    hw_virt: Option<crate::arch::x86_64::nested::HwVirt>,
+) -> crate::snapshot::Machine {
+    use crate::config::KernelSource;
+    let guest = match &cfg.kernel {
+        KernelSource::File(p) => p.display().to_string(),
+        KernelSource::Embedded(n) => format!("kit:{n}"),
+        KernelSource::Snapshot { guest, .. } => guest.clone(),
+    };
+    crate::snapshot::Machine {
+        guest,
+        mem_bytes: cfg.mem_bytes,
+        cpus: cfg.cpus,
+        nested: hw_virt.map(|h| h.name().to_string()),
+        debug_exit: cfg.debug_exit,
+        probe: cfg.probe,
+        cmdline: cfg.cmdline.clone(),
     }
 }
 

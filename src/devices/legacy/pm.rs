@@ -59,7 +59,36 @@ impl Pm {
     }
 }
 
+/// The PM block in a snapshot: its registers and where its timer stood (it goes on from
+/// there, never backwards).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedPm {
+    sts: u16,
+    en: u16,
+    cnt: u16,
+    timer_ns: u64,
+}
+
 impl BusDevice for Pm {
+    fn save_state(&self) -> Result<serde_json::Value, String> {
+        crate::devices::state_json(&SavedPm {
+            sts: self.sts,
+            en: self.en,
+            cnt: self.cnt,
+            timer_ns: self.start.elapsed().as_nanos() as u64,
+        })
+    }
+
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        let s: SavedPm = crate::devices::state_from(state)?;
+        let ago = std::time::Duration::from_nanos(s.timer_ns);
+        self.start = Instant::now()
+            .checked_sub(ago)
+            .ok_or("the PM timer's saved value is out of range")?;
+        (self.sts, self.en, self.cnt) = (s.sts, s.en, s.cnt);
+        Ok(())
+    }
+
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let r = self.regs();
         for (i, b) in data.iter_mut().enumerate() {
@@ -95,6 +124,15 @@ impl ResetControl {
 }
 
 impl BusDevice for ResetControl {
+    fn save_state(&self) -> Result<serde_json::Value, String> {
+        Ok(self.value.into())
+    }
+
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        self.value = crate::devices::state_from(state)?;
+        Ok(())
+    }
+
     fn read(&mut self, _offset: u64, data: &mut [u8]) {
         u64_to_data(self.value as u64, data);
     }

@@ -93,7 +93,38 @@ impl Rtc {
     }
 }
 
+/// The RTC in a snapshot: the guest's offset from the host clock (its time goes on from the
+/// host's wall clock at the restore, as a real RTC's would), its registers and NVRAM.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedRtc {
+    index: u8,
+    offset: i64,
+    reg_b: u8,
+    nvram: Vec<u8>,
+}
+
 impl BusDevice for Rtc {
+    fn save_state(&self) -> Result<serde_json::Value, String> {
+        crate::devices::state_json(&SavedRtc {
+            index: self.index,
+            offset: self.offset,
+            reg_b: self.reg_b,
+            nvram: self.nvram.to_vec(),
+        })
+    }
+
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        let s: SavedRtc = crate::devices::state_from(state)?;
+        self.nvram = s
+            .nvram
+            .try_into()
+            .map_err(|v: Vec<u8>| format!("NVRAM of {} bytes, not 128", v.len()))?;
+        self.index = s.index;
+        self.offset = s.offset;
+        self.reg_b = s.reg_b;
+        Ok(())
+    }
+
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
         if offset == 1 && !data.is_empty() {

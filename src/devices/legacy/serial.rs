@@ -390,7 +390,88 @@ impl Serial {
 /// vm_superio's receive FIFO size.
 const FIFO_SIZE: usize = 64;
 
+/// The UART's registers and receive FIFO in a snapshot (vm-superio's `SerialState`, which
+/// has no serde form of its own).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedUart {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
+}
+
+impl Serial {
+    fn saved(&self) -> SavedUart {
+        let s = self.uart.state();
+        SavedUart {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// A UART in the saved state, writing where this one writes and raising the same interrupt.
+    fn restore(&mut self, s: SavedUart) -> Result<(), String> {
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        };
+        let irq = self
+            .uart
+            .interrupt_evt()
+            .0
+            .try_clone()
+            .map_err(|e| e.to_string())?;
+        // The output is moved into the new UART; the old one gets a placeholder and is dropped.
+        let placeholder = ConsoleOut::new(
+            None,
+            Arc::new(Mutex::new(ConsoleWatch::default())),
+            mpsc::channel().0,
+        );
+        let old = std::mem::replace(
+            &mut self.uart,
+            vm_superio::Serial::new(
+                IrqTrigger(irq.try_clone().map_err(|e| e.to_string())?),
+                placeholder,
+            ),
+        );
+        let out = old.into_writer();
+        self.uart = vm_superio::Serial::from_state(&state, IrqTrigger(irq), NoEvents, out)
+            .map_err(|e| format!("{e:?}"))?;
+        Ok(())
+    }
+}
+
 impl BusDevice for Serial {
+    fn save_state(&self) -> Result<serde_json::Value, String> {
+        crate::devices::state_json(&self.saved())
+    }
+
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        self.restore(crate::devices::state_from(state)?)
+    }
+
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
         match offset {

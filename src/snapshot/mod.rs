@@ -1,0 +1,299 @@
+//! Snapshot and restore: a paused VM written to a directory ([`create`]), and read back and
+//! checked for a restore ([`load`]; the VM is then built from it by
+//! [`crate::vm::VmBuilder::restore`]).
+//!
+//! A snapshot directory holds two files:
+//! - `state.json`: the versioned, checksummed container ([`format`]) of the sections `host`
+//!   (the CPU and KVM it was taken on, [`HostIdentity`]), `machine` (what the VM is made of,
+//!   [`Machine`]), `vcpus` ([`vcpu`]), `vm` (irqchip, PIT, kvmclock: [`vm`]), `devices` (each
+//!   device's own state, by bus slot: [`crate::devices::Bus::save_states`]) and `memory` (the
+//!   layout and checksum of the memory file);
+//! - `memory`: guest RAM, sparse ([`memory`]).
+//!
+//! `state.json` is written last, so a directory with one holds a whole snapshot; neither file is
+//! ever overwritten (a VM restored from a snapshot maps its memory file).
+//!
+//! **What is refused, and when.** A snapshot needs a paused VM (the lifecycle says so otherwise)
+//! and devices that can all be saved: a device that cannot (today: the PCI/virtio devices) is
+//! named and nothing is written, so no snapshot can restore wrong. A restore refuses, before
+//! anything runs: a file that is not a snapshot, another format version, any section whose
+//! checksum does not match, a memory file of the wrong length (and, with `--verify-memory`, of
+//! the wrong content), and a snapshot from another host (CPU vendor or model, or KVM flavour:
+//! saved CPU state is only valid on the CPU it came from).
+//!
+//! Owns the snapshot's files. It may read a paused VM's state through [`Source`] (the vCPUs'
+//! through the lifecycle's `Save` message, answered on each vCPU's thread) and touches nothing
+//! of a running VM.
+
+pub mod format;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use kvm_ioctls::VmFd;
+use serde::{Deserialize, Serialize};
+use vm_memory::GuestMemoryMmap;
+
+use crate::devices::Bus;
+use crate::lifecycle::Lifecycle;
+
+/// Why a snapshot or a restore could not be done.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// Writing the snapshot failed.
+    #[error("snapshot: {0}")]
+    Save(String),
+    /// This VM cannot be snapshotted (a device that cannot be saved, the wrong state).
+    #[error("cannot snapshot this VM: {0}")]
+    Unsupported(String),
+    /// The directory does not hold a usable snapshot.
+    #[error("not a usable snapshot: {0}")]
+    Invalid(String),
+    #[error(
+        "snapshot format version {found}; this exitless reads version {supported} (take the \
+         snapshot again with this exitless)"
+    )]
+    Version { found: String, supported: u32 },
+    #[error("the snapshot was taken on another host: {0}")]
+    WrongHost(String),
+}
+
+/// The host a snapshot was taken on: what saved CPU state depends on.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HostIdentity {
+    /// CPUID leaf 0's vendor string.
+    pub cpu_vendor: String,
+    /// CPUID leaf 1's EAX: family, model and stepping.
+    pub cpu_signature: u32,
+    pub cpu_brand: String,
+    /// The KVM flavour: `kvm_intel`, `kvm_amd`, `kvm_pvm` (or `kvm` when unknown).
+    pub kvm: String,
+}
+
+impl HostIdentity {
+    /// This host's.
+    pub fn current(host: &crate::host::HostInfo) -> Self {
+        let leaf1 = std::arch::x86_64::__cpuid(1);
+        let kvm = if host.is_pvm() {
+            "kvm_pvm"
+        } else {
+            host.kvm_module.unwrap_or("kvm")
+        };
+        HostIdentity {
+            cpu_vendor: host.cpu_vendor.clone(),
+            cpu_signature: leaf1.eax,
+            cpu_brand: cpu_brand(),
+            kvm: kvm.into(),
+        }
+    }
+
+    /// Whether a snapshot taken on `self` may be restored on `here`, and if not why.
+    pub fn check(&self, here: &HostIdentity) -> Result<(), SnapshotError> {
+        let same_cpu =
+            self.cpu_vendor == here.cpu_vendor && self.cpu_signature == here.cpu_signature;
+        if same_cpu && self.kvm == here.kvm {
+            return Ok(());
+        }
+        Err(SnapshotError::WrongHost(format!(
+            "it needs {} ({}, signature {:#x}) under {}; this host is {} ({}, signature {:#x}) \
+             under {}",
+            self.cpu_brand,
+            self.cpu_vendor,
+            self.cpu_signature,
+            self.kvm,
+            here.cpu_brand,
+            here.cpu_vendor,
+            here.cpu_signature,
+            here.kvm
+        )))
+    }
+}
+
+fn cpu_brand() -> String {
+    let mut b = Vec::new();
+    for leaf in 0x8000_0002u32..=0x8000_0004 {
+        // Leaves past the maximum return zeros, which are trimmed.
+        let r = std::arch::x86_64::__cpuid(leaf);
+        for v in [r.eax, r.ebx, r.ecx, r.edx] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    String::from_utf8_lossy(&b)
+        .trim_matches(char::from(0))
+        .trim()
+        .to_string()
+}
+
+/// What the VM is made of: what a restore builds before it sets the saved state.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Machine {
+    /// The guest it booted (`kit:NAME` or the kernel's path): information only.
+    pub guest: String,
+    pub mem_bytes: u64,
+    pub cpus: u8,
+    /// `SVM` or `VMX` when the guest was given hardware virtualization.
+    pub nested: Option<String>,
+    pub debug_exit: bool,
+    pub probe: bool,
+    pub cmdline: String,
+}
+
+/// Every device's state, by bus and slot.
+#[derive(Serialize, Deserialize)]
+pub struct DeviceStates {
+    pub pio: BTreeMap<String, serde_json::Value>,
+    pub mmio: BTreeMap<String, serde_json::Value>,
+}
+
+/// What a running VM hands over so that it can be snapshotted.
+pub struct Source {
+    pub vm: Arc<VmFd>,
+    pub mem: GuestMemoryMmap,
+    /// RAM is anonymous memory (false for a VM itself restored: a file mapping).
+    pub anonymous_ram: bool,
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub machine: Machine,
+    pub host: HostIdentity,
+}
+
+/// What a snapshot wrote.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    pub dir: PathBuf,
+    /// `state.json`'s size.
+    pub state_bytes: u64,
+    /// Guest RAM's size (the memory file's length).
+    pub memory_bytes: u64,
+    /// The memory file's data (what it costs on disk).
+    pub memory_data_bytes: u64,
+    pub ms: f64,
+}
+
+/// Writes a snapshot of the paused VM into `dir` (created if missing; one that already holds
+/// a snapshot is refused).
+pub fn create(src: &Source, lifecycle: &Lifecycle, dir: &Path) -> Result<Summary, SnapshotError> {
+    let t0 = Instant::now();
+    let devices = DeviceStates {
+        pio: src.pio.save_states().map_err(SnapshotError::Unsupported)?,
+        mmio: src.mmio.save_states().map_err(SnapshotError::Unsupported)?,
+    };
+    let clock_ns = lifecycle
+        .frozen_clock()
+        .map_err(|e| SnapshotError::Unsupported(e.to_string()))?;
+    let vcpus = save_vcpus(lifecycle)?;
+    let vm = vm::capture(&src.vm, clock_ns).map_err(SnapshotError::Save)?;
+    prepare_dir(dir)?;
+    let mem = memory::save(&src.mem, dir, src.anonymous_ram).inspect_err(|_| {
+        let _ = std::fs::remove_file(dir.join(memory::MEMORY_FILE));
+    })?;
+    let mut w = format::Writer::default();
+    w.add("host", &src.host)?;
+    w.add("machine", &src.machine)?;
+    w.add("vcpus", &vcpus)?;
+    w.add("vm", &vm)?;
+    w.add("devices", &devices)?;
+    w.add("memory", &mem)?;
+    let state_bytes = w.write(dir)?;
+    Ok(Summary {
+        dir: dir.to_path_buf(),
+        state_bytes,
+        memory_bytes: mem.size,
+        memory_data_bytes: mem.data_bytes,
+        ms: t0.elapsed().as_secs_f64() * 1e3,
+    })
+}
+
+/// Every vCPU's state, read on its own thread.
+fn save_vcpus(lifecycle: &Lifecycle) -> Result<Vec<vcpu::VcpuState>, SnapshotError> {
+    let saved = lifecycle.save_vcpus().map_err(|e| match e {
+        crate::lifecycle::LifecycleError::WrongState { .. } => {
+            SnapshotError::Unsupported(e.to_string())
+        }
+        e => SnapshotError::Save(e.to_string()),
+    })?;
+    saved
+        .into_iter()
+        .map(|b| {
+            b.downcast::<vcpu::VcpuState>()
+                .map(|s| *s)
+                .map_err(|_| SnapshotError::Save("a vCPU answered with something else".into()))
+        })
+        .collect()
+}
+
+/// `dir` exists and holds no snapshot.
+fn prepare_dir(dir: &Path) -> Result<(), SnapshotError> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| SnapshotError::Save(format!("cannot create {}: {e}", dir.display())))?;
+    for f in [format::STATE_FILE, memory::MEMORY_FILE] {
+        if dir.join(f).exists() {
+            return Err(SnapshotError::Save(format!(
+                "{} already holds a snapshot ({f}); choose a new directory",
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A snapshot read and checked, ready for [`crate::vm::VmBuilder::restore`].
+pub struct Loaded {
+    pub dir: PathBuf,
+    pub host: HostIdentity,
+    pub machine: Machine,
+    pub vcpus: Vec<vcpu::VcpuState>,
+    pub vm: vm::VmState,
+    pub devices: DeviceStates,
+    pub memory: memory::MemoryInfo,
+    pub memory_file: std::fs::File,
+}
+
+/// Reads the snapshot in `dir` and checks it against this host (`here`); with `verify_memory`
+/// the memory file's content too.
+pub fn load(dir: &Path, here: &HostIdentity, verify_memory: bool) -> Result<Loaded, SnapshotError> {
+    let r = format::Reader::open(dir)?;
+    let host: HostIdentity = r.get("host")?;
+    host.check(here)?;
+    let machine: Machine = r.get("machine")?;
+    let vcpus: Vec<vcpu::VcpuState> = r.get("vcpus")?;
+    if vcpus.len() != usize::from(machine.cpus)
+        || vcpus
+            .iter()
+            .enumerate()
+            .any(|(i, v)| usize::from(v.id) != i)
+    {
+        return Err(SnapshotError::Invalid(format!(
+            "{} vCPU states for a machine of {} vCPUs",
+            vcpus.len(),
+            machine.cpus
+        )));
+    }
+    let memory: memory::MemoryInfo = r.get("memory")?;
+    let memory_file = memory::open(dir, &memory, machine.mem_bytes)?;
+    if verify_memory {
+        memory::verify(&memory_file, &memory)?;
+    }
+    Ok(Loaded {
+        dir: dir.to_path_buf(),
+        host,
+        machine,
+        vcpus,
+        vm: r.get("vm")?,
+        devices: r.get("devices")?,
+        memory,
+        memory_file,
+    })
+}
+
+/// Rewrites the `host` section of the snapshot in `dir` (tests: a snapshot "from another
+/// host" with valid checksums).
+#[doc(hidden)]
+pub fn rewrite_host_for_tests(dir: &Path, host: &HostIdentity) -> Result<(), SnapshotError> {
+    format::rewrite_section(dir, "host", host)
+}
