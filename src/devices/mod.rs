@@ -170,21 +170,26 @@ impl Bus {
         }
     }
 
-    /// Every device's state, keyed `NAME@BASE` (a snapshot's `devices` section); the first
-    /// device that cannot be saved is named in the error.
+    /// Every device's state, keyed `NAME@BASE` (a snapshot's `devices` section); every device
+    /// that cannot be saved is named in the error.
     pub fn save_states(
         &self,
-    ) -> Result<std::collections::BTreeMap<String, serde_json::Value>, String> {
-        self.slots
-            .iter()
-            .map(|s| {
-                let state = s.dev.lock().unwrap_or_else(|p| p.into_inner()).save_state();
-                let key = format!("{}@{:#x}", s.name, s.base);
-                state
-                    .map(|v| (key, v))
-                    .map_err(|e| format!("device {} at {:#x}: {e}", s.name, s.base))
-            })
-            .collect()
+    ) -> Result<std::collections::BTreeMap<String, serde_json::Value>, Vec<String>> {
+        let mut states = std::collections::BTreeMap::new();
+        let mut refused = Vec::new();
+        for s in &self.slots {
+            match s.dev.lock().unwrap_or_else(|p| p.into_inner()).save_state() {
+                Ok(v) => {
+                    states.insert(format!("{}@{:#x}", s.name, s.base), v);
+                }
+                Err(e) => refused.push(format!("{} at {:#x}: {e}", s.name, s.base)),
+            }
+        }
+        if refused.is_empty() {
+            Ok(states)
+        } else {
+            Err(refused)
+        }
     }
 
     /// Sets every device's saved state: the saved devices and this bus's must be the same.

@@ -179,9 +179,19 @@ pub struct Summary {
 /// a snapshot is refused).
 pub fn create(src: &Source, lifecycle: &Lifecycle, dir: &Path) -> Result<Summary, SnapshotError> {
     let t0 = Instant::now();
-    let devices = DeviceStates {
-        pio: src.pio.save_states().map_err(SnapshotError::Unsupported)?,
-        mmio: src.mmio.save_states().map_err(SnapshotError::Unsupported)?,
+    let devices = match (src.pio.save_states(), src.mmio.save_states()) {
+        (Ok(pio), Ok(mmio)) => DeviceStates { pio, mmio },
+        (pio, mmio) => {
+            let refused: Vec<String> = [pio.err(), mmio.err()]
+                .into_iter()
+                .flatten()
+                .flatten()
+                .collect();
+            return Err(SnapshotError::Unsupported(format!(
+                "devices whose state cannot be saved yet: {}",
+                refused.join("; ")
+            )));
+        }
     };
     let clock_ns = lifecycle
         .frozen_clock()
