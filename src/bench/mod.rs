@@ -20,6 +20,8 @@
 //!   that VMs leave nothing on the host (`bench soak`).
 //! - [`vswap`]: uncooperative overcommit, baseline swapping vs balloon vs swap mapper (`bench
 //!   vswap`).
+//! - [`snapshot`]: snapshot time and size, restore-to-running and the first guest response
+//!   after a restore (`bench snapshot`).
 
 pub mod boot;
 pub mod exits;
@@ -27,6 +29,7 @@ pub mod io;
 pub mod iommu;
 pub mod irq;
 pub mod nested;
+pub mod snapshot;
 pub mod soak;
 pub mod vswap;
 
@@ -80,6 +83,10 @@ pub enum BenchCommand {
     /// RSS, and a leak check of the host (processes, sockets, network interfaces, /dev/shm) before
     /// and after. Fails on a failed boot or a leak.
     Soak(soak::SoakArgs),
+    /// Snapshot and restore with the kit's compute guest (256 MiB): snapshot time and size on
+    /// disk, restore-to-running as the restored VMM measures it, and the time from starting
+    /// `exitless restore` to the guest's first answer on its console.
+    Snapshot(snapshot::SnapshotArgs),
     /// The load generator `bench irq` runs inside its guest.
     #[command(hide = true)]
     IrqLoad(irq::LoadArgs),
@@ -158,6 +165,7 @@ pub fn main(cmd: BenchCommand) -> ExitCode {
         BenchCommand::Vswap(args) => vswap::run(&args),
         BenchCommand::Irq(args) => irq::run(&args),
         BenchCommand::Iommu(args) => iommu::run(&args),
+        BenchCommand::Snapshot(args) => snapshot::run(&args),
         BenchCommand::IrqLoad(args) => irq::load(&args),
         BenchCommand::Soak(args) => soak::run(&args),
     };
