@@ -264,12 +264,12 @@ pub struct Loaded {
     pub memory_file: std::fs::File,
 }
 
-/// Reads the snapshot in `dir` and checks it against this host (`here`); with `verify_memory`
-/// the memory file's content too.
-pub fn load(dir: &Path, here: &HostIdentity, verify_memory: bool) -> Result<Loaded, SnapshotError> {
+/// Reads and checks the snapshot in `dir` (with `verify_memory` the memory file's content too).
+/// Whether it suits this host is checked by the builder, once it knows the host
+/// ([`HostIdentity::check`]), before it creates anything.
+pub fn load(dir: &Path, verify_memory: bool) -> Result<Loaded, SnapshotError> {
     let r = format::Reader::open(dir)?;
     let host: HostIdentity = r.get("host")?;
-    host.check(here)?;
     let machine: Machine = r.get("machine")?;
     let vcpus: Vec<vcpu::VcpuState> = r.get("vcpus")?;
     if vcpus.len() != usize::from(machine.cpus)

@@ -96,6 +96,12 @@ impl<'a> VmBuilder<'a> {
         let kvm = open_kvm()?;
         check_caps(&kvm)?;
         let platform = Platform::choose(&kvm, cfg)?;
+        if let Some(s) = &self.restore {
+            let here = crate::snapshot::HostIdentity::current(&platform.host);
+            s.host
+                .check(&here)
+                .map_err(|e| VmmError::Config(e.to_string()))?;
+        }
         self.clock.mark("host_detect");
         // Before guest RAM exists: pages are charged to the cgroup of the task that first
         // touches them.
