@@ -48,6 +48,17 @@ fn last_round(text: &str) -> Option<u64> {
     })
 }
 
+/// The timer interrupts counted at the last `kit: compute round` line, and at the result.
+fn ticks(text: &str, prefix: &str) -> Option<u64> {
+    text.lines().rev().find_map(|l| {
+        l.strip_prefix(prefix)?
+            .split(" ticks ")
+            .nth(1)?
+            .parse()
+            .ok()
+    })
+}
+
 /// `kit: compute result X`.
 fn result(text: &str) -> Option<String> {
     text.lines()
@@ -84,9 +95,17 @@ fn finish(dir: &TempDir, tag: &str, child: Child) -> Run {
     }
 }
 
+/// Where the original was when it was snapshotted.
+#[derive(Clone, Copy, Debug)]
+struct At {
+    round: u64,
+    /// Timer interrupts by then (at least).
+    ticks: u64,
+}
+
 /// Runs the compute guest, snapshots it (paused) once it has done some rounds, lets it finish.
-/// Returns the original's result and the round it had reached.
-fn original_with_snapshot(dir: &TempDir, snap: &Path) -> (String, u64) {
+/// Returns the original's result and where it was at the snapshot.
+fn original_with_snapshot(dir: &TempDir, snap: &Path) -> (String, At) {
     let sock = dir.path("orig.sock");
     let args = [
         "run",
@@ -106,7 +125,11 @@ fn original_with_snapshot(dir: &TempDir, snap: &Path) -> (String, u64) {
     assert!(e["error"].as_str().unwrap().contains("running"), "{e}");
     assert!(!snap.join("state.json").exists());
     assert_eq!(ctl(&sock, &["pause"])["state"], "paused");
-    let at = last_round(&console(dir, "orig")).unwrap();
+    let text = console(dir, "orig");
+    let at = At {
+        round: last_round(&text).unwrap(),
+        ticks: ticks(&text, "kit: compute round ").unwrap(),
+    };
     let s = ctl(&sock, &["snapshot", snap.to_str().unwrap()]);
     assert_eq!(s["ok"], true, "{s}");
     assert!(s["memory_data_bytes"].as_u64().unwrap() >= 4 << 20, "{s}");
@@ -135,8 +158,9 @@ fn restore(dir: &TempDir, snap: &Path, tag: &str, extra: &[&str]) -> Child {
     spawn(&args, dir, tag)
 }
 
-/// A restored copy went on from the snapshot (no boot, no round before it) to `want`.
-fn check_restored(run: &Run, want: &str, at: u64) {
+/// A restored copy went on from the snapshot (no boot, no round before it) to `want`, its LAPIC
+/// timer still ticking (the rest of the run takes several hundred ms at 100 Hz).
+fn check_restored(run: &Run, want: &str, at: At) {
     assert_eq!(run.status, Some(0), "{}", run.describe());
     assert!(
         run.stderr.contains("exitless: restored from"),
@@ -156,14 +180,19 @@ fn check_restored(run: &Run, want: &str, at: u64) {
             .ok()
     });
     assert!(
-        first.is_some_and(|r| r > at),
-        "first round {first:?}, snapshot at {at}"
+        first.is_some_and(|r| r > at.round),
+        "first round {first:?}, snapshot at {at:?}"
     );
     assert_eq!(
         result(&run.stdout).as_deref(),
         Some(want),
         "{}",
         run.describe()
+    );
+    let end = ticks(&run.stdout, "kit: compute result ").unwrap();
+    assert!(
+        end > at.ticks + 5,
+        "the timer stopped: {end} ticks at the end, {at:?}"
     );
     assert!(
         run.stdout.contains("kit: PASS compute"),

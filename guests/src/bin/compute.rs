@@ -2,8 +2,8 @@
 //! the way (a pause, a snapshot and restore) lost or changed guest state. Each round rewrites a
 //! 4 MiB buffer at 8 MiB at CPL3 (user mode runs natively even on PVM hosts) with a xorshift
 //! stream mixed with what the buffer held, and folds a checksum into an accumulator; a periodic
-//! LAPIC timer (100 Hz) interrupts it throughout. It prints `kit: compute round R acc X` every
-//! `every=N` rounds (default 100), answers each byte on its console with
+//! LAPIC timer (100 Hz) interrupts it throughout. It prints `kit: compute round R acc X ticks T`
+//! (T: timer interrupts so far) every `every=N` rounds (default 100), answers each byte on its console with
 //! `kit: compute pong R` (a restored copy's first response), and at the end prints
 //! `kit: compute result X rounds N ticks T` and powers off. `rounds=N` (default 2000) sets
 //! the length; the result depends on nothing else.
@@ -60,7 +60,8 @@ fn main(boot: &'static kit::BootInfo) -> ! {
             println!("kit: compute pong {r}");
         }
         if r % every == 0 {
-            println!("kit: compute round {r} acc {acc:#018x}");
+            let ticks = lapic::TIMER_TICKS.load(Ordering::Relaxed);
+            println!("kit: compute round {r} acc {acc:#018x} ticks {ticks}");
         }
     }
     lapic::timer_stop();
