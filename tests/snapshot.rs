@@ -1,7 +1,8 @@
 //! Snapshot and restore with the kit's compute guest (a deterministic computation over 4 MiB of
 //! RAM at CPL3 under a 100 Hz LAPIC timer): snapshotted mid-computation through the API, its
 //! restored copies — two side by side from one snapshot — finish with the result the original
-//! reaches; a restore held paused runs only when resumed; bad snapshots (cut, corrupted, another
+//! reaches, their timer still ticking; a restore held paused runs only when resumed, and a
+//! snapshot of it restores too; bad snapshots (cut, corrupted, another
 //! format version, another host, a cut or changed memory file) are refused before anything runs;
 //! a snapshot of a running VM, into a used directory, or of a VM with a device that cannot be
 //! saved is refused and writes nothing. Skipped (with the reason printed) where /dev/kvm cannot
@@ -247,7 +248,23 @@ fn a_restored_guest_and_two_clones_finish_the_computation_with_the_original_s_re
         "ran while held"
     );
     assert_eq!(ctl(&sock, &["resume"])["state"], "running");
+    // A snapshot of the restored VM (its RAM a private mapping of the first snapshot's file)
+    // restores too.
+    let later = at.round + 50;
+    wait_for_round(&dir, "held", &mut held, later);
+    assert_eq!(ctl(&sock, &["pause"])["state"], "paused");
+    let snap2 = dir.path("snap2");
+    let s = ctl(&sock, &["snapshot", snap2.to_str().unwrap()]);
+    assert_eq!(s["ok"], true, "{s}");
+    let text = console(&dir, "held");
+    let at2 = At {
+        round: last_round(&text).unwrap(),
+        ticks: ticks(&text, "kit: compute round ").unwrap(),
+    };
+    assert_eq!(ctl(&sock, &["resume"])["state"], "running");
     check_restored(&finish(&dir, "held", held), &want, at);
+    let again = restore(&dir, &snap2, "again", &[]);
+    check_restored(&finish(&dir, "again", again), &want, at2);
 }
 
 /// `exitless restore` of `snap` is refused: status 1, an error containing `want`, and the guest

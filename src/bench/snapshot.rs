@@ -134,7 +134,7 @@ fn take_snapshot(args: &SnapshotArgs, dir: &Path, snap: &Path) -> Result<(f64, u
     let err_file = std::fs::File::create(&errors).map_err(|e| e.to_string())?;
     let mut child = Command::new(exe()?)
         .args(["run", "--guest", "compute", "--no-summary"])
-        .args(["--cmdline", "rounds=100000000 every=100000000"])
+        .args(["--cmdline", "rounds=100000000 every=1"])
         .arg(format!("--mem={}K", args.mem >> 10))
         .arg(format!("--timeout={}", args.timeout))
         .arg("--api-socket")
@@ -165,14 +165,13 @@ fn snapshot_running(
     child: &mut Child,
 ) -> Result<(f64, u64), String> {
     let deadline = Instant::now() + Duration::from_secs_f64(args.timeout);
-    while !super::read_lossy(log).contains("kit: compute rounds=") {
+    // Two whole rounds: the working set is in RAM.
+    while !super::read_lossy(log).contains("kit: compute round 2 ") {
         if child.try_wait().ok().flatten().is_some() || Instant::now() > deadline {
-            return Err("the compute guest did not start".into());
+            return Err("the compute guest did not start computing".into());
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    // Some rounds, so that the working set is in RAM.
-    std::thread::sleep(Duration::from_millis(300));
     let call = |c: crate::api::Call| -> Result<serde_json::Value, String> {
         let r = crate::api::request(sock, &c)?;
         match r["ok"].as_bool() {
