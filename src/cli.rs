@@ -125,6 +125,12 @@ pub struct RestoreArgs {
     /// System call filters (as for `exitless run`).
     #[arg(long, value_enum, default_value_t = crate::seccomp::Mode::On)]
     pub seccomp: crate::seccomp::Mode,
+    /// Landlock file restrictions (as for `exitless run`).
+    #[arg(long, value_enum, default_value_t = crate::sandbox::Mode::On)]
+    pub landlock: crate::sandbox::Mode,
+    /// Where snapshots of the restored VM may be written (as for `exitless run`).
+    #[arg(long, value_name = "DIR")]
+    pub snapshot_dir: Option<PathBuf>,
 }
 
 impl RestoreArgs {
@@ -173,6 +179,9 @@ impl RestoreArgs {
             seccomp: self.seccomp,
             seccomp_selftest: None,
             mem_limit: None,
+            landlock: self.landlock,
+            landlock_selftest: None,
+            snapshot_dir: self.snapshot_dir.as_deref().map(absolute),
         })
     }
 }
@@ -381,6 +390,10 @@ pub struct RunArgs {
     /// Test only: the main thread tries to open PATH once restricted and says whether it could.
     #[arg(long, hide = true, value_name = "PATH")]
     pub landlock_selftest: Option<PathBuf>,
+    /// Snapshots (`exitless ctl snapshot DIR`) may be written beneath this directory (created
+    /// if missing); with Landlock on it is the only place they may go.
+    #[arg(long, value_name = "DIR")]
+    pub snapshot_dir: Option<PathBuf>,
     /// Limit the memory the VMM (guest RAM included) may use, so that the host reclaims guest
     /// RAM behind the guest's back (uncooperative swapping): `SIZE[,swap=SIZE][,cgroup=PATH]`.
     /// exitless creates a memory cgroup for itself (root only) and removes it at the end, or
@@ -506,6 +519,7 @@ impl RunArgs {
             seccomp_selftest: self.seccomp_selftest.clone(),
             landlock: self.landlock,
             landlock_selftest: self.landlock_selftest.clone(),
+            snapshot_dir: self.snapshot_dir.as_deref().map(absolute),
             mem_limit: self
                 .mem_limit
                 .as_deref()

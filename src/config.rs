@@ -122,6 +122,8 @@ pub struct VmConfig {
     pub landlock: crate::sandbox::Mode,
     /// Test only: a path the main thread tries to open once restricted (`--landlock-selftest`).
     pub landlock_selftest: Option<PathBuf>,
+    /// Where snapshots may be written (`--snapshot-dir`; with Landlock the only place).
+    pub snapshot_dir: Option<PathBuf>,
     /// `--mem-limit`: the VMM runs in a memory cgroup with this limit (see `memlimit`).
     pub mem_limit: Option<crate::memlimit::MemLimitConfig>,
 }

@@ -80,6 +80,8 @@ fn fail(msg: &str) -> ExitCode {
 
 fn restore(args: exitless::cli::RestoreArgs) -> ExitCode {
     let t0 = std::time::Instant::now();
+    // As for `run`: no descriptor of the parent reaches a process with an untrusted guest.
+    exitless::sandbox::close_inherited_fds();
     let loaded = match exitless::vmm::load_snapshot(&args.snapshot, args.verify_memory) {
         Ok(l) => l,
         Err(e) => return fail(&e.to_string()),

@@ -11,7 +11,9 @@
 //! - removing the `--api-socket` and `--vsock` socket files at the end (their directories get
 //!   "remove a file" and nothing else);
 //! - with `--mem-limit`: reading and writing its cgroup's files, going back to the group the
-//!   process came from, and removing the group it created.
+//!   process came from, and removing the group it created;
+//! - with `--snapshot-dir DIR`: making directories and files beneath DIR and writing them (a
+//!   snapshot's `state.json` and `memory`), removing a memory file a failed snapshot left.
 //!
 //! Handled are all file-system rights of Landlock ABI 6 and its TCP bind and connect rights
 //! (exitless uses no TCP). Not handled: connecting to a Unix socket (ABI 9's right), which the
@@ -156,6 +158,19 @@ pub fn allowed(cfg: &crate::config::VmConfig, cgroup: &[Allowed]) -> Vec<Allowed
             ));
         }
     }
+    if let Some(d) = &cfg.snapshot_dir {
+        a.push(allow(
+            d,
+            AccessFs::MakeDir
+                | AccessFs::MakeReg
+                | AccessFs::WriteFile
+                | AccessFs::ReadFile
+                | AccessFs::ReadDir
+                | AccessFs::Truncate
+                | AccessFs::RemoveFile,
+            "writing snapshots (--snapshot-dir)",
+        ));
+    }
     a.extend_from_slice(cgroup);
     a
 }
@@ -192,6 +207,9 @@ pub fn init(
     if let Some(p) = selftest {
         let _ = SELFTEST.set(p.to_path_buf());
     }
+    if let Some(d) = &cfg.snapshot_dir {
+        std::fs::create_dir_all(d).map_err(|e| format!("--snapshot-dir {}: {e}", d.display()))?;
+    }
     if mode == Mode::Off {
         return Ok(());
     }
@@ -217,6 +235,11 @@ pub fn init(
         ruleset: Mutex::new(ruleset),
     });
     Ok(())
+}
+
+/// Whether the VM's threads are restricted (Landlock on and enforced by this kernel).
+pub fn active() -> bool {
+    STATE.get().is_some()
 }
 
 fn build(allowed: &[Allowed]) -> Result<RulesetCreated, landlock::RulesetError> {

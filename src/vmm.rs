@@ -228,6 +228,7 @@ mod tests {
             seccomp_selftest: None,
             landlock: Default::default(),
             landlock_selftest: None,
+            snapshot_dir: None,
             mem_limit: None,
         };
         assert_eq!(exit_status(&VmEnd::PowerOff, &cfg), 0);

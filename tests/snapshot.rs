@@ -21,10 +21,12 @@ const PROGRESS: Duration = Duration::from_secs(180);
 /// Rounds of the computation (about 4 ms each on the PVM host).
 const ROUNDS: &str = "rounds=500 every=25";
 
+/// Every VM here may write snapshots beneath the test's directory (Landlock allows no other).
 fn spawn(args: &[&str], dir: &TempDir, tag: &str) -> Child {
     Command::new(exitless())
         .args(args)
-        .args(["--timeout", "600", "--no-summary"])
+        .args(["--timeout", "600", "--no-summary", "--snapshot-dir"])
+        .arg(&dir.0)
         .arg("--console-log")
         .arg(dir.path(&format!("{tag}.log")))
         .stdin(Stdio::null())
@@ -126,6 +128,17 @@ fn original_with_snapshot(dir: &TempDir, snap: &Path) -> (String, At) {
     assert!(e["error"].as_str().unwrap().contains("running"), "{e}");
     assert!(!snap.join("state.json").exists());
     assert_eq!(ctl(&sock, &["pause"])["state"], "paused");
+    // Outside --snapshot-dir: refused, nothing written.
+    let elsewhere = std::env::temp_dir().join(format!("exitless-elsewhere-{}", std::process::id()));
+    let e = ctl(&sock, &["snapshot", elsewhere.to_str().unwrap()]);
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap()
+            .contains("not beneath --snapshot-dir"),
+        "{e}"
+    );
+    assert!(!elsewhere.exists());
     let text = console(dir, "orig");
     let at = At {
         round: last_round(&text).unwrap(),

@@ -139,6 +139,8 @@ fn take_snapshot(args: &SnapshotArgs, dir: &Path, snap: &Path) -> Result<(f64, u
         .arg(format!("--timeout={}", args.timeout))
         .arg("--api-socket")
         .arg(&sock)
+        .arg("--snapshot-dir")
+        .arg(dir)
         .arg("--console-log")
         .arg(&log)
         .stdin(Stdio::null())

@@ -107,6 +107,29 @@ pub(crate) struct VmControl {
     pub snapshot: crate::snapshot::Source,
     /// The snapshot this VM was restored from.
     pub restored_from: Option<std::path::PathBuf>,
+    /// `--snapshot-dir`: where snapshots may go.
+    pub snapshot_dir: Option<std::path::PathBuf>,
+}
+
+/// Why a snapshot may not be written into `dir`, if so: outside `--snapshot-dir`, or anywhere
+/// when Landlock restricts the VM and it has none (the error would otherwise be a bare EACCES).
+fn snapshot_place_refused(
+    dir: &std::path::Path,
+    allowed: Option<&std::path::Path>,
+    landlock: bool,
+) -> Option<String> {
+    match allowed {
+        Some(a) if !dir.starts_with(a) => Some(format!(
+            "{} is not beneath --snapshot-dir {}",
+            dir.display(),
+            a.display()
+        )),
+        None if landlock => Some(
+            "this VM was started without --snapshot-dir, and Landlock lets it write nowhere else"
+                .into(),
+        ),
+        _ => None,
+    }
 }
 
 impl VmControl {
@@ -153,6 +176,13 @@ impl crate::api::Control for VmControl {
 
     fn snapshot(&self, dir: &std::path::Path) -> Result<Value, ApiError> {
         use crate::snapshot::SnapshotError;
+        let place =
+            snapshot_place_refused(dir, self.snapshot_dir.as_deref(), crate::sandbox::active());
+        if let Some(why) = place {
+            return Err(ApiError::bad_request(format!(
+                "cannot snapshot there: {why}"
+            )));
+        }
         match crate::snapshot::create(&self.snapshot, &self.lifecycle, dir) {
             Ok(s) => Ok(json!(s)),
             Err(e @ SnapshotError::Unsupported(_)) => Err(ApiError::bad_request(e.to_string())),

@@ -194,6 +194,7 @@ impl Vm {
                         mem_bytes: p.cfg.mem_bytes,
                         snapshot: self.snapshot_source(),
                         restored_from: p.snapshot.restored_from.clone(),
+                        snapshot_dir: p.cfg.snapshot_dir.clone(),
                     }),
                 )
                 .map_err(VmmError::Config)?,
