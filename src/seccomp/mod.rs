@@ -8,8 +8,8 @@
 //! | `main` | the main thread once the vCPUs run (waiting, kicks, the stop, the report) | [`Kind::Main`] |
 //! | `console` | `console-in` (host stdin into the UART) | [`Kind::Console`] |
 //! | `console-out` | `console-out` (the guest's console output to stdout and the log) | [`Kind::ConsoleOut`] |
-//! | `vcpu` | `vcpuN` (KVM_RUN and the exit path, device set-up at DRIVER_OK, MSI-X routes) | [`Kind::Vcpu`] |
-//! | `api` | `api` (the REST API's single-threaded runtime; pause and resume) | [`Kind::Api`] |
+//! | `vcpu` | `vcpuN` (KVM_RUN and the exit path, device set-up at DRIVER_OK, MSI-X routes, its own state for a snapshot) | [`Kind::Vcpu`] |
+//! | `api` | `api` (the REST API's single-threaded runtime; pause, resume, writing a snapshot) | [`Kind::Api`] |
 //! | `worker-*` | device workers: `blk`, `net`, `rng`, `balloon`, `vsock` | [`Kind::Worker`] |
 //! | `launcher` | the thread that starts device workers | [`Kind::Launcher`] |
 //! | `iommu-sidecore` | polls the emulated IOMMU's register page (`--iommu mode=sidecore`) | [`Kind::Sidecore`] |
