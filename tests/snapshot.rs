@@ -151,6 +151,7 @@ fn original_with_snapshot(dir: &TempDir, snap: &Path) -> (String, At) {
         s["memory_data_bytes"].as_u64().unwrap() < 16 << 20,
         "sparse: {s}"
     );
+    check_nested_state(snap);
     // The same directory twice: refused, the first snapshot untouched.
     let again = ctl(&sock, &["snapshot", snap.to_str().unwrap()]);
     assert!(
@@ -164,6 +165,27 @@ fn original_with_snapshot(dir: &TempDir, snap: &Path) -> (String, At) {
     let run = finish(dir, "orig", child);
     assert_eq!(run.status, Some(0), "{}", run.describe());
     (result(&run.stdout).expect("a result"), at)
+}
+
+/// A guest given SVM or VMX (the default where the host offers it: the emulated SVM host) has
+/// its nested state saved with every vCPU; one without has none.
+fn check_nested_state(snap: &Path) {
+    let text = std::fs::read_to_string(snap.join("state.json")).unwrap();
+    let state: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let s = &state["sections"];
+    let nested = !s["machine"]["body"]["nested"].is_null();
+    for v in s["vcpus"]["body"].as_array().unwrap() {
+        assert_eq!(
+            !v["nested"].is_null(),
+            nested,
+            "vCPU {}: {}",
+            v["id"],
+            s["machine"]
+        );
+    }
+    if !nested {
+        eprintln!("the guest has no SVM/VMX here: no nested state to save");
+    }
 }
 
 fn restore(dir: &TempDir, snap: &Path, tag: &str, extra: &[&str]) -> Child {
