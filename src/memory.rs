@@ -143,8 +143,13 @@ pub const HUGE_PAGE: usize = 2 << 20;
 
 /// Attempts at an aligned mapping before settling for any: another thread's mmap may take the
 /// freed window between [`map_once`]'s munmap and vm-memory's mmap (rare; unit tests run in
-/// parallel threads and met it).
-const ALIGN_ATTEMPTS: usize = 4;
+/// parallel threads and met it, once in five runs with 4 attempts and no lock).
+const ALIGN_ATTEMPTS: usize = 16;
+
+/// Held from [`map_once`]'s munmap to vm-memory's mmap, so that two of exitless's own mappings
+/// (parallel tests, a restore's regions) never take each other's window; other mmaps (the
+/// allocator's) can still, which the attempts cover.
+static MAP_WINDOW: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// An anonymous mapping of `len` bytes owned by vm-memory, placed on a [`HUGE_PAGE`] boundary
 /// when the kernel allows (see the module doc).
@@ -188,10 +193,12 @@ fn map_once(len: usize, map: MapFn) -> Result<MmapRegion, vm_memory::mmap::MmapR
     };
     let base = base as usize;
     let window = base.next_multiple_of(HUGE_PAGE);
+    let window_lock = MAP_WINDOW.lock().unwrap_or_else(|p| p.into_inner());
     // SAFETY: [window, window + len) lies inside the reservation just made (window - base < 2 MiB)
     // and only this function knows of it; freeing it leaves the hole vm-memory maps into.
     unsafe { libc::munmap(window as *mut libc::c_void, len) };
     let mapping = map(len);
+    drop(window_lock);
     // SAFETY: the reservation's head and tail around the window are still this function's own
     // PROT_NONE mappings (vm-memory's mapping is in the window or elsewhere, never in them).
     unsafe {
