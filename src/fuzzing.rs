@@ -587,6 +587,96 @@ pub fn iommu(data: &[u8]) {
     }
 }
 
+/// A snapshot's state file, as `exitless restore` reads it before it creates anything. The
+/// first byte picks what `data[1..]` is: 0, a whole state file (the container's checks, then
+/// every section's); 1, a JSON object of section bodies, put in a container with their
+/// checksums by the snapshot's own writer (so the fuzzer reaches the sections' parsing and
+/// checks, [`crate::snapshot::Sections::read`], without forging CRC-32s), whose `devices` are
+/// then restored; 2, a `devices` section alone, restored. Restoring puts each saved state into
+/// a fresh legacy device of that name, as a restore does, and then the device is read and
+/// written at every offset: a saved state must not make a later guest access panic.
+pub fn snapshot(data: &[u8]) {
+    use crate::snapshot::{format, DeviceStates, Sections};
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    match mode % 3 {
+        0 => {
+            if let Ok(r) = format::Reader::parse(rest, "fuzz") {
+                let _ = Sections::read(&r);
+            }
+        }
+        1 => {
+            type Bodies = std::collections::BTreeMap<String, serde_json::Value>;
+            let Ok(bodies) = serde_json::from_slice::<Bodies>(rest) else {
+                return;
+            };
+            let mut w = format::Writer::default();
+            for (name, body) in &bodies {
+                if w.add(name, body).is_err() {
+                    return;
+                }
+            }
+            let text = w
+                .into_bytes()
+                .expect("sections that encoded once encode again");
+            let r = format::Reader::parse(&text, "fuzz").expect("its own writer's file is valid");
+            if let Ok(s) = Sections::read(&r) {
+                restore_legacy(&s.devices);
+            }
+        }
+        _ => {
+            if let Ok(d) = serde_json::from_slice::<DeviceStates>(rest) {
+                restore_legacy(&d);
+            }
+        }
+    }
+}
+
+/// Every saved state whose name is a legacy device's, restored into a fresh one; each device
+/// that took its state is then read and written at every offset of its range.
+fn restore_legacy(d: &crate::snapshot::DeviceStates) {
+    use crate::arch::x86_64::layout::ports;
+    use crate::devices::legacy::{debug_exit, i8042, pm, probe, rtc, serial};
+    use crate::devices::BusDevice;
+    let (end, _ends) = std::sync::mpsc::channel();
+    for (key, state) in d.pio.iter().chain(&d.mmio) {
+        let name = key.split('@').next().unwrap_or_default();
+        let (mut dev, len): (Box<dyn BusDevice>, u64) = match name {
+            "serial" => {
+                let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+                let watch = Arc::new(std::sync::Mutex::new(serial::ConsoleWatch::default()));
+                let out = serial::ConsoleOut::new(None, watch, end.clone());
+                (Box::new(serial::Serial::new(irq, out)), 8)
+            }
+            "rtc" => (Box::new(rtc::Rtc::new()), 2),
+            "i8042" => (Box::new(i8042::I8042::new(end.clone())), 5),
+            "acpi-pm" => (Box::new(pm::Pm::new(end.clone())), ports::PM_LEN.into()),
+            "reset" => (Box::new(pm::ResetControl::new(end.clone())), 1),
+            "debug-exit" => (Box::new(debug_exit::DebugExit::new(end.clone())), 4),
+            "probe" => (Box::new(probe::Probe::pio(Arc::default())), 8),
+            _ => continue,
+        };
+        if dev.restore_state(state).is_err() {
+            continue;
+        }
+        for offset in 0..len {
+            for size in [1usize, 2, 4] {
+                let mut b = [0u8; 4];
+                dev.read(offset, &mut b[..size]);
+            }
+        }
+        for offset in 0..len {
+            dev.write(offset, &[0xa5]);
+        }
+        // Every RTC register through its index port (the clock's date arithmetic included).
+        for reg in 0..=0x7fu8 {
+            dev.write(0, &[reg]);
+            dev.read(1, &mut [0u8]);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     /// The seed corpus of the newer targets runs through them without a panic (the targets'
@@ -594,9 +684,10 @@ mod tests {
     #[test]
     fn the_seed_corpus_runs_clean() {
         type Target = fn(&[u8]);
-        let targets: [(&str, Target); 2] = [
+        let targets: [(&str, Target); 3] = [
             ("virtio_net", super::virtio_net),
             ("acpi_e820", super::acpi_e820),
+            ("snapshot", super::snapshot),
         ];
         for (name, target) in targets {
             let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -20,7 +20,7 @@ if [[ $# -gt 0 && $1 =~ ^[0-9]+$ ]]; then
     shift
 fi
 
-all=(bzimage elf_sink api_line virtio_block virtio_rng virtio_balloon virtio_vsock virtio_net pci iommu acpi_e820)
+all=(bzimage elf_sink api_line virtio_block virtio_rng virtio_balloon virtio_vsock virtio_net pci iommu acpi_e820 snapshot)
 targets=("$@")
 [[ ${#targets[@]} -gt 0 ]] || targets=("${all[@]}")
 
@@ -32,6 +32,7 @@ max_len() {
         api_line) echo 4096 ;;
         virtio_net) echo 16384 ;;
         acpi_e820) echo 64 ;;
+        snapshot) echo 262144 ;;
         pci) echo 1200 ;;
         iommu) echo 40960 ;;
         *) echo 8192 ;;

@@ -86,14 +86,7 @@ impl Writer {
 
     /// Writes `dir/state.json` (a new file: an existing one is never overwritten) and syncs it.
     pub fn write(self, dir: &Path) -> Result<u64, SnapshotError> {
-        let c = Container {
-            format: MAGIC.into(),
-            version: VERSION,
-            exitless: env!("CARGO_PKG_VERSION").into(),
-            sections: self.sections,
-        };
-        let text = serde_json::to_vec(&c)
-            .map_err(|e| SnapshotError::Save(format!("encoding {STATE_FILE}: {e}")))?;
+        let text = self.into_bytes()?;
         let path = dir.join(STATE_FILE);
         let io = |e: std::io::Error| SnapshotError::Save(format!("{}: {e}", path.display()));
         let mut f = std::fs::OpenOptions::new()
@@ -104,6 +97,18 @@ impl Writer {
         f.write_all(&text).map_err(io)?;
         f.sync_all().map_err(io)?;
         Ok(text.len() as u64)
+    }
+
+    /// The state file's bytes.
+    pub fn into_bytes(self) -> Result<Vec<u8>, SnapshotError> {
+        let c = Container {
+            format: MAGIC.into(),
+            version: VERSION,
+            exitless: env!("CARGO_PKG_VERSION").into(),
+            sections: self.sections,
+        };
+        serde_json::to_vec(&c)
+            .map_err(|e| SnapshotError::Save(format!("encoding {STATE_FILE}: {e}")))
     }
 }
 
@@ -123,7 +128,14 @@ impl Reader {
             return Err(bad(format!("{} bytes is too large", meta.len())));
         }
         let text = std::fs::read(&path).map_err(|e| bad(e.to_string()))?;
-        let header: Header = serde_json::from_slice(&text)
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Checks a state file's bytes (`origin` names them in errors): what [`Reader::open`] does
+    /// once it has read the file.
+    pub fn parse(text: &[u8], origin: &str) -> Result<Reader, SnapshotError> {
+        let bad = |why: String| SnapshotError::Invalid(format!("{origin}: {why}"));
+        let header: Header = serde_json::from_slice(text)
             .map_err(|e| bad(format!("truncated or not JSON ({e})")))?;
         if header.format.as_deref() != Some(MAGIC) {
             return Err(bad(
@@ -139,7 +151,7 @@ impl Reader {
                 })
             }
         }
-        let c: Container = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
+        let c: Container = serde_json::from_slice(text).map_err(|e| bad(e.to_string()))?;
         for (name, s) in &c.sections {
             let crc = crc32fast::hash(s.body.get().as_bytes());
             if crc != s.crc32 {

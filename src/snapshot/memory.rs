@@ -161,20 +161,33 @@ pub fn open(dir: &Path, info: &MemoryInfo, mem_bytes: u64) -> Result<File, Snaps
     let bad = |why: String| SnapshotError::Invalid(format!("{}: {why}", path.display()));
     let file = File::open(&path).map_err(|e| bad(e.to_string()))?;
     let len = file.metadata().map_err(|e| bad(e.to_string()))?.len();
-    if len != info.size || info.size != mem_bytes {
+    check(info, mem_bytes).map_err(bad)?;
+    if len != info.size {
         return Err(bad(format!(
             "{len} bytes, the snapshot's guest RAM is {} bytes (truncated or not this snapshot's)",
             info.size
         )));
     }
+    Ok(file)
+}
+
+/// Whether the `memory` section describes the RAM of a guest with `mem_bytes`: its size and
+/// the layout of its regions.
+pub fn check(info: &MemoryInfo, mem_bytes: u64) -> Result<(), String> {
+    if info.size != mem_bytes {
+        return Err(format!(
+            "the snapshot's guest RAM is {} bytes, its machine's {mem_bytes}",
+            info.size
+        ));
+    }
     let expected = layout(mem_bytes);
     if info.regions != expected {
-        return Err(bad(format!(
+        return Err(format!(
             "its regions {:?} are not guest RAM's layout {expected:?}",
             info.regions
-        )));
+        ));
     }
-    Ok(file)
+    Ok(())
 }
 
 /// The regions of a guest with `mem_bytes` of RAM, as they lie in the file.

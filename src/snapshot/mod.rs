@@ -268,37 +268,62 @@ pub struct Loaded {
 /// Whether it suits this host is checked by the builder, once it knows the host
 /// ([`HostIdentity::check`]), before it creates anything.
 pub fn load(dir: &Path, verify_memory: bool) -> Result<Loaded, SnapshotError> {
-    let r = format::Reader::open(dir)?;
-    let host: HostIdentity = r.get("host")?;
-    let machine: Machine = r.get("machine")?;
-    let vcpus: Vec<vcpu::VcpuState> = r.get("vcpus")?;
-    if vcpus.len() != usize::from(machine.cpus)
-        || vcpus
-            .iter()
-            .enumerate()
-            .any(|(i, v)| usize::from(v.id) != i)
-    {
-        return Err(SnapshotError::Invalid(format!(
-            "{} vCPU states for a machine of {} vCPUs",
-            vcpus.len(),
-            machine.cpus
-        )));
-    }
-    let memory: memory::MemoryInfo = r.get("memory")?;
-    let memory_file = memory::open(dir, &memory, machine.mem_bytes)?;
+    let s = Sections::read(&format::Reader::open(dir)?)?;
+    let memory_file = memory::open(dir, &s.memory, s.machine.mem_bytes)?;
     if verify_memory {
-        memory::verify(&memory_file, &memory)?;
+        memory::verify(&memory_file, &s.memory)?;
     }
     Ok(Loaded {
         dir: dir.to_path_buf(),
-        host,
-        machine,
-        vcpus,
-        vm: r.get("vm")?,
-        devices: r.get("devices")?,
-        memory,
+        host: s.host,
+        machine: s.machine,
+        vcpus: s.vcpus,
+        vm: s.vm,
+        devices: s.devices,
+        memory: s.memory,
         memory_file,
     })
+}
+
+/// Every section of a state file, parsed and checked against each other (no file is opened:
+/// the snapshot fuzz target runs this on arbitrary bytes).
+pub struct Sections {
+    pub host: HostIdentity,
+    pub machine: Machine,
+    pub vcpus: Vec<vcpu::VcpuState>,
+    pub vm: vm::VmState,
+    pub devices: DeviceStates,
+    pub memory: memory::MemoryInfo,
+}
+
+impl Sections {
+    pub fn read(r: &format::Reader) -> Result<Sections, SnapshotError> {
+        let machine: Machine = r.get("machine")?;
+        let vcpus: Vec<vcpu::VcpuState> = r.get("vcpus")?;
+        if vcpus.len() != usize::from(machine.cpus)
+            || vcpus
+                .iter()
+                .enumerate()
+                .any(|(i, v)| usize::from(v.id) != i)
+        {
+            return Err(SnapshotError::Invalid(format!(
+                "{} vCPU states for a machine of {} vCPUs",
+                vcpus.len(),
+                machine.cpus
+            )));
+        }
+        let memory: memory::MemoryInfo = r.get("memory")?;
+        memory::check(&memory, machine.mem_bytes)
+            .map_err(|e| SnapshotError::Invalid(format!("the memory section: {e}")))?;
+        Ok(Sections {
+            host: r.get("host")?,
+            machine,
+            vcpus,
+            vm: r.get("vm")?,
+            devices: r.get("devices")?,
+            memory,
+        })
+    }
 }
 
 /// Rewrites the `host` section of the snapshot in `dir` (tests: a snapshot "from another
