@@ -10,7 +10,7 @@
 //! | GET | `/api/v1/vm/stats` | live exits by reason, devices' facts, KVM's counters | `{"uptime_s":..,"exits":{..},..}` |
 //! | PUT | `/api/v1/vm/snapshot` | `{"dir":"/abs/path"}`: a paused VM written there (see `snapshot`) | `{"dir":..,"state_bytes":..,"memory_data_bytes":..,"ms":..}` |
 //! | PUT | `/api/v1/vm/balloon` | `{"size":"256M"}` or `{"bytes":N}`: the balloon's new target | `{"target_pages":N}` |
-//! | PUT | `/api/v1/vm/shutdown` | stops the VM (as `quit`: the summary and report are written) | `{}` |
+//! | PUT | `/api/v1/vm/shutdown` | no body: stops the VM (as `quit`: the summary and report are written); `{"acpi":true,"grace_s":10}`: presses the ACPI power button and stops it after the grace unless the guest powered off | `{}`, or `{"acpi":true,"grace_s":..,"guest_listens":..}` |
 //!
 //! Errors are HTTP statuses with a JSON body `{"error":"why"}`: 400 for a bad body or a request
 //! in the wrong state (`cannot resume a VM that is running`), 404 for an unknown path, 405 for a
@@ -103,6 +103,9 @@ pub trait Control: Send + Sync {
     fn set_balloon(&self, bytes: u64) -> Result<u32, String>;
     /// Stop the VM.
     fn quit(&self);
+    /// Press the ACPI power button and stop the VM after `grace` unless the guest powers off
+    /// first; what was done.
+    fn power_button(&self, grace: Duration) -> Result<Value, ApiError>;
 }
 
 type Handler = fn(&[u8], &dyn Control) -> Result<Value, ApiError>;
@@ -149,10 +152,7 @@ pub const ROUTES: &[Route] = &[
     Route {
         method: "PUT",
         path: "/api/v1/vm/shutdown",
-        handler: |_, vm| {
-            vm.quit();
-            Ok(json!({}))
-        },
+        handler: shutdown,
     },
 ];
 
@@ -190,6 +190,48 @@ fn snapshot(body: &[u8], vm: &dyn Control) -> Result<Value, ApiError> {
         )));
     }
     vm.snapshot(dir)
+}
+
+/// The longest grace a shutdown through the power button may ask for.
+const MAX_GRACE_S: f64 = 3600.0;
+
+/// `PUT /api/v1/vm/shutdown`: no body (or `{}`) stops the VM at once; `{"acpi": true}` presses
+/// the ACPI power button and stops it after `"grace_s"` (default 10, at most an hour) unless the
+/// guest powers off first.
+fn shutdown(body: &[u8], vm: &dyn Control) -> Result<Value, ApiError> {
+    let req: Value = if body.iter().all(u8::is_ascii_whitespace) {
+        json!({})
+    } else {
+        serde_json::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("the body is not JSON: {e}")))?
+    };
+    let acpi = match req.get("acpi") {
+        None => false,
+        Some(v) => v
+            .as_bool()
+            .ok_or_else(|| ApiError::bad_request("\"acpi\" must be true or false"))?,
+    };
+    let grace = match req.get("grace_s") {
+        None => 10.0,
+        Some(_) if !acpi => {
+            return Err(ApiError::bad_request(
+                "\"grace_s\" is the grace after the power button: it needs \"acpi\": true",
+            ))
+        }
+        Some(g) => g
+            .as_f64()
+            .filter(|g| (0.0..=MAX_GRACE_S).contains(g))
+            .ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "\"grace_s\" must be a number of seconds from 0 to {MAX_GRACE_S}"
+                ))
+            })?,
+    };
+    if !acpi {
+        vm.quit();
+        return Ok(json!({}));
+    }
+    vm.power_button(Duration::from_secs_f64(grace))
 }
 
 /// `PUT /api/v1/vm/balloon`: `{"size":"256M"}` or `{"bytes":N}`.
@@ -373,6 +415,8 @@ pub enum Call {
     /// A directory (made absolute by the caller).
     Snapshot(PathBuf),
     Quit,
+    /// The ACPI power button, then a stop after this grace.
+    PowerButton(Duration),
 }
 
 impl Call {
@@ -386,6 +430,11 @@ impl Call {
             Call::Balloon(size) => ("PUT", "/api/v1/vm/balloon", Some(json!({"size": size}))),
             Call::Snapshot(dir) => ("PUT", "/api/v1/vm/snapshot", Some(json!({"dir": dir}))),
             Call::Quit => ("PUT", "/api/v1/vm/shutdown", None),
+            Call::PowerButton(grace) => (
+                "PUT",
+                "/api/v1/vm/shutdown",
+                Some(json!({"acpi": true, "grace_s": grace.as_secs_f64()})),
+            ),
         }
     }
 }
@@ -459,6 +508,7 @@ mod tests {
         balloon: Mutex<Option<u64>>,
         quit: AtomicBool,
         paused: AtomicBool,
+        button: Mutex<Option<Duration>>,
     }
 
     impl Control for Fake {
@@ -507,6 +557,10 @@ mod tests {
         fn quit(&self) {
             self.quit.store(true, Ordering::SeqCst);
         }
+        fn power_button(&self, grace: Duration) -> Result<Value, ApiError> {
+            *self.button.lock().unwrap() = Some(grace);
+            Ok(json!({"acpi": true, "grace_s": grace.as_secs_f64()}))
+        }
     }
 
     #[test]
@@ -543,6 +597,27 @@ mod tests {
             ("DELETE", "/api/v1/vm", "", 405),
             ("GET", "/api/v1/vm/reboot", "", 404),
             ("GET", "/", "", 404),
+            ("PUT", "/api/v1/vm/shutdown", "off", 400),
+            ("PUT", "/api/v1/vm/shutdown", r#"{"acpi":"yes"}"#, 400),
+            ("PUT", "/api/v1/vm/shutdown", r#"{"grace_s":5}"#, 400),
+            (
+                "PUT",
+                "/api/v1/vm/shutdown",
+                r#"{"acpi":true,"grace_s":-1}"#,
+                400,
+            ),
+            (
+                "PUT",
+                "/api/v1/vm/shutdown",
+                r#"{"acpi":true,"grace_s":1e9}"#,
+                400,
+            ),
+            (
+                "PUT",
+                "/api/v1/vm/shutdown",
+                r#"{"acpi":true,"grace_s":"5"}"#,
+                400,
+            ),
         ] {
             let (s, r) = handle(method, path, body.as_bytes(), &vm);
             assert_eq!(s, want, "{method} {path} {body:?}: {r}");
@@ -550,6 +625,20 @@ mod tests {
         }
         assert_eq!(*vm.balloon.lock().unwrap(), Some(8192), "untouched");
         assert!(!vm.quit.load(Ordering::SeqCst));
+        assert_eq!(*vm.button.lock().unwrap(), None, "untouched");
+        // The power button: its grace, 10 s by default; no stop yet.
+        let body = br#"{"acpi":true,"grace_s":2.5}"#;
+        assert_eq!(handle("PUT", "/api/v1/vm/shutdown", body, &vm).0, 200);
+        assert_eq!(
+            *vm.button.lock().unwrap(),
+            Some(Duration::from_millis(2500))
+        );
+        let (s, r) = handle("PUT", "/api/v1/vm/shutdown", br#"{"acpi":true}"#, &vm);
+        assert_eq!((s, r["grace_s"].as_f64()), (200, Some(10.0)));
+        assert!(!vm.quit.load(Ordering::SeqCst));
+        assert_eq!(handle("PUT", "/api/v1/vm/shutdown", b"{}", &vm).0, 200);
+        assert!(vm.quit.load(Ordering::SeqCst));
+        vm.quit.store(false, Ordering::SeqCst);
         assert_eq!(handle("PUT", "/api/v1/vm/shutdown", b"", &vm).0, 200);
         assert!(vm.quit.load(Ordering::SeqCst));
     }

@@ -71,6 +71,13 @@ pub enum CtlRequest {
     Snapshot { dir: PathBuf },
     /// Stop the VM (it prints its summary as when interrupted).
     Quit,
+    /// Press the guest's ACPI power button, and stop the VM if it has not powered off after
+    /// GRACE seconds (an ACPI-aware guest shuts down cleanly; one that ignores the button is
+    /// stopped as by `quit`).
+    Shutdown {
+        #[arg(long, default_value = "10", value_parser = parse_grace)]
+        grace: std::time::Duration,
+    },
 }
 
 impl CtlRequest {
@@ -85,8 +92,18 @@ impl CtlRequest {
             CtlRequest::Balloon { size } => Call::Balloon(size.clone()),
             CtlRequest::Snapshot { dir } => Call::Snapshot(absolute(dir)),
             CtlRequest::Quit => Call::Quit,
+            CtlRequest::Shutdown { grace } => Call::PowerButton(*grace),
         }
     }
+}
+
+/// `ctl shutdown --grace SECONDS`: 0 to an hour, as the API takes it.
+fn parse_grace(s: &str) -> Result<std::time::Duration, String> {
+    s.parse::<f64>()
+        .ok()
+        .filter(|g| (0.0..=3600.0).contains(g))
+        .map(std::time::Duration::from_secs_f64)
+        .ok_or_else(|| format!("{s:?} is not a number of seconds from 0 to 3600"))
 }
 
 /// `path` made absolute against this process's working directory (the VM's may differ).

@@ -125,6 +125,12 @@ pub fn api_line(data: &[u8]) {
             u32::try_from(bytes / 4096).map_err(|e| e.to_string())
         }
         fn quit(&self) {}
+        fn power_button(
+            &self,
+            _grace: std::time::Duration,
+        ) -> Result<serde_json::Value, crate::api::ApiError> {
+            Ok(serde_json::json!({"acpi": true}))
+        }
     }
     let (line, body) = match data.iter().position(|&b| b == b'\n') {
         Some(i) => (&data[..i], &data[i + 1..]),

@@ -250,3 +250,127 @@ fn garbage_huge_requests_and_idle_clients_do_not_stall_the_guest() {
     assert_eq!(ctl(&dir, &["state"]).1["state"], "running");
     quit_and_check(&dir, child);
 }
+
+/// Waits until the console log holds `line`.
+fn wait_for_line(dir: &TempDir, child: &mut Child, line: &str) {
+    let t = Instant::now();
+    while !std::fs::read_to_string(dir.path("console.log"))
+        .unwrap_or_default()
+        .contains(line)
+    {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the VM ended before {line:?}"
+        );
+        assert!(t.elapsed() < PROGRESS, "no {line:?} after {PROGRESS:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The report's facts of the ACPI PM block.
+fn power_facts(run: &Run) -> serde_json::Value {
+    let report = run.report.as_ref().expect("a report");
+    report["devices"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["device"] == "acpi-pm"))
+        .map(|d| d["facts"].clone())
+        .unwrap_or_else(|| panic!("no acpi-pm facts in {report}"))
+}
+
+#[test]
+fn the_power_button_powers_off_a_guest_that_listens_and_the_grace_stops_one_that_does_not() {
+    if !kvm_available(
+        "the_power_button_powers_off_a_guest_that_listens_and_the_grace_stops_one_that_does_not",
+    ) {
+        return;
+    }
+    // A guest that listens (the kit's power-button guest enables the button's event and polls
+    // its status): it powers off itself, long before the grace.
+    let dir = TempDir::new("power-button");
+    let mut child = Command::new(exitless())
+        .args(["run", "--guest", "power-button", "--timeout", "600"])
+        .arg("--api-socket")
+        .arg(dir.path("api.sock"))
+        .arg("--console-log")
+        .arg(dir.path("console.log"))
+        .arg("--stats-json")
+        .arg(dir.path("report.json"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start exitless");
+    wait_for_line(&dir, &mut child, "kit: power-button waiting");
+    let (r, reply) = ctl(&dir, &["shutdown", "--grace", "300"]);
+    assert_eq!(r.status, Some(0), "{}", r.describe());
+    assert_eq!(
+        (&reply["acpi"], &reply["guest_listens"], &reply["grace_s"]),
+        (&true.into(), &true.into(), &300.0.into()),
+        "{reply}"
+    );
+    let run = finish(&dir, child);
+    assert_eq!(run.status, Some(0), "{}", run.describe());
+    assert!(
+        run.stdout.contains("kit: power-button pressed") && run.stdout.contains("kit: PASS"),
+        "{}",
+        run.describe()
+    );
+    assert!(
+        !run.stderr.contains("did not power off"),
+        "{}",
+        run.describe()
+    );
+    let report = run.report.as_ref().expect("a report");
+    assert_eq!(report["end"], "guest powered off", "{report}");
+    let facts = power_facts(&run);
+    assert_eq!(
+        (
+            &facts["power_button_presses"],
+            &facts["power_button_scis"],
+            &facts["power_button_enabled"]
+        ),
+        (&1.into(), &1.into(), &1.into()),
+        "one press, one SCI, the event enabled by the guest: {facts}"
+    );
+
+    // A guest that does not (the clock guest): refused while paused, then stopped when the
+    // grace runs out.
+    let dir = TempDir::new("power-button-ignored");
+    let mut child = start_clock(&dir);
+    wait_for_tick(&dir, &mut child, 1);
+    ctl(&dir, &["pause"]);
+    let (r, reply) = ctl(&dir, &["shutdown", "--grace", "1"]);
+    assert_ne!(r.status, Some(0), "{}", r.describe());
+    assert!(
+        reply["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("paused")),
+        "{reply}"
+    );
+    ctl(&dir, &["resume"]);
+    let (_, bad) = ctl(&dir, &["shutdown", "--grace", "-3"]);
+    assert_ne!(bad["ok"], true, "a negative grace is refused: {bad}");
+    let pressed = Instant::now();
+    let (r, reply) = ctl(&dir, &["shutdown", "--grace", "1"]);
+    assert_eq!(r.status, Some(0), "{}", r.describe());
+    assert_eq!(reply["guest_listens"], false, "{reply}");
+    let run = finish(&dir, child);
+    let took = pressed.elapsed();
+    assert_eq!(run.status, Some(0), "{}", run.describe());
+    assert!(
+        run.stderr
+            .contains("did not power off after the ACPI power button"),
+        "{}",
+        run.describe()
+    );
+    assert!(
+        took >= Duration::from_millis(900),
+        "stopped {took:?} after a 1 s grace"
+    );
+    let facts = power_facts(&run);
+    assert_eq!(
+        (&facts["power_button_presses"], &facts["power_button_scis"]),
+        (&1.into(), &0.into()),
+        "{facts}"
+    );
+}

@@ -55,6 +55,8 @@ pub(crate) struct Platform {
 struct LegacyDevices {
     pio: Bus,
     mmio: Bus,
+    /// The ACPI PM block, whose power button the API presses.
+    power: Arc<Mutex<pm::Pm>>,
     serial: Arc<Mutex<serial::Serial>>,
     console_watch: Arc<Mutex<serial::ConsoleWatch>>,
     console_writer: serial::ConsoleWriter,
@@ -151,6 +153,7 @@ impl<'a> VmBuilder<'a> {
             console: legacy.console_watch.clone(),
             console_queue: legacy.console_writer.queue(),
             console_totals: std::sync::OnceLock::new(),
+            power: legacy.power.clone(),
         });
         enable_emulation_failure_exits(&vm);
         self.clock.mark("devices");
@@ -384,9 +387,17 @@ fn legacy_devices(
     let i8042 = dev(i8042::I8042::new(end_tx.clone()));
     pio.insert("i8042", ports::I8042_DATA as u64, 5, i8042)
         .map_err(bus_err)?;
-    let pm = dev(pm::Pm::new(end_tx.clone()));
-    pio.insert("acpi-pm", ports::PM_BASE as u64, ports::PM_LEN as u64, pm)
-        .map_err(bus_err)?;
+    let sci = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::Kvm(e.to_string()))?;
+    vm.register_irqfd(&sci, ports::SCI_IRQ)
+        .map_err(kvm_err("wiring the SCI"))?;
+    let pm = Arc::new(Mutex::new(pm::Pm::with_sci(end_tx.clone(), sci)));
+    pio.insert(
+        "acpi-pm",
+        ports::PM_BASE as u64,
+        ports::PM_LEN as u64,
+        pm.clone(),
+    )
+    .map_err(bus_err)?;
     let reset = dev(pm::ResetControl::new(end_tx.clone()));
     pio.insert("reset", ports::RESET_CF9 as u64, 1, reset)
         .map_err(bus_err)?;
@@ -403,6 +414,7 @@ fn legacy_devices(
     Ok(LegacyDevices {
         pio,
         mmio,
+        power: pm,
         serial,
         console_watch,
         console_writer,

@@ -18,6 +18,43 @@ use crate::devices::legacy::{probe, serial};
 use crate::lifecycle::Lifecycle;
 use crate::stats::DeviceFact;
 
+/// How the VM is asked to stop: at once (`quit`), or at a deadline unless the guest powers off
+/// before it (the grace after the ACPI power button). The main thread looks every 50 ms.
+#[derive(Default)]
+pub(crate) struct QuitRequest {
+    now: AtomicBool,
+    at: Mutex<Option<Instant>>,
+}
+
+/// Why [`QuitRequest::due`] says stop.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum QuitDue {
+    Now,
+    /// The grace after the power button ran out.
+    GraceOver,
+}
+
+impl QuitRequest {
+    pub fn now(&self) {
+        self.now.store(true, Ordering::SeqCst);
+    }
+
+    /// Stop at `t` unless the VM has ended before (an earlier deadline is kept).
+    pub fn at(&self, t: Instant) {
+        let mut at = self.at.lock().unwrap_or_else(|p| p.into_inner());
+        *at = Some(at.map_or(t, |a| a.min(t)));
+    }
+
+    pub fn due(&self) -> Option<QuitDue> {
+        if self.now.load(Ordering::SeqCst) {
+            return Some(QuitDue::Now);
+        }
+        let at = *self.at.lock().unwrap_or_else(|p| p.into_inner());
+        at.is_some_and(|t| Instant::now() >= t)
+            .then_some(QuitDue::GraceOver)
+    }
+}
+
 /// Devices whose counters end up in the report.
 pub(crate) struct DeviceCounters {
     pub probe: Option<(Arc<probe::ProbeCounters>, EventFd, EventFd)>,
@@ -27,6 +64,8 @@ pub(crate) struct DeviceCounters {
     pub console_totals: std::sync::OnceLock<serial::ConsoleTotals>,
     /// The PCI/virtio devices (their workers stop when this is dropped).
     pub virtio: Option<Arc<crate::devices::virtio::VirtioSet>>,
+    /// The ACPI PM block: its power button.
+    pub power: Arc<Mutex<crate::devices::legacy::pm::Pm>>,
 }
 
 impl DeviceCounters {
@@ -49,6 +88,19 @@ impl DeviceCounters {
             facts,
         });
         drop(console);
+        let (presses, scis, enabled) = self
+            .power
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .power_button_facts();
+        v.push(DeviceFact {
+            device: "acpi-pm".into(),
+            facts: BTreeMap::from([
+                ("power_button_presses".into(), presses),
+                ("power_button_scis".into(), scis),
+                ("power_button_enabled".into(), u64::from(enabled)),
+            ]),
+        });
         if let Some(set) = &self.virtio {
             v.extend(set.facts());
         }
@@ -99,7 +151,7 @@ pub(crate) struct VmControl {
     /// In-kernel exits by reason (`--kernel-exit-reasons`), and where they come from.
     pub traces: crate::kvm_trace::Shared,
     pub kernel_reasons: String,
-    pub quit: Arc<AtomicBool>,
+    pub quit: Arc<QuitRequest>,
     pub lifecycle: Arc<Lifecycle>,
     pub cpus: u8,
     pub mem_bytes: u64,
@@ -227,6 +279,30 @@ impl crate::api::Control for VmControl {
     }
 
     fn quit(&self) {
-        self.quit.store(true, Ordering::SeqCst);
+        self.quit.now();
+    }
+
+    fn power_button(&self, grace: std::time::Duration) -> Result<Value, ApiError> {
+        let state = self.lifecycle.state();
+        if state != crate::lifecycle::VmState::Running {
+            return Err(ApiError::bad_request(format!(
+                "the power button needs a running VM; this one is {}",
+                state.name()
+            )));
+        }
+        let mut pm = self
+            .counters
+            .power
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        pm.press_power_button();
+        let (_, _, enabled) = pm.power_button_facts();
+        drop(pm);
+        self.quit.at(Instant::now() + grace);
+        Ok(json!({
+            "acpi": true,
+            "grace_s": grace.as_secs_f64(),
+            "guest_listens": enabled,
+        }))
     }
 }

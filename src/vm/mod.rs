@@ -27,7 +27,6 @@ mod threads;
 
 pub use builder::VmBuilder;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -98,7 +97,7 @@ struct Running {
 /// A VM: built, then started, then waited for.
 pub struct Vm {
     parts: Parts,
-    quit: Arc<AtomicBool>,
+    quit: Arc<control::QuitRequest>,
     running: Option<Running>,
 }
 
@@ -106,7 +105,7 @@ impl Vm {
     fn new(parts: Parts) -> Self {
         Vm {
             parts,
-            quit: Arc::new(AtomicBool::new(false)),
+            quit: Arc::default(),
             running: None,
         }
     }
@@ -318,8 +317,16 @@ impl Vm {
             if threads::signalled() {
                 return VmEnd::Interrupted;
             }
-            if self.quit.load(Ordering::SeqCst) {
-                return VmEnd::Stopped;
+            match self.quit.due() {
+                Some(control::QuitDue::Now) => return VmEnd::Stopped,
+                Some(control::QuitDue::GraceOver) => {
+                    eprintln!(
+                        "exitless: the guest did not power off after the ACPI power button \
+                         within its grace: stopped"
+                    );
+                    return VmEnd::Stopped;
+                }
+                None => {}
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return VmEnd::Timeout;

@@ -1,14 +1,24 @@
 //! ACPI power management: the PM1a event and control blocks and the PM timer (ICH9 layout at
-//! 0x600), and the reset control register at 0xcf9. This is how a guest's `poweroff` (S5) and
-//! `reboot` end the VM. In-tree because no rust-vmm crate models the fixed-hardware ACPI blocks.
+//! 0x600), the fixed-hardware power button, and the reset control register at 0xcf9. This is how
+//! a guest's `poweroff` (S5) and `reboot` end the VM, and how the host asks a guest to power off
+//! (`PUT /api/v1/vm/shutdown` with `"acpi"`: [`Pm::press_power_button`]). In-tree because no
+//! rust-vmm crate models the fixed-hardware ACPI blocks.
+//!
+//! The SCI (IRQ 9, level-triggered in the MADT) is raised through an irqfd, which pulses the
+//! line: once when the button is pressed with its event enabled, and once when the guest enables
+//! the event while the button's status is still set. A pulse is enough for an ACPI driver, which
+//! reads PM1_STS in its handler and clears what it found (Linux's does).
 
 use std::time::Instant;
 
 use crate::arch::x86_64::layout::{S5_SLP_TYP, SLP_EN};
 use crate::devices::{data_to_u64, u64_to_data, BusDevice, VmEnd, VmEndSender};
+use vmm_sys_util::eventfd::EventFd;
 
 const PM_TIMER_HZ: u128 = 3_579_545;
 const SCI_EN: u16 = 1;
+/// PM1_STS.PWRBTN_STS and PM1_EN.PWRBTN_EN: the fixed-hardware power button.
+const PWRBTN: u16 = 1 << 8;
 
 pub struct Pm {
     sts: u16,
@@ -16,6 +26,11 @@ pub struct Pm {
     cnt: u16,
     start: Instant,
     end: VmEndSender,
+    /// The SCI's irqfd (none in unit tests and the fuzz target).
+    sci: Option<EventFd>,
+    /// Power-button presses, and SCIs raised for them.
+    presses: u64,
+    scis: u64,
 }
 
 impl Pm {
@@ -27,6 +42,50 @@ impl Pm {
             cnt: SCI_EN,
             start: Instant::now(),
             end,
+            sci: None,
+            presses: 0,
+            scis: 0,
+        }
+    }
+
+    /// The block raising the SCI through `sci` (an irqfd on the SCI's GSI).
+    pub fn with_sci(end: VmEndSender, sci: EventFd) -> Self {
+        Pm {
+            sci: Some(sci),
+            ..Self::new(end)
+        }
+    }
+
+    /// The power button pressed: its status set, and the SCI raised if the guest enabled it
+    /// (a guest that did not sees the status when it next enables the event).
+    pub fn press_power_button(&mut self) {
+        self.presses += 1;
+        self.sts |= PWRBTN;
+        if self.en & PWRBTN != 0 {
+            self.raise_sci();
+        }
+    }
+
+    /// Presses so far, SCIs raised for them, and whether the guest has enabled the button's
+    /// event (an ACPI-aware guest does at boot).
+    pub fn power_button_facts(&self) -> (u64, u64, bool) {
+        (self.presses, self.scis, self.en & PWRBTN != 0)
+    }
+
+    fn raise_sci(&mut self) {
+        self.scis += 1;
+        if let Some(e) = &self.sci {
+            // A full counter (never, at one write per press) only loses a pulse.
+            let _ = e.write(1);
+        }
+    }
+
+    /// PM1_EN written: an event enabled while its status is set raises the SCI now.
+    fn write_en(&mut self, v: u16) {
+        let newly = v & !self.en;
+        self.en = v;
+        if newly & self.sts & PWRBTN != 0 {
+            self.raise_sci();
         }
     }
 
@@ -101,10 +160,10 @@ impl BusDevice for Pm {
         match (offset, data.len()) {
             (0, 4) => {
                 self.sts &= !(v as u16);
-                self.en = (v >> 16) as u16;
+                self.write_en((v >> 16) as u16);
             }
             (0, _) => self.sts &= !(v as u16),
-            (2, _) => self.en = v as u16,
+            (2, _) => self.write_en(v as u16),
             (4, _) => self.write_cnt(v as u16),
             _ => {} // the timer is read-only; the rest is reserved
         }
@@ -189,6 +248,37 @@ mod tests {
         let mut far = [0xaau8; 4];
         pm.read(14, &mut far);
         assert_eq!(far, [0; 4]);
+    }
+
+    #[test]
+    fn the_power_button_raises_the_sci_once_its_event_is_enabled() {
+        let (tx, _rx) = mpsc::channel();
+        let sci = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut pm = Pm::with_sci(tx, sci.try_clone().unwrap());
+        let sts = |pm: &mut Pm| {
+            let mut b = [0u8; 2];
+            pm.read(0, &mut b);
+            u16::from_le_bytes(b)
+        };
+        // Pressed before the guest enabled the event: status set, no SCI yet.
+        pm.press_power_button();
+        assert_eq!(sts(&mut pm) & PWRBTN, PWRBTN);
+        assert!(sci.read().is_err(), "no SCI while the event is disabled");
+        // Enabling it with the status still set raises the SCI; enabling it again does not.
+        pm.write(2, &PWRBTN.to_le_bytes());
+        assert_eq!(sci.read().unwrap(), 1);
+        pm.write(2, &PWRBTN.to_le_bytes());
+        assert!(sci.read().is_err());
+        // The guest clears the status (write one to clear); the next press raises it at once.
+        pm.write(0, &PWRBTN.to_le_bytes());
+        assert_eq!(sts(&mut pm) & PWRBTN, 0);
+        pm.press_power_button();
+        assert_eq!(sci.read().unwrap(), 1);
+        // A 4-byte write sets the enables too (status in the low half, enables in the high).
+        pm.write(0, &(u32::from(PWRBTN)).to_le_bytes());
+        assert_eq!(pm.power_button_facts(), (2, 2, false));
+        pm.press_power_button();
+        assert!(sci.read().is_err(), "event disabled by the 4-byte write");
     }
 
     #[test]
