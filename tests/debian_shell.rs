@@ -226,3 +226,54 @@ fn debian_guest_on_a_hardware_style_host_gets_the_kvm_pv_features_and_no_pvm_wor
     }
     assert!(!r.stderr.contains("PVM"), "{}", r.describe());
 }
+
+/// `exitless ctl shutdown` presses the ACPI power button: the Debian guest's button driver turns
+/// it into a key press, busybox acpid into a clean power-off, and the VM ends with the guest's
+/// own power-off long before the grace (the forced stop would say so on stderr).
+#[test]
+fn debian_guest_powers_off_on_the_acpi_power_button() {
+    const TEST: &str = "debian_guest_powers_off_on_the_acpi_power_button";
+    if !needs(TEST, NEEDS) {
+        return;
+    }
+    let dir = TempDir::new("debian-power-button");
+    let sock = dir.path("api.sock");
+    let mut args = debian::args(1, "512M");
+    args.extend(["--api-socket".to_string(), sock.display().to_string()]);
+    let mut vm = Vm::boot_shell(None, &args, &dir.path("report.json"));
+    // The kernel enabled the button's event once its driver loaded.
+    assert!(
+        vm.step("ls /sys/bus/acpi/drivers/button/", STEP_WAIT)
+            .contains("LNXPWRBN"),
+        "no power button device bound to the button driver"
+    );
+    let r = exitless_cmd(&[
+        "ctl",
+        "--socket",
+        sock.to_str().unwrap(),
+        "shutdown",
+        "--grace",
+        "600",
+    ]);
+    assert_eq!(r.status, Some(0), "{}", r.describe());
+    let reply: serde_json::Value = serde_json::from_str(&r.stdout).unwrap_or_default();
+    assert_eq!(reply["guest_listens"], true, "{reply}");
+    let run = vm.finish();
+    assert_eq!(run.status, Some(0), "{}", run.describe());
+    assert!(
+        run.stderr.contains("guest powered off"),
+        "{}",
+        run.describe()
+    );
+    assert!(
+        !run.stderr.contains("did not power off"),
+        "{}",
+        run.describe()
+    );
+    assert!(
+        run.stdout
+            .contains("exitless-guest: power button: powering off"),
+        "{}",
+        run.describe()
+    );
+}

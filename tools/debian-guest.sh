@@ -42,6 +42,7 @@ wanted_modules=(
     virtio virtio_ring virtio_mmio virtio_pci virtio_pci_modern_dev virtio_pci_legacy_dev
     virtio_blk virtio_net virtio_console virtio_rng virtio_balloon
     vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport
+    button
 )
 
 DEBS="$debs"
@@ -107,6 +108,9 @@ if [ -f /lib/modules/$kver/load-order ]; then
         insmod /lib/modules/$kver/$m 2>/dev/null || echo "exitless-guest: insmod $m failed"
     done </lib/modules/$kver/load-order
 fi
+# The ACPI power button (exitless ctl shutdown): the kernel's button driver turns it into a
+# KEY_POWER input event, and busybox acpid runs /etc/acpi/PWRF/00000080 for it (a power-off).
+acpid -c /etc/acpi 2>/dev/null || echo "exitless-guest: acpid did not start"
 echo "exitless-guest: nproc=$(nproc) $(grep MemTotal /proc/meminfo | tr -s ' ')"
 # A shell on the console. cttyhack finds the real console device (e.g. ttyS0) and makes it the
 # controlling terminal, so job control and ^C work; the shell reads commands from the console even
@@ -118,6 +122,15 @@ while true; do
 done
 EOF
 chmod 755 "$root/init"
+mkdir -p "$root/etc/acpi/PWRF"
+cat >"$root/etc/acpi/PWRF/00000080" <<'EOF'
+#!/bin/sh
+# The ACPI power button was pressed: a clean power-off (file systems synced first).
+echo "exitless-guest: power button: powering off" >/dev/console
+sync
+poweroff -f
+EOF
+chmod 755 "$root/etc/acpi/PWRF/00000080"
 cat >"$root/etc/profile" <<'EOF'
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 export PS1='exitless# '

@@ -348,7 +348,8 @@ fn fadt(facs_addr: u64, dsdt_addr: u64) -> Vec<u8> {
         .firmware_ctrl_64(facs_addr)
         .dsdt_64(dsdt_addr)
         .flag(Flags::Wbinvd)
-        .flag(Flags::PwrButton)
+        // PWR_BUTTON clear: the power button is the fixed-hardware one in PM1 (the API's
+        // shutdown presses it); SLP_BUTTON set: there is no sleep button.
         .flag(Flags::SlpButton)
         .flag(Flags::TmrValExt)
         .flag(Flags::ResetRegSup);
@@ -647,9 +648,14 @@ mod tests {
         assert_eq!(boot_arch & boot_arch::MSI_NOT_SUPPORTED, 0);
         assert_eq!(boot_arch & boot_arch::CMOS_RTC_NOT_PRESENT, 0);
         let flags = u32_at(f, 112);
-        for bit in [0, 4, 5, 8, 10] {
+        for bit in [0, 5, 8, 10] {
             assert_ne!(flags & (1 << bit), 0, "flag bit {bit}");
         }
+        assert_eq!(
+            flags & (1 << 4),
+            0,
+            "PWR_BUTTON clear: a fixed-hardware power button"
+        );
         assert_eq!(flags & (1 << 20), 0, "not hardware-reduced");
         // RESET_REG: system I/O, 8 bits, byte access, port 0xcf9; RESET_VALUE 6.
         assert_eq!(&f[116..120], &[1, 8, 0, 1]);
