@@ -247,6 +247,12 @@ fn debian_guest_powers_off_on_the_acpi_power_button() {
             .contains("LNXPWRBN"),
         "no power button device bound to the button driver"
     );
+    assert!(
+        vm.step("r acpid $(pidof acpid || echo none)", STEP_WAIT)
+            .contains("=R= acpid ")
+            && !vm.console().contains("=R= acpid none"),
+        "busybox acpid is not running (see /var/log/acpid.log)"
+    );
     let r = exitless_cmd(&[
         "ctl",
         "--socket",

@@ -42,7 +42,7 @@ wanted_modules=(
     virtio virtio_ring virtio_mmio virtio_pci virtio_pci_modern_dev virtio_pci_legacy_dev
     virtio_blk virtio_net virtio_console virtio_rng virtio_balloon
     vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport
-    button
+    evdev button
 )
 
 DEBS="$debs"
@@ -109,7 +109,10 @@ if [ -f /lib/modules/$kver/load-order ]; then
     done </lib/modules/$kver/load-order
 fi
 # The ACPI power button (exitless ctl shutdown): the kernel's button driver turns it into a
-# KEY_POWER input event, and busybox acpid runs /etc/acpi/PWRF/00000080 for it (a power-off).
+# KEY_POWER input event (/dev/input/event0, through evdev), and busybox acpid runs
+# /etc/acpi/PWRF/00000080 for it (a power-off).
+# (acpid logs to /var/log/acpid.log, and dies once daemonized if it cannot open it.)
+mkdir -p /var/log
 acpid -c /etc/acpi 2>/dev/null || echo "exitless-guest: acpid did not start"
 echo "exitless-guest: nproc=$(nproc) $(grep MemTotal /proc/meminfo | tr -s ' ')"
 # A shell on the console. cttyhack finds the real console device (e.g. ttyS0) and makes it the
