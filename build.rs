@@ -29,6 +29,7 @@ const GUESTS: &[&str] = &[
     "clock",
     "blk-flush",
     "compute",
+    "virtio-snap",
 ];
 
 fn main() {

@@ -131,9 +131,54 @@ pub struct RestoreArgs {
     /// Where snapshots of the restored VM may be written (as for `exitless run`).
     #[arg(long, value_name = "DIR")]
     pub snapshot_dir: Option<PathBuf>,
+    /// The image for the snapshot's disks, in order (repeat for the next), instead of the path
+    /// they had: a clone's own copy (the same size; a disk written by two VMs is corrupted).
+    #[arg(long = "disk-image", value_name = "PATH")]
+    pub disk_images: Vec<PathBuf>,
+    /// The tap for the snapshot's network devices, in order (repeat for the next), instead of
+    /// the one they had: a clone next to its original needs its own.
+    #[arg(long = "net-tap", value_name = "NAME")]
+    pub net_taps: Vec<String>,
+    /// The MAC address the snapshot's network devices report, in order, instead of theirs
+    /// (a running guest's driver keeps the one it read when it probed the device).
+    #[arg(long = "net-mac", value_name = "MAC")]
+    pub net_macs: Vec<String>,
 }
 
 impl RestoreArgs {
+    /// The snapshot's devices with this restore's overrides.
+    fn devices(
+        &self,
+        saved: &crate::devices::virtio::config::VirtioConfig,
+    ) -> Result<crate::devices::virtio::config::VirtioConfig, String> {
+        let mut v = saved.clone();
+        let too_many = |opt: &str, n: usize, what: &str, have: usize| {
+            format!("{opt} given {n} times; the snapshot has {have} {what}")
+        };
+        if self.disk_images.len() > v.disks.len() {
+            let n = self.disk_images.len();
+            return Err(too_many("--disk-image", n, "disk(s)", v.disks.len()));
+        }
+        for (d, p) in v.disks.iter_mut().zip(&self.disk_images) {
+            d.path = absolute(p);
+        }
+        for (opt, n) in [
+            ("--net-tap", self.net_taps.len()),
+            ("--net-mac", self.net_macs.len()),
+        ] {
+            if n > v.nets.len() {
+                return Err(too_many(opt, n, "network device(s)", v.nets.len()));
+            }
+        }
+        for (d, t) in v.nets.iter_mut().zip(&self.net_taps) {
+            d.tap.clone_from(t);
+        }
+        for (d, m) in v.nets.iter_mut().zip(&self.net_macs) {
+            d.mac = crate::devices::virtio::config::parse_mac(m)?;
+        }
+        Ok(v)
+    }
+
     /// The configuration of the VM a snapshot's machine describes, run as these options say.
     pub fn to_config(&self, m: &crate::snapshot::Machine) -> Result<VmConfig, String> {
         use crate::arch::x86_64::nested::NestedMode;
@@ -165,7 +210,7 @@ impl RestoreArgs {
             console_buffer: 1 << 20,
             unpack_bzimage: true,
             sample_rips: false,
-            virtio: Default::default(),
+            virtio: self.devices(&m.virtio)?,
             api_socket: self.api_socket.clone(),
             nested: if m.nested.is_some() {
                 NestedMode::On

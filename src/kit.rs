@@ -37,6 +37,7 @@ pub const GUESTS: &[(&str, &[u8])] = &[
     guest!("clock"),
     guest!("blk-flush"),
     guest!("compute"),
+    guest!("virtio-snap"),
 ];
 
 /// The guest booted when no kernel is given.

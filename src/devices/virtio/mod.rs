@@ -192,6 +192,16 @@ pub trait VirtioDevice: Send {
             .config_writes_refused
             .fetch_add(1, Ordering::Relaxed);
     }
+    /// The device's own state for a snapshot (what it was opened with, what the driver set in
+    /// its configuration); the transport saves the rest. The default refuses, naming why.
+    fn save_state(&self) -> Result<serde_json::Value, String> {
+        Err("its state cannot be saved yet".into())
+    }
+    /// Takes back [`Self::save_state`]'s state in a device opened from the same configuration;
+    /// refuses one that does not fit it.
+    fn restore_state(&mut self, _state: &serde_json::Value) -> Result<(), String> {
+        Err("its state cannot be restored yet".into())
+    }
     /// Starts serving: returns the handler the worker thread runs.
     fn activate(&mut self, a: Activation) -> Result<Box<dyn QueueHandler>, String>;
     /// The driver reset the device (the worker has already stopped).
@@ -204,6 +214,20 @@ pub trait VirtioDevice: Send {
 
 /// A device's work, run on its worker thread.
 pub trait QueueHandler: Send {
+    /// Its queues, for a snapshot of a parked handler (see `worker`). The default (none) refuses
+    /// the snapshot of an active device.
+    fn queues(&self) -> Vec<&Vq> {
+        vec![]
+    }
+    /// What the handler holds beyond its queues' positions (buffers it keeps, such as the
+    /// balloon's statistics buffer), for a snapshot of a parked handler.
+    fn save(&self) -> Result<serde_json::Value, String> {
+        Ok(serde_json::Value::Null)
+    }
+    /// Takes back [`Self::save`]'s state, in a handler just activated on the restored queues.
+    fn restore(&mut self, _state: &serde_json::Value) -> Result<(), String> {
+        Ok(())
+    }
     /// Queue `q` was notified (also called once per queue when the worker starts). An error puts
     /// the device in DEVICE_NEEDS_RESET and ends the worker.
     fn process(&mut self, q: usize) -> Result<(), String>;
