@@ -219,6 +219,9 @@ pub trait QueueHandler: Send {
     fn queues(&self) -> Vec<&Vq> {
         vec![]
     }
+    /// The worker is stopping with this handler parked (see `worker`): give back to the rings
+    /// what it took but has not used, so that its queues' positions describe everything.
+    fn park(&mut self) {}
     /// What the handler holds beyond its queues' positions (buffers it keeps, such as the
     /// balloon's statistics buffer), for a snapshot of a parked handler.
     fn save(&self) -> Result<serde_json::Value, String> {

@@ -227,6 +227,7 @@ fn serve(
         for ev in &events[..n] {
             let token = ev.data();
             if token == KILL {
+                handler.park();
                 end_polling(handler, &polled);
                 record_rings(handler, &polled, stats);
                 return Ok(());
