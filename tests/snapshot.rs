@@ -16,6 +16,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::netns::Netns;
 use common::{exitless, exitless_cmd, kvm_available, Run, TempDir};
 
 /// How long the guest may take to show progress (a loaded, emulated host is slow).
@@ -25,8 +26,20 @@ const ROUNDS: &str = "rounds=500 every=25";
 
 /// Every VM here may write snapshots beneath the test's directory (Landlock allows no other).
 fn spawn(args: &[&str], dir: &TempDir, tag: &str) -> Child {
-    Command::new(exitless())
-        .args(args)
+    spawn_in(None, args, dir, tag)
+}
+
+/// [`spawn`] inside network namespace `ns`, if any.
+fn spawn_in(ns: Option<&str>, args: &[&str], dir: &TempDir, tag: &str) -> Child {
+    let mut cmd = match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, exitless()]);
+            c
+        }
+        None => Command::new(exitless()),
+    };
+    cmd.args(args)
         .args(["--timeout", "600", "--no-summary", "--snapshot-dir"])
         .arg(&dir.0)
         .arg("--console-log")
@@ -612,6 +625,99 @@ fn a_guest_using_virtio_blk_and_rng_goes_on_after_a_restore() {
         &snap,
         &["--disk-image", copy.to_str().unwrap()],
         "the disk image was",
+    );
+}
+
+/// A network namespace with tap `tap` (the host side 192.168.127.1, MAC 02:00:00:00:01:01 in
+/// every namespace, so that a clone's cached host MAC is right on its new tap), or why not.
+fn tap_netns(tag: &str, tap: &str) -> Result<Netns, String> {
+    let ns = Netns::with_tap(tag, tap, "192.168.127.1")?;
+    ns.ip(&["link", "set", "dev", tap, "address", "02:00:00:00:01:01"])?;
+    Ok(ns)
+}
+
+/// The last `kit: virtio-net ping P` the guest printed.
+fn last_ping(text: &str) -> Option<u64> {
+    text.lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("kit: virtio-net ping ")?.trim().parse().ok())
+}
+
+#[test]
+fn a_guest_pinging_through_virtio_net_goes_on_after_a_restore_on_another_tap() {
+    let test = "a_guest_pinging_through_virtio_net_goes_on_after_a_restore_on_another_tap";
+    if !kvm_available(test) {
+        return;
+    }
+    let ns = match tap_netns("snap-a", "exitless-snap0") {
+        Ok(ns) => ns,
+        Err(why) => return common::skip(test, &why),
+    };
+    let dir = TempDir::new("snapshot-net");
+    let (snap, sock) = (dir.path("snap"), dir.path("net.sock"));
+    let args = [
+        "run",
+        "--guest",
+        "virtio-net",
+        "--net",
+        "tap=exitless-snap0,mac=02:00:00:00:00:2a",
+        "--cmdline",
+        "pings=200 delay_us=5000",
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ];
+    let mut child = spawn_in(Some(&ns.0), &args, &dir, "norig");
+    let t = Instant::now();
+    while last_ping(&console(&dir, "norig")).is_none_or(|p| p < 50) {
+        assert!(child.try_wait().unwrap().is_none(), "the VM ended early");
+        assert!(t.elapsed() < PROGRESS, "no ping 50 after {PROGRESS:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(ctl(&sock, &["pause"])["state"], "paused");
+    let at = last_ping(&console(&dir, "norig")).unwrap();
+    let s = ctl(&sock, &["snapshot", snap.to_str().unwrap()]);
+    assert_eq!(s["ok"], true, "{s}");
+    assert_eq!(ctl(&sock, &["resume"])["state"], "running");
+    let run = finish(&dir, "norig", child);
+    assert_eq!(run.status, Some(0), "{}", run.describe());
+    assert!(
+        run.stdout.contains("kit: PASS virtio-net"),
+        "{}",
+        run.describe()
+    );
+    // The clone, in another namespace, on its own tap.
+    let ns2 = tap_netns("snap-b", "exitless-snap1").unwrap();
+    let restore_in = |extra: &[&str], tag: &str| {
+        let mut a = vec!["restore", "--snapshot", snap.to_str().unwrap()];
+        a.extend_from_slice(extra);
+        finish(&dir, tag, spawn_in(Some(&ns2.0), &a, &dir, tag))
+    };
+    // Without the override the clone opens a tap of the snapshot's name, made afresh (down,
+    // unconfigured) in its namespace: its pings go nowhere.
+    let run = restore_in(&[], "nbad");
+    assert_eq!(run.status, Some(3), "{}", run.describe());
+    assert!(run.stdout.contains("no echo reply"), "{}", run.describe());
+    let run = restore_in(&["--net-tap", "exitless-snap1"], "nclone");
+    assert_eq!(run.status, Some(0), "{}", run.describe());
+    assert!(
+        !run.stdout.contains("kit: virtio-net at"),
+        "booted again: {}",
+        run.describe()
+    );
+    let first = run.stdout.lines().find_map(|l| {
+        l.strip_prefix("kit: virtio-net ping ")?
+            .trim()
+            .parse::<u64>()
+            .ok()
+    });
+    assert!(
+        first.is_some_and(|p| p > at),
+        "first ping {first:?}, snapshot at {at}"
+    );
+    assert!(
+        run.stdout.contains("kit: PASS virtio-net"),
+        "{}",
+        run.describe()
     );
 }
 
