@@ -588,6 +588,44 @@ mod tests {
     }
 
     #[test]
+    fn a_restore_takes_the_snapshot_s_devices_with_its_overrides() {
+        let restore = |args: &[&str]| {
+            let mut v = vec!["exitless", "restore", "--snapshot", "/s"];
+            v.extend_from_slice(args);
+            match Cli::try_parse_from(v).unwrap().command {
+                Command::Restore(r) => r,
+                _ => unreachable!(),
+            }
+        };
+        let run = run_args(&["--disk", "path=/a.img", "--net", "tap=tap0", "--rng"]).unwrap();
+        let mut m = crate::snapshot::Machine {
+            guest: "kit:demo".into(),
+            mem_bytes: 64 << 20,
+            cpus: 1,
+            nested: None,
+            debug_exit: true,
+            probe: true,
+            cmdline: String::new(),
+            virtio: run.to_config("").unwrap().virtio,
+        };
+        let same = restore(&[]).to_config(&m).unwrap().virtio;
+        assert_eq!(same, m.virtio, "the snapshot's devices");
+        let c = restore(&["--disk-image", "/b.img", "--net-tap", "tap9"])
+            .to_config(&m)
+            .unwrap();
+        assert_eq!(c.virtio.disks[0].path, PathBuf::from("/b.img"));
+        assert_eq!(c.virtio.nets[0].tap, "tap9");
+        assert!(c.virtio.rng);
+        let e = restore(&["--net-tap", "a", "--net-tap", "b"])
+            .to_config(&m)
+            .unwrap_err();
+        assert!(e.contains("--net-tap given 2 times"), "{e}");
+        m.virtio.disks.clear();
+        assert!(restore(&["--disk-image", "/b.img"]).to_config(&m).is_err());
+        assert!(restore(&["--net-mac", "zz"]).to_config(&m).is_err());
+    }
+
+    #[test]
     fn defaults_boot_the_demo() {
         let c = run_args(&[]).unwrap().to_config("").unwrap();
         assert_eq!(c.kernel, KernelSource::Embedded("demo"));
