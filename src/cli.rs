@@ -143,6 +143,14 @@ pub struct RestoreArgs {
     /// (a running guest's driver keeps the one it read when it probed the device).
     #[arg(long = "net-mac", value_name = "MAC")]
     pub net_macs: Vec<String>,
+    /// The vsock device's CID instead of the snapshot's (the guest reads it again when the
+    /// restored device resets its transport).
+    #[arg(long, value_name = "CID")]
+    pub vsock_cid: Option<u64>,
+    /// The vsock device's host socket instead of the snapshot's: a clone next to its original
+    /// cannot listen where the original does.
+    #[arg(long, value_name = "PATH")]
+    pub vsock_socket: Option<PathBuf>,
 }
 
 impl RestoreArgs {
@@ -175,6 +183,15 @@ impl RestoreArgs {
         }
         for (d, m) in v.nets.iter_mut().zip(&self.net_macs) {
             d.mac = crate::devices::virtio::config::parse_mac(m)?;
+        }
+        if self.vsock_cid.is_some() || self.vsock_socket.is_some() {
+            let Some(vs) = v.vsock.as_mut() else {
+                return Err("--vsock-cid/--vsock-socket: the snapshot has no vsock device".into());
+            };
+            vs.cid = self.vsock_cid.unwrap_or(vs.cid);
+            if let Some(p) = &self.vsock_socket {
+                vs.socket = absolute(p);
+            }
         }
         Ok(v)
     }
@@ -623,6 +640,19 @@ mod tests {
         m.virtio.disks.clear();
         assert!(restore(&["--disk-image", "/b.img"]).to_config(&m).is_err());
         assert!(restore(&["--net-mac", "zz"]).to_config(&m).is_err());
+        assert!(
+            restore(&["--vsock-cid", "9"]).to_config(&m).is_err(),
+            "no vsock"
+        );
+        m.virtio.vsock = Some(crate::devices::virtio::config::VsockConfig {
+            cid: 3,
+            socket: "/v.sock".into(),
+        });
+        let c = restore(&["--vsock-cid", "9", "--vsock-socket", "/w.sock"])
+            .to_config(&m)
+            .unwrap();
+        let v = c.virtio.vsock.unwrap();
+        assert_eq!((v.cid, v.socket), (9, PathBuf::from("/w.sock")));
     }
 
     #[test]

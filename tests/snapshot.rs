@@ -5,7 +5,7 @@
 //! snapshot of it restores too; bad snapshots (cut, corrupted, another
 //! format version, another host, a cut or changed memory file) are refused before anything runs;
 //! a snapshot of a running VM, into a used directory, or of a VM with a device that cannot be
-//! saved (vsock) is refused and writes nothing. The virtio-snap guest, pulling virtio-rng and
+//! saved (the IOMMU) is refused and writes nothing. The virtio-snap guest, pulling virtio-rng and
 //! writing and reading its virtio-blk disk, is snapshotted mid-way and its restored clone (on a
 //! copy of the disk) finishes with the original's result; damaged virtio states are refused. Skipped (with the reason printed) where /dev/kvm cannot
 //! be opened.
@@ -722,6 +722,74 @@ fn a_guest_pinging_through_virtio_net_goes_on_after_a_restore_on_another_tap() {
 }
 
 #[test]
+fn a_restored_vsock_guest_is_told_its_connections_are_gone_and_reads_the_clone_s_cid() {
+    if !kvm_available("a_restored_vsock_guest_is_told_its_connections_are_gone") {
+        return;
+    }
+    let dir = TempDir::new("snapshot-vsock");
+    let (snap, sock) = (dir.path("snap"), dir.path("vs.sock"));
+    let vsock = format!("cid=3,socket={}", dir.path("v.sock").display());
+    let args = [
+        "run",
+        "--guest",
+        "virtio-vsock",
+        "--vsock",
+        &vsock,
+        "--cmdline",
+        "wait-reset",
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ];
+    let mut child = spawn(&args, &dir, "vsorig");
+    let t = Instant::now();
+    while !console(&dir, "vsorig").contains("kit: virtio-vsock waiting 2") {
+        assert!(child.try_wait().unwrap().is_none(), "the VM ended early");
+        assert!(t.elapsed() < PROGRESS, "not waiting after {PROGRESS:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(ctl(&sock, &["pause"])["state"], "paused");
+    let s = ctl(&sock, &["snapshot", snap.to_str().unwrap()]);
+    assert_eq!(s["ok"], true, "{s}");
+    // The original keeps its connections: it gets no reset.
+    assert_eq!(ctl(&sock, &["resume"])["state"], "running");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(ctl(&sock, &["quit"])["ok"], true);
+    let run = finish(&dir, "vsorig", child);
+    assert_eq!(run.status, Some(0), "{}", run.describe());
+    assert!(
+        !run.stdout.contains("transport reset"),
+        "{}",
+        run.describe()
+    );
+    // The clone, with its own CID and socket.
+    let w = dir.path("w.sock");
+    let clone = restore(
+        &dir,
+        &snap,
+        "vsclone",
+        &["--vsock-cid", "7", "--vsock-socket", w.to_str().unwrap()],
+    );
+    let run = finish(&dir, "vsclone", clone);
+    assert_eq!(run.status, Some(0), "{}", run.describe());
+    assert!(
+        !run.stdout.contains("rx queue="),
+        "booted again: {}",
+        run.describe()
+    );
+    assert!(
+        run.stdout
+            .contains("kit: virtio-vsock transport reset cid=7"),
+        "{}",
+        run.describe()
+    );
+    assert!(
+        run.stdout.contains("kit: PASS virtio-vsock"),
+        "{}",
+        run.describe()
+    );
+}
+
+#[test]
 fn a_vm_with_a_device_that_cannot_be_saved_is_refused_naming_it() {
     if !kvm_available("a_vm_with_a_device_that_cannot_be_saved_is_refused_naming_it") {
         return;
@@ -737,6 +805,8 @@ fn a_vm_with_a_device_that_cannot_be_saved_is_refused_naming_it() {
             "--rng",
             "--vsock",
             &vsock,
+            "--iommu",
+            "mode=samecore",
             "--api-socket",
             sock.to_str().unwrap(),
         ],
@@ -754,12 +824,13 @@ fn a_vm_with_a_device_that_cannot_be_saved_is_refused_naming_it() {
     let e = ctl(&sock, &["snapshot", snap.to_str().unwrap()]);
     assert_eq!(e["ok"], false, "{e}");
     let msg = e["error"].as_str().unwrap();
-    // vsock is named with its reason; virtio-rng, which can be saved, is not.
+    // The IOMMU is named with its reason; virtio-rng and vsock, which can be saved, are not.
     assert!(
         msg.contains("cannot snapshot this VM")
-            && msg.contains("virtio-vsock")
-            && msg.contains("connections")
-            && !msg.contains("virtio-rng"),
+            && msg.contains("iommu at")
+            && msg.contains("VT-d")
+            && !msg.contains("virtio-rng")
+            && !msg.contains("virtio-vsock"),
         "{e}"
     );
     assert!(!snap.join("state.json").exists() && !snap.join("memory").exists());

@@ -22,9 +22,10 @@
 //! resumed only once every state is set (irqchip included), so an interrupt they raise lands.
 //!
 //! **What is refused, and when.** A snapshot needs a paused VM (the lifecycle says so otherwise)
-//! and devices that can all be saved: a device that cannot (vsock, the IOMMU, a disk with
+//! and devices that can all be saved: a device that cannot (the IOMMU, a disk with
 //! `swap-mapper=on`) is named with its reason and nothing is written, so no snapshot can restore
-//! wrong. A restore refuses, before
+//! wrong. vsock connections do not survive: a restored vsock device resets the guest's
+//! transport. A restore refuses, before
 //! anything runs: a file that is not a snapshot, another format version, any section whose
 //! checksum does not match, a memory file of the wrong length (and, with `--verify-memory`, of
 //! the wrong content), a snapshot from another host (CPU vendor or model, or KVM flavour:

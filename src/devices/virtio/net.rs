@@ -441,21 +441,8 @@ impl NetHandler {
     /// in order, which the avail ring must still show. The frame read from the tap stays with
     /// this handler; a restored device never sees it (a dropped frame, as a network may drop).
     fn give_back_held(&mut self) -> Result<(), String> {
-        let n = self.held.len() as u16;
-        let q = &mut self.rx.queue;
-        let (size, ring, next) = (q.size(), q.avail_ring(), q.next_avail());
-        for (i, c) in self.held.iter().enumerate() {
-            let idx = next.wrapping_sub(n).wrapping_add(i as u16);
-            let at = GuestAddress(ring + 4 + 2 * u64::from(idx % size));
-            let head = self.rx.mem.read_obj::<u16>(at).map(u16::from_le);
-            if head.ok() != Some(c.head) {
-                return Err(format!(
-                    "receive buffer {} it holds is not where the avail ring had it",
-                    c.head
-                ));
-            }
-        }
-        q.set_next_avail(next.wrapping_sub(n));
+        let heads: Vec<u16> = self.held.iter().map(|c| c.head).collect();
+        self.rx.give_back(&heads)?;
         self.held.clear();
         Ok(())
     }
@@ -1025,7 +1012,7 @@ mod tests {
         r.h.fd_ready(0).unwrap();
         r.rxm.write_obj(5u16, GuestAddress(AVAIL + 4)).unwrap();
         r.h.park();
-        assert!(r.h.save().unwrap_err().contains("receive buffer 0"));
+        assert!(r.h.save().unwrap_err().contains("buffer 0 it holds"));
     }
 
     fn interrupts(vq: &Vq) -> u64 {
