@@ -14,7 +14,8 @@
 //!
 //! # Threading model
 //! One worker thread per device, started when the driver sets DRIVER_OK and stopped (joined) on a
-//! device reset or when the VM ends. It blocks in `epoll_wait` on the device's queue ioeventfds, a
+//! device reset or when the VM ends, and for the length of a snapshot (quiesced: see `worker`'s
+//! parking and `transport`'s snapshot module). It blocks in `epoll_wait` on the device's queue ioeventfds, a
 //! kill eventfd and the device's own descriptors (a tap, a socket), and does all the device's work:
 //! it walks the queues, does the I/O, fills the used rings and signals irqfds. The vCPU threads
 //! only touch the transport's registers (under the device's mutex) and never wait for device I/O,
@@ -214,8 +215,9 @@ pub trait VirtioDevice: Send {
 
 /// A device's work, run on its worker thread.
 pub trait QueueHandler: Send {
-    /// Its queues, for a snapshot of a parked handler (see `worker`). The default (none) refuses
-    /// the snapshot of an active device.
+    /// The queues it serves, for a snapshot of a parked handler (see `worker`); a queue it does
+    /// not serve is saved as never used. Every device that can be saved
+    /// ([`VirtioDevice::save_state`]) must list the queues it takes chains from.
     fn queues(&self) -> Vec<&Vq> {
         vec![]
     }
@@ -332,6 +334,9 @@ impl VirtioSet {
         for d in &self.devices {
             let mut d = d.lock().unwrap_or_else(|p| p.into_inner());
             d.stop_worker();
+            // The handler the stopped worker parked holds host descriptors (vsock connections,
+            // the tap's clone): closed now, as when the worker itself dropped it.
+            d.discard_parked();
             d.release();
         }
     }

@@ -7,6 +7,8 @@
 //! and the PCI root (configuration space); queue notifications normally never reach it: KVM
 //! completes writes to the notify region through one ioeventfd per queue, which the worker waits on.
 //! A notify write that does reach the VMM (no ioeventfd) is forwarded to the same eventfd.
+//! Its state in a snapshot, and how a restored device is re-activated, are the `snapshot`
+//! submodule's.
 //!
 //! BAR 0 (32 KiB, 32-bit memory):
 //!
@@ -290,6 +292,11 @@ impl VirtioPci {
 
     fn parked_handler(&self) -> std::sync::MutexGuard<'_, Option<Box<dyn QueueHandler>>> {
         self.parked.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Drops the handler a stopped worker parked (the VM has ended).
+    pub fn discard_parked(&mut self) {
+        *self.parked_handler() = None;
     }
 
     /// Stops the worker and returns the device to its initial state.

@@ -97,7 +97,7 @@ impl VirtioPci {
         let mut queues: Vec<QueueSaved> = self.queues.iter().map(QueueSetup::saved).collect();
         let handler = match parked.as_deref() {
             Some(h) => {
-                positions(h, &mut queues)?;
+                positions(h, &mut queues);
                 h.save()?
             }
             None => serde_json::Value::Null,
@@ -210,20 +210,19 @@ impl VirtioPci {
     }
 }
 
-/// Each ready queue's ring positions, from the parked handler's queues.
-fn positions(h: &dyn QueueHandler, queues: &mut [QueueSaved]) -> Result<(), String> {
+/// Each ready queue's ring positions, from the parked handler's queues. A ready queue the
+/// handler does not serve (one for a feature the driver declined) was never touched: it stays
+/// at 0.
+fn positions(h: &dyn QueueHandler, queues: &mut [QueueSaved]) {
     let vqs = h.queues();
     for (i, q) in queues.iter_mut().enumerate().filter(|(_, q)| q.ready) {
         let Some(vq) = vqs.iter().find(|v| usize::from(v.index) == i) else {
-            return Err(format!(
-                "the positions of its queue {i} cannot be saved yet"
-            ));
+            continue;
         };
         q.next_avail = vq.queue.next_avail();
         q.next_used = vq.queue.next_used();
         q.interrupt_held = vq.moderator.deadline().is_some();
     }
-    Ok(())
 }
 
 impl QueueSetup {
