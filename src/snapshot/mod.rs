@@ -195,6 +195,10 @@ pub struct Summary {
 /// a snapshot is refused).
 pub fn create(src: &Source, lifecycle: &Lifecycle, dir: &Path) -> Result<Summary, SnapshotError> {
     let t0 = Instant::now();
+    // Paused first: nothing below may touch a running VM.
+    let clock_ns = lifecycle
+        .frozen_clock()
+        .map_err(|e| SnapshotError::Unsupported(e.to_string()))?;
     // Devices with work of their own stop it for the whole snapshot (memory included, which their
     // queues' positions must match) and go on after it, written or refused.
     let _quiet = Quiesced::new(&src.pio, &src.mmio);
@@ -212,9 +216,6 @@ pub fn create(src: &Source, lifecycle: &Lifecycle, dir: &Path) -> Result<Summary
             )));
         }
     };
-    let clock_ns = lifecycle
-        .frozen_clock()
-        .map_err(|e| SnapshotError::Unsupported(e.to_string()))?;
     let vcpus = save_vcpus(lifecycle)?;
     let vm = vm::capture(&src.vm, clock_ns).map_err(SnapshotError::Save)?;
     prepare_dir(dir)?;
