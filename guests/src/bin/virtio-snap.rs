@@ -5,17 +5,12 @@
 //! `kit: virtio-snap round R` every `every=N` rounds (default 20) and, at the end, after reading
 //! every sector back once more, `kit: virtio-snap result X` (X depends only on the rounds). A
 //! request the device never completes fails the guest: a restored device that lost its queues'
-//! state shows here. With `irq` every rng completion must also interrupt, through MSI-X vector 0
-//! of the device (LAPIC vector 0x50; a 1 ms LAPIC timer bounds each wait), and the count is
-//! printed (`kit: virtio-snap irqs N`): a restored device whose MSI-X table or GSI route was
-//! lost shows too.
+//! state shows here.
 #![no_std]
 #![no_main]
 
-use core::sync::atomic::{AtomicU64, Ordering};
-
 use kit::println;
-use kit::virtio::{self, r16, r32, w16, w32, w64, Queue};
+use kit::virtio::{self, r32, w32, w64, Queue};
 
 kit::entry!(main);
 
@@ -30,47 +25,6 @@ const SPINS: u64 = 50_000_000;
 const FLUSH: u64 = 1 << 9;
 const SECTORS: u64 = 64;
 const NAME: &str = "virtio-snap";
-const RNG_VECTOR: u8 = 0x50;
-/// Interrupts of the rng queue taken.
-static RNG_IRQS: AtomicU64 = AtomicU64::new(0);
-
-/// `irq`: the rng queue's completions interrupt through MSI-X vector 0 (set before DRIVER_OK).
-fn arm_rng_msix(dev: &virtio::Device) {
-    kit::trap::set_handler(RNG_VECTOR, |_| {
-        RNG_IRQS.fetch_add(1, Ordering::Relaxed);
-        kit::lapic::eoi();
-    });
-    let f = dev.func;
-    let mut cap = 0;
-    f.for_each_cap(0x11, |c| cap = c);
-    if cap == 0 {
-        kit::fail(NAME, format_args!("virtio-rng has no MSI-X capability"));
-    }
-    let t = f.read32(cap + 4);
-    let table = f.bar((t & 7) as u16) + u64::from(t & !7);
-    w32(table, 0xfee0_0000);
-    w32(table + 4, 0);
-    w32(table + 8, u32::from(RNG_VECTOR));
-    w32(table + 12, 0);
-    f.write32(cap, f.read32(cap) | 1 << 31);
-    w16(dev.common + 0x16, 0);
-    w16(dev.common + 0x1a, 0);
-    if r16(dev.common + 0x1a) != 0 {
-        kit::fail(NAME, format_args!("virtio-rng refused MSI-X vector 0"));
-    }
-    kit::lapic::timer_start(1_000_000, true);
-}
-
-/// Waits (timer-bounded halts) for an rng interrupt past `before`.
-fn wait_rng_irq(r: u64, before: u64) {
-    for _ in 0..5000 {
-        if RNG_IRQS.load(Ordering::Relaxed) > before {
-            return;
-        }
-        kit::arch::sti_hlt_cli();
-    }
-    kit::fail(NAME, format_args!("round {r}: no rng interrupt"));
-}
 
 fn parse_arg(cmdline: &str, key: &str) -> Option<u64> {
     cmdline.split_ascii_whitespace().find_map(|w| {
@@ -131,15 +85,11 @@ fn check_sector(q: &mut Queue, sector: u64, r: u64) -> u64 {
     sum
 }
 
-fn round(r: u64, rng: &mut Queue, irq: bool, disk: &mut Option<Queue>) -> u64 {
+fn round(r: u64, rng: &mut Queue, disk: &mut Option<Queue>) -> u64 {
     virtio::zero(RNG_BUF, 64);
-    let before = RNG_IRQS.load(Ordering::Relaxed);
     match rng.submit(&[(RNG_BUF, 64, true)], SPINS) {
         Some((_, 64)) => {}
         x => kit::fail(NAME, format_args!("round {r}: rng request: {x:?}")),
-    }
-    if irq {
-        wait_rng_irq(r, before);
     }
     if (0..16).all(|w| r32(RNG_BUF + 4 * w) == 0) {
         kit::fail(NAME, format_args!("round {r}: no entropy"));
@@ -168,10 +118,6 @@ fn main(boot: &'static kit::BootInfo) -> ! {
     }
     virtio::zero(RNG_QMEM, 0x4000);
     let mut rng = rng_dev.setup_queue(0, 0, RNG_QMEM);
-    let irq = boot.cmdline.split_ascii_whitespace().any(|w| w == "irq");
-    if irq {
-        arm_rng_msix(&rng_dev);
-    }
     rng_dev.driver_ok();
     let mut disk = virtio::find(access, 2).map(|d| {
         if d.negotiate(FLUSH).is_none_or(|f| f & FLUSH == 0) {
@@ -188,7 +134,7 @@ fn main(boot: &'static kit::BootInfo) -> ! {
     );
     let mut acc = 0u64;
     for r in 1..=rounds {
-        acc = acc.rotate_left(7).wrapping_add(round(r, &mut rng, irq, &mut disk));
+        acc = acc.rotate_left(7).wrapping_add(round(r, &mut rng, &mut disk));
         if r % every == 0 {
             println!("kit: virtio-snap round {r}");
         }
@@ -200,7 +146,6 @@ fn main(boot: &'static kit::BootInfo) -> ! {
             acc = acc.rotate_left(1).wrapping_add(check_sector(q, sector_of(r), r));
         }
     }
-    println!("kit: virtio-snap irqs {}", RNG_IRQS.load(Ordering::Relaxed));
     println!("kit: virtio-snap result {acc:#018x}");
     kit::pass(NAME);
     kit::poweroff()
