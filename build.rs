@@ -30,6 +30,7 @@ const GUESTS: &[&str] = &[
     "blk-flush",
     "compute",
     "power-button",
+    "virtio-snap",
 ];
 
 fn main() {

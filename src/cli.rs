@@ -148,9 +148,71 @@ pub struct RestoreArgs {
     /// Where snapshots of the restored VM may be written (as for `exitless run`).
     #[arg(long, value_name = "DIR")]
     pub snapshot_dir: Option<PathBuf>,
+    /// The image for the snapshot's disks, in order (repeat for the next), instead of the path
+    /// they had: a clone's own copy (the same size; a disk written by two VMs is corrupted).
+    #[arg(long = "disk-image", value_name = "PATH")]
+    pub disk_images: Vec<PathBuf>,
+    /// The tap for the snapshot's network devices, in order (repeat for the next), instead of
+    /// the one they had: a clone next to its original needs its own.
+    #[arg(long = "net-tap", value_name = "NAME")]
+    pub net_taps: Vec<String>,
+    /// The MAC address the snapshot's network devices report, in order, instead of theirs
+    /// (a running guest's driver keeps the one it read when it probed the device).
+    #[arg(long = "net-mac", value_name = "MAC")]
+    pub net_macs: Vec<String>,
+    /// The vsock device's CID instead of the snapshot's (the guest reads it again when the
+    /// restored device resets its transport).
+    #[arg(long, value_name = "CID")]
+    pub vsock_cid: Option<u64>,
+    /// The vsock device's host socket instead of the snapshot's: a clone next to its original
+    /// cannot listen where the original does.
+    #[arg(long, value_name = "PATH")]
+    pub vsock_socket: Option<PathBuf>,
 }
 
 impl RestoreArgs {
+    /// The snapshot's devices with this restore's overrides.
+    fn devices(
+        &self,
+        saved: &crate::devices::virtio::config::VirtioConfig,
+    ) -> Result<crate::devices::virtio::config::VirtioConfig, String> {
+        let mut v = saved.clone();
+        let too_many = |opt: &str, n: usize, what: &str, have: usize| {
+            format!("{opt} given {n} times; the snapshot has {have} {what}")
+        };
+        if self.disk_images.len() > v.disks.len() {
+            let n = self.disk_images.len();
+            return Err(too_many("--disk-image", n, "disk(s)", v.disks.len()));
+        }
+        for (d, p) in v.disks.iter_mut().zip(&self.disk_images) {
+            d.path = absolute(p);
+        }
+        for (opt, n) in [
+            ("--net-tap", self.net_taps.len()),
+            ("--net-mac", self.net_macs.len()),
+        ] {
+            if n > v.nets.len() {
+                return Err(too_many(opt, n, "network device(s)", v.nets.len()));
+            }
+        }
+        for (d, t) in v.nets.iter_mut().zip(&self.net_taps) {
+            d.tap.clone_from(t);
+        }
+        for (d, m) in v.nets.iter_mut().zip(&self.net_macs) {
+            d.mac = crate::devices::virtio::config::parse_mac(m)?;
+        }
+        if self.vsock_cid.is_some() || self.vsock_socket.is_some() {
+            let Some(vs) = v.vsock.as_mut() else {
+                return Err("--vsock-cid/--vsock-socket: the snapshot has no vsock device".into());
+            };
+            vs.cid = self.vsock_cid.unwrap_or(vs.cid);
+            if let Some(p) = &self.vsock_socket {
+                vs.socket = absolute(p);
+            }
+        }
+        Ok(v)
+    }
+
     /// The configuration of the VM a snapshot's machine describes, run as these options say.
     pub fn to_config(&self, m: &crate::snapshot::Machine) -> Result<VmConfig, String> {
         use crate::arch::x86_64::nested::NestedMode;
@@ -182,7 +244,7 @@ impl RestoreArgs {
             console_buffer: 1 << 20,
             unpack_bzimage: true,
             sample_rips: false,
-            virtio: Default::default(),
+            virtio: self.devices(&m.virtio)?,
             api_socket: self.api_socket.clone(),
             nested: if m.nested.is_some() {
                 NestedMode::On
@@ -557,6 +619,57 @@ mod tests {
             Command::Run(r) => r,
             _ => unreachable!(),
         })
+    }
+
+    #[test]
+    fn a_restore_takes_the_snapshot_s_devices_with_its_overrides() {
+        let restore = |args: &[&str]| {
+            let mut v = vec!["exitless", "restore", "--snapshot", "/s"];
+            v.extend_from_slice(args);
+            match Cli::try_parse_from(v).unwrap().command {
+                Command::Restore(r) => r,
+                _ => unreachable!(),
+            }
+        };
+        let run = run_args(&["--disk", "path=/a.img", "--net", "tap=tap0", "--rng"]).unwrap();
+        let mut m = crate::snapshot::Machine {
+            guest: "kit:demo".into(),
+            mem_bytes: 64 << 20,
+            cpus: 1,
+            nested: None,
+            debug_exit: true,
+            probe: true,
+            cmdline: String::new(),
+            virtio: run.to_config("").unwrap().virtio,
+        };
+        let same = restore(&[]).to_config(&m).unwrap().virtio;
+        assert_eq!(same, m.virtio, "the snapshot's devices");
+        let c = restore(&["--disk-image", "/b.img", "--net-tap", "tap9"])
+            .to_config(&m)
+            .unwrap();
+        assert_eq!(c.virtio.disks[0].path, PathBuf::from("/b.img"));
+        assert_eq!(c.virtio.nets[0].tap, "tap9");
+        assert!(c.virtio.rng);
+        let e = restore(&["--net-tap", "a", "--net-tap", "b"])
+            .to_config(&m)
+            .unwrap_err();
+        assert!(e.contains("--net-tap given 2 times"), "{e}");
+        m.virtio.disks.clear();
+        assert!(restore(&["--disk-image", "/b.img"]).to_config(&m).is_err());
+        assert!(restore(&["--net-mac", "zz"]).to_config(&m).is_err());
+        assert!(
+            restore(&["--vsock-cid", "9"]).to_config(&m).is_err(),
+            "no vsock"
+        );
+        m.virtio.vsock = Some(crate::devices::virtio::config::VsockConfig {
+            cid: 3,
+            socket: "/v.sock".into(),
+        });
+        let c = restore(&["--vsock-cid", "9", "--vsock-socket", "/w.sock"])
+            .to_config(&m)
+            .unwrap();
+        let v = c.virtio.vsock.unwrap();
+        assert_eq!((v.cid, v.socket), (9, PathBuf::from("/w.sock")));
     }
 
     #[test]

@@ -639,6 +639,47 @@ pub fn snapshot(data: &[u8]) {
     }
 }
 
+/// A saved virtio-rng or virtio-balloon state restored into a fresh device over 8 MiB of guest
+/// memory (the checks of `transport`'s snapshot module, the queues made from it; no worker is
+/// started): one that is taken must save again, and its registers are read. True if taken.
+fn restore_virtio(key: &str, state: &serde_json::Value) -> bool {
+    use crate::devices::virtio::{balloon, config, irq, queue, rng, transport, VirtioDevice};
+    use crate::devices::BusDevice;
+    // `NAME@BASE`: BAR 0 where the saved one was (a BAR never moves).
+    let (name, base) = key.split_once('@').unwrap_or((key, ""));
+    let Some(bar) = u64::from_str_radix(base.trim_start_matches("0x"), 16)
+        .ok()
+        .filter(|b| (0xc000_0000..0xe000_0000).contains(b) && b % transport::BAR_SIZE == 0)
+    else {
+        return false;
+    };
+    let mem = guest_memory(8 << 20);
+    let dev: Box<dyn VirtioDevice> = match name {
+        "virtio-rng" => Box::new(rng::Rng::new()),
+        _ => match balloon::Balloon::new(&config::BalloonConfig::default(), &mem) {
+            Ok(b) => Box::new(b),
+            Err(_) => return false,
+        },
+    };
+    let Ok(mut t) = transport::VirtioPci::new(
+        dev,
+        bar,
+        mem,
+        Arc::new(queue::Identity),
+        Arc::new(irq::NoRoutes::default()),
+    ) else {
+        return false;
+    };
+    if t.restore_state(state).is_err() {
+        return false;
+    }
+    t.save_state().expect("a restored device saves again");
+    for offset in (0..0x38).step_by(2) {
+        t.read(offset, &mut [0u8; 2]);
+    }
+    true
+}
+
 /// Every saved state whose name is a legacy device's, restored into a fresh one; each device
 /// that took its state is then read and written at every offset of its range.
 fn restore_legacy(d: &crate::snapshot::DeviceStates) {
@@ -661,6 +702,10 @@ fn restore_legacy(d: &crate::snapshot::DeviceStates) {
             "reset" => (Box::new(pm::ResetControl::new(end.clone())), 1),
             "debug-exit" => (Box::new(debug_exit::DebugExit::new(end.clone())), 4),
             "probe" => (Box::new(probe::Probe::pio(Arc::default())), 8),
+            "virtio-rng" | "virtio-balloon" => {
+                let _ = restore_virtio(key, state);
+                continue;
+            }
             _ => continue,
         };
         if dev.restore_state(state).is_err() {
@@ -706,5 +751,31 @@ mod tests {
             }
             assert!(n >= 3, "{n} seeds in {}", dir.display());
         }
+    }
+
+    /// The seeds of virtio states (from a snapshot of the virtio-snap guest, with --rng and
+    /// --balloon): the real one is taken by both devices, the one with a damaged rng queue is
+    /// refused for the rng only.
+    #[test]
+    fn virtio_state_seeds_are_taken_or_refused() {
+        let seed = |name: &str| {
+            let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("fuzz/corpus/snapshot")
+                .join(name);
+            let d: crate::snapshot::DeviceStates =
+                serde_json::from_slice(&std::fs::read(p).unwrap()[1..]).unwrap();
+            d.mmio
+        };
+        let (rng, balloon) = ("virtio-rng@0xc0000000", "virtio-balloon@0xc0008000");
+        let good = seed("virtio_devices");
+        assert_eq!(good[rng]["active"], true);
+        assert!(super::restore_virtio(rng, &good[rng]));
+        assert!(super::restore_virtio(balloon, &good[balloon]));
+        assert!(
+            !super::restore_virtio("virtio-rng@0xc0008000", &good[rng]),
+            "BAR moved"
+        );
+        let bad = seed("virtio_garbage_queue");
+        assert!(!super::restore_virtio(rng, &bad[rng]));
     }
 }

@@ -38,6 +38,7 @@ pub const GUESTS: &[(&str, &[u8])] = &[
     guest!("blk-flush"),
     guest!("compute"),
     guest!("power-button"),
+    guest!("virtio-snap"),
 ];
 
 /// The guest booted when no kernel is given.

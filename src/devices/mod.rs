@@ -46,6 +46,11 @@ pub type VmEndSender = mpsc::Sender<VmEnd>;
 /// [`BusDevice::restore_state`] takes it back in a new device of the same kind. The default is
 /// "cannot be saved": a device that has not said what its state is blocks the snapshot, naming
 /// itself, rather than restoring wrong.
+///
+/// A device with work of its own (a virtio device's worker thread) is [`BusDevice::quiesce`]d
+/// before its state is read and [`BusDevice::resume`]d once the snapshot is written; a restored
+/// one is resumed once the whole VM's state is set, so that nothing it does (an interrupt) lands
+/// before the irqchip's saved state.
 pub trait BusDevice: Send {
     fn read(&mut self, offset: u64, data: &mut [u8]);
     fn write(&mut self, offset: u64, data: &[u8]);
@@ -55,6 +60,10 @@ pub trait BusDevice: Send {
     fn restore_state(&mut self, _state: &serde_json::Value) -> Result<(), String> {
         Err("its state cannot be restored yet".into())
     }
+    /// Stops the device's own work, with nothing half-done (the VM is paused).
+    fn quiesce(&mut self) {}
+    /// Goes on after [`BusDevice::quiesce`] or a restore.
+    fn resume(&mut self) {}
 }
 
 /// A device state as JSON (devices' `save_state`).
@@ -216,6 +225,20 @@ impl Bus {
                 .map_err(|e| format!("device {k}: {e}"))?;
         }
         Ok(())
+    }
+
+    /// Quiesces every device (see [`BusDevice::quiesce`]).
+    pub fn quiesce(&self) {
+        for s in &self.slots {
+            s.dev.lock().unwrap_or_else(|p| p.into_inner()).quiesce();
+        }
+    }
+
+    /// Resumes every device (see [`BusDevice::resume`]).
+    pub fn resume(&self) {
+        for s in &self.slots {
+            s.dev.lock().unwrap_or_else(|p| p.into_inner()).resume();
+        }
     }
 
     /// The devices, for diagnostics: (name, base, len).

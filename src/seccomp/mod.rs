@@ -468,6 +468,11 @@ fn api() -> Rules {
             SYS_epoll_ctl,
             // The shutdown's wake-up connects to the socket itself.
             SYS_connect,
+            // A snapshot stops the device workers and starts them again (their eventfds, epoll
+            // and timer, as at activation).
+            SYS_eventfd2,
+            SYS_epoll_create1,
+            SYS_timerfd_create,
             // A snapshot.
             SYS_mkdir,
             SYS_mkdirat,

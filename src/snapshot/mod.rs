@@ -13,13 +13,25 @@
 //! `state.json` is written last, so a directory with one holds a whole snapshot; neither file is
 //! ever overwritten (a VM restored from a snapshot maps its memory file).
 //!
+//! **Devices with work of their own.** The virtio devices' workers are quiesced for the whole
+//! snapshot ([`crate::devices::Bus::quiesce`], and resumed after it, written or refused): each
+//! worker stops between batches, after every request it took is completed in the used ring (a
+//! block request's I/O done, a flush's `fdatasync` returned), and leaves its handler parked, so
+//! a device's queue positions and guest memory agree; requests the driver made available but
+//! the device had not taken are taken by the restored device. A restored VM's devices are
+//! resumed only once every state is set (irqchip included), so an interrupt they raise lands.
+//!
 //! **What is refused, and when.** A snapshot needs a paused VM (the lifecycle says so otherwise)
-//! and devices that can all be saved: a device that cannot (today: the PCI/virtio devices) is
-//! named and nothing is written, so no snapshot can restore wrong. A restore refuses, before
+//! and devices that can all be saved: a device that cannot (the IOMMU, a disk with
+//! `swap-mapper=on`) is named with its reason and nothing is written, so no snapshot can restore
+//! wrong. vsock connections do not survive: a restored vsock device resets the guest's
+//! transport. A restore refuses, before
 //! anything runs: a file that is not a snapshot, another format version, any section whose
 //! checksum does not match, a memory file of the wrong length (and, with `--verify-memory`, of
-//! the wrong content), and a snapshot from another host (CPU vendor or model, or KVM flavour:
-//! saved CPU state is only valid on the CPU it came from).
+//! the wrong content), a snapshot from another host (CPU vendor or model, or KVM flavour:
+//! saved CPU state is only valid on the CPU it came from), and a device state that does not fit
+//! its device (see `devices::virtio::transport`'s snapshot module: queues outside RAM, sizes
+//! that are not powers of two, features the device does not offer, a disk of another size).
 //!
 //! Owns the snapshot's files. It may read a paused VM's state through [`Source`] (the vCPUs'
 //! through the lifecycle's `Save` message, answered on each vCPU's thread) and touches nothing
@@ -141,6 +153,10 @@ pub struct Machine {
     pub debug_exit: bool,
     pub probe: bool,
     pub cmdline: String,
+    /// The PCI/virtio devices, as configured (a restore opens them again: the same images, taps
+    /// and sockets, unless its options override them).
+    #[serde(default)]
+    pub virtio: crate::devices::virtio::config::VirtioConfig,
 }
 
 /// Every device's state, by bus and slot.
@@ -179,6 +195,13 @@ pub struct Summary {
 /// a snapshot is refused).
 pub fn create(src: &Source, lifecycle: &Lifecycle, dir: &Path) -> Result<Summary, SnapshotError> {
     let t0 = Instant::now();
+    // Paused first: nothing below may touch a running VM.
+    let clock_ns = lifecycle
+        .frozen_clock()
+        .map_err(|e| SnapshotError::Unsupported(e.to_string()))?;
+    // Devices with work of their own stop it for the whole snapshot (memory included, which their
+    // queues' positions must match) and go on after it, written or refused.
+    let _quiet = Quiesced::new(&src.pio, &src.mmio);
     let devices = match (src.pio.save_states(), src.mmio.save_states()) {
         (Ok(pio), Ok(mmio)) => DeviceStates { pio, mmio },
         (pio, mmio) => {
@@ -193,9 +216,6 @@ pub fn create(src: &Source, lifecycle: &Lifecycle, dir: &Path) -> Result<Summary
             )));
         }
     };
-    let clock_ns = lifecycle
-        .frozen_clock()
-        .map_err(|e| SnapshotError::Unsupported(e.to_string()))?;
     let vcpus = save_vcpus(lifecycle)?;
     let vm = vm::capture(&src.vm, clock_ns).map_err(SnapshotError::Save)?;
     prepare_dir(dir)?;
@@ -217,6 +237,25 @@ pub fn create(src: &Source, lifecycle: &Lifecycle, dir: &Path) -> Result<Summary
         memory_data_bytes: mem.data_bytes,
         ms: t0.elapsed().as_secs_f64() * 1e3,
     })
+}
+
+/// The buses' devices quiesced while this lives (see [`crate::devices::BusDevice::quiesce`]).
+struct Quiesced<'a>([&'a Bus; 2]);
+
+impl<'a> Quiesced<'a> {
+    fn new(pio: &'a Bus, mmio: &'a Bus) -> Self {
+        pio.quiesce();
+        mmio.quiesce();
+        Quiesced([pio, mmio])
+    }
+}
+
+impl Drop for Quiesced<'_> {
+    fn drop(&mut self) {
+        for b in self.0 {
+            b.resume();
+        }
+    }
 }
 
 /// Every vCPU's state, read on its own thread.
@@ -331,4 +370,14 @@ impl Sections {
 #[doc(hidden)]
 pub fn rewrite_host_for_tests(dir: &Path, host: &HostIdentity) -> Result<(), SnapshotError> {
     format::rewrite_section(dir, "host", host)
+}
+
+/// Rewrites the `devices` section of the snapshot in `dir` (tests: a snapshot with a damaged
+/// device state and valid checksums).
+#[doc(hidden)]
+pub fn rewrite_devices_for_tests(
+    dir: &Path,
+    devices: &serde_json::Value,
+) -> Result<(), SnapshotError> {
+    format::rewrite_section(dir, "devices", devices)
 }

@@ -571,7 +571,12 @@ fn restore_state(
         crate::snapshot::vcpu::apply(v.fd(), state)
             .map_err(|e| fail(&format!("vCPU {}", v.id), e))?;
     }
-    crate::snapshot::vm::apply(vm, &s.vm).map_err(|e| fail("the VM", e))
+    crate::snapshot::vm::apply(vm, &s.vm).map_err(|e| fail("the VM", e))?;
+    // Only now may restored devices run (a worker's first interrupt must land in the restored
+    // irqchip, not be overwritten by it).
+    pio.resume();
+    mmio.resume();
+    Ok(())
 }
 
 /// The boot vCPU's registers, segments and FPU for the kernel's entry.

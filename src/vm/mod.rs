@@ -440,6 +440,7 @@ fn machine(
         debug_exit: cfg.debug_exit,
         probe: cfg.probe,
         cmdline: cfg.cmdline.clone(),
+        virtio: cfg.virtio.clone(),
     }
 }
 

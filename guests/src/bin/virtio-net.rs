@@ -6,7 +6,8 @@
 //! `kit: virtio-net mac=... host-mac=... ping-reply ...` and `kit: PASS virtio-net`.
 //!
 //! Addresses: the guest is 192.168.127.2, the host 192.168.127.1 (`guest=A.B.C.D` and
-//! `host=A.B.C.D` on the command line change them).
+//! `host=A.B.C.D` on the command line change them). `pings=N` (default 1) pings N times,
+//! `delay_us=D` apart, printing `kit: virtio-net ping P` every 10th.
 #![no_std]
 #![no_main]
 
@@ -179,6 +180,19 @@ impl Net {
     }
 
     /// Waits for one received frame, looks at it, and gives its buffer back.
+    /// Pings the host (up to three tries); the reply's length.
+    fn echo(&mut self, host_mac: [u8; 6]) -> Option<usize> {
+        for _ in 0..3 {
+            self.ping(host_mac);
+            while let Some(g) = self.receive() {
+                if let Got::EchoReply(n) = g {
+                    return Some(n);
+                }
+            }
+        }
+        None
+    }
+
     fn receive(&mut self) -> Option<Got> {
         let (id, len) = self.rx.wait(WAIT_SPINS)?;
         self.received += 1;
@@ -257,11 +271,16 @@ impl Net {
 fn main(boot: &'static kit::BootInfo) -> ! {
     let mut ip = [192, 168, 127, 2];
     let mut host_ip = [192, 168, 127, 1];
+    let (mut pings, mut delay_us) = (1u64, 0u64);
     for w in boot.cmdline.split_whitespace() {
         if let Some(v) = w.strip_prefix("guest=").and_then(parse_ip) {
             ip = v;
         } else if let Some(v) = w.strip_prefix("host=").and_then(parse_ip) {
             host_ip = v;
+        } else if let Some(v) = w.strip_prefix("pings=").and_then(|v| v.parse().ok()) {
+            pings = v;
+        } else if let Some(v) = w.strip_prefix("delay_us=").and_then(|v| v.parse().ok()) {
+            delay_us = v;
         }
     }
     let access = kit::pci::access(boot.rsdp_hint);
@@ -334,17 +353,7 @@ fn main(boot: &'static kit::BootInfo) -> ! {
             ),
         );
     };
-    let mut reply = None;
-    'ping: for _ in 0..3 {
-        net.ping(host_mac);
-        while let Some(g) = net.receive() {
-            if let Got::EchoReply(n) = g {
-                reply = Some(n);
-                break 'ping;
-            }
-        }
-    }
-    let Some(n) = reply else {
+    let Some(n) = net.echo(host_mac) else {
         kit::fail(
             NAME,
             format_args!(
@@ -353,6 +362,17 @@ fn main(boot: &'static kit::BootInfo) -> ! {
             ),
         );
     };
+    // More pings (`pings=N`, `delay_us=D` apart): a guest that keeps using its network, for a
+    // snapshot taken meanwhile.
+    for p in 2..=pings {
+        if net.echo(host_mac).is_none() {
+            kit::fail(NAME, format_args!("no echo reply to ping {p}"));
+        }
+        if p % 10 == 0 {
+            println!("kit: virtio-net ping {p}");
+        }
+        kit::lapic::delay_ns(delay_us * 1000);
+    }
     println!(
         "kit: virtio-net mac={} host-mac={} arp-reply ok ping-reply bytes={n} sent={} received={}",
         Mac(mac),

@@ -7,7 +7,8 @@
 //!    for no connection (each must be answered with RST).
 //!
 //! Prints `kit: vsock host->guest ...`, `kit: vsock guest->host ...`, `kit: vsock hostile ...`,
-//! then PASS.
+//! then PASS. With `wait-reset` on the command line it only waits for a transport reset (see
+//! [`wait_reset`]).
 #![no_std]
 #![no_main]
 
@@ -170,6 +171,34 @@ impl Vsock {
     }
 }
 
+/// `wait-reset` on the command line: gives the device one event buffer and waits (printing
+/// `kit: virtio-vsock waiting N` every 100 ms) for VIRTIO_VSOCK_EVENT_TRANSPORT_RESET, which a
+/// device restored from a snapshot sends; then reads the CID again, prints
+/// `kit: virtio-vsock transport reset cid=N` and passes. Fails after 120 s.
+fn wait_reset(mut ev: Queue, config: u64) -> ! {
+    const EVBUF: u64 = 0x5f_0000;
+    w32(EVBUF, 0xffff_ffff);
+    ev.write_desc(0, EVBUF, 4, DESC_F_WRITE, 0);
+    ev.publish(0);
+    for n in 0..1200u32 {
+        if let Some((id, len)) = ev.wait(1) {
+            if (id, len, r32(EVBUF)) != (0, 4, 0) {
+                kit::fail(
+                    NAME,
+                    format_args!("event id={id} len={len} value={:#x}", r32(EVBUF)),
+                );
+            }
+            let cid = r32(config) as u64 | ((r32(config + 4) as u64) << 32);
+            println!("kit: virtio-vsock transport reset cid={cid}");
+            kit::pass(NAME);
+            kit::poweroff()
+        }
+        println!("kit: virtio-vsock waiting {n}");
+        kit::lapic::delay_ns(100_000_000);
+    }
+    kit::fail(NAME, format_args!("no transport reset in 120 s"));
+}
+
 fn main(boot: &'static kit::BootInfo) -> ! {
     let access = kit::pci::access(boot.rsdp_hint);
     let Some(dev) = virtio::find(access, 19) else {
@@ -186,10 +215,13 @@ fn main(boot: &'static kit::BootInfo) -> ! {
     virtio::zero(EVQ, 0x3000);
     let mut rx = dev.setup_queue(0, 0, RXQ);
     let tx = dev.setup_queue(1, 0, TXQ);
-    let _ev = dev.setup_queue(2, 0, EVQ);
+    let ev = dev.setup_queue(2, 0, EVQ);
     dev.driver_ok();
     let cid = r32(dev.config) as u64 | ((r32(dev.config + 4) as u64) << 32);
     println!("kit: virtio-vsock cid={cid} rx queue={}", rx.size);
+    if boot.cmdline.split_whitespace().any(|w| w == "wait-reset") {
+        wait_reset(ev, dev.config);
+    }
     for i in 0..RXBUFS {
         rx.write_desc(
             i,

@@ -659,6 +659,11 @@ impl BusDevice for IommuMmio {
     fn write(&mut self, offset: u64, data: &[u8]) {
         self.iommu.write_reg(self.first + offset, data)
     }
+    /// Refused, saying why: the registers, the invalidation queue's position and the devices'
+    /// view through the translation tables are not saved, so a restore would translate wrong.
+    fn save_state(&self) -> Result<serde_json::Value, String> {
+        Err("the emulated VT-d's registers and invalidation queue cannot be saved yet".into())
+    }
 }
 
 /// One device's view of the IOMMU: its requester ID (bus 0, its slot) is the translation's source.

@@ -151,6 +151,39 @@ impl PciConfig {
         }
     }
 
+    /// The registers a snapshot keeps: the first 256 bytes (the header and the capabilities,
+    /// where every guest-writable bit lies) as dwords.
+    pub fn save(&self) -> Vec<u32> {
+        self.regs[..LEGACY_CONFIG_SIZE / 4].to_vec()
+    }
+
+    /// Takes back saved registers: only the bits the guest may write are taken (the rest is the
+    /// device's, as built), and a BAR must hold its assigned address or its sizing pattern (BARs
+    /// never move).
+    pub fn restore(&mut self, saved: &[u32]) -> Result<(), String> {
+        if saved.len() != LEGACY_CONFIG_SIZE / 4 {
+            return Err(format!(
+                "{} configuration dwords saved, not {}",
+                saved.len(),
+                LEGACY_CONFIG_SIZE / 4
+            ));
+        }
+        for (n, &size) in self.bar_sizes.iter().enumerate() {
+            let v = saved[PCI_BAR0 / 4 + n];
+            if size != 0 && u64::from(v) != self.bar_addrs[n] && v != !(size as u32 - 1) {
+                return Err(format!(
+                    "BAR{n} saved as {v:#x}; the device's is at {:#x}",
+                    self.bar_addrs[n]
+                ));
+            }
+        }
+        for (i, &v) in saved.iter().enumerate() {
+            let w = self.writable[i];
+            self.regs[i] = (self.regs[i] & !w) | (v & w);
+        }
+        Ok(())
+    }
+
     /// A guest write of `data` at `off`, through the writable masks. BARs may be sized but not moved.
     pub fn write(&mut self, off: usize, data: &[u8]) {
         if off + data.len() > CONFIG_SPACE_SIZE || data.is_empty() {
@@ -283,6 +316,14 @@ impl BusDevice for ConfigAddress {
             data.fill(0xff);
         }
     }
+    fn save_state(&self) -> Result<serde_json::Value, String> {
+        super::state_json(&self.0.load(Ordering::Relaxed))
+    }
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        let a: u32 = super::state_from(state)?;
+        self.0.store(a & 0x80ff_fffc, Ordering::Relaxed);
+        Ok(())
+    }
     fn write(&mut self, offset: u64, data: &[u8]) {
         // Only dword accesses address configuration space (byte writes to 0xcf8/0xcfb are other,
         // legacy, uses that we ignore).
@@ -313,7 +354,16 @@ impl ConfigData {
     }
 }
 
+/// The data port and ECAM hold no state (the address is `ConfigAddress`'s; each function's
+/// registers are saved by its device). The host bridge's few writable registers (command, cache
+/// line, interrupt line) are not saved: no driver binds to it.
 impl BusDevice for ConfigData {
+    fn save_state(&self) -> Result<serde_json::Value, String> {
+        Ok(serde_json::Value::Null)
+    }
+    fn restore_state(&mut self, _state: &serde_json::Value) -> Result<(), String> {
+        Ok(())
+    }
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         match self.target(offset) {
             Some((b, d, f, off)) if off % 4 + data.len() <= 4 => self.root.read(b, d, f, off, data),
@@ -342,6 +392,12 @@ fn ecam_decode(offset: u64) -> (u8, u8, u8, usize) {
 }
 
 impl BusDevice for Ecam {
+    fn save_state(&self) -> Result<serde_json::Value, String> {
+        Ok(serde_json::Value::Null)
+    }
+    fn restore_state(&mut self, _state: &serde_json::Value) -> Result<(), String> {
+        Ok(())
+    }
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let (b, d, f, off) = ecam_decode(offset);
         if off % 4 + data.len() <= 4 {
@@ -425,6 +481,27 @@ mod tests {
         assert_eq!(c.byte(a + 3), 0xc0);
         c.write(b + 2, &[0xff]);
         assert_eq!(c.byte(b + 2), 4);
+    }
+
+    #[test]
+    fn saved_registers_come_back_through_the_writable_masks_and_bars_stay() {
+        let mut c = cfg();
+        c.set_bar(0, 0xc000_0000, 0x8000);
+        c.write(PCI_COMMAND, &0x0406u16.to_le_bytes());
+        c.write(0x3c, &[11]);
+        let saved = c.save();
+        let mut d = cfg();
+        d.set_bar(0, 0xc000_0000, 0x8000);
+        let mut garbage = saved.clone();
+        garbage[0] = 0xdead_beef;
+        d.restore(&garbage).unwrap();
+        assert_eq!(rd32(&d, 0), 0x1042_1af4, "read-only: the device's own");
+        assert_eq!(rd32(&d, PCI_COMMAND) & 0xffff, 0x0406);
+        assert_eq!(d.byte(0x3c), 11);
+        let mut moved = saved.clone();
+        moved[PCI_BAR0 / 4] = 0xd000_0000;
+        assert!(d.restore(&moved).unwrap_err().contains("BAR0"));
+        assert!(d.restore(&saved[..10]).is_err());
     }
 
     #[test]

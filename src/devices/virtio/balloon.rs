@@ -203,6 +203,29 @@ impl VirtioDevice for Balloon {
         self.actual = u32::from_le_bytes(a);
         self.stats.set_extra("actual_pages", u64::from(self.actual));
     }
+    /// The target and `actual` (the pages given back are holes in the snapshot's memory file,
+    /// as they are in guest RAM).
+    fn save_state(&self) -> Result<serde_json::Value, String> {
+        crate::devices::state_json(&BalloonSaved {
+            target_pages: self.target_pages,
+            actual: self.actual,
+        })
+    }
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        let s: BalloonSaved = crate::devices::state_from(state)?;
+        if u64::from(s.target_pages) * PAGE > self.ram {
+            return Err(format!(
+                "balloon target of {} pages is larger than guest memory",
+                s.target_pages
+            ));
+        }
+        self.target_pages = s.target_pages;
+        self.actual = s.actual;
+        self.stats
+            .set_extra("target_pages", u64::from(s.target_pages));
+        self.stats.set_extra("actual_pages", u64::from(s.actual));
+        Ok(())
+    }
     fn activate(&mut self, a: Activation) -> Result<Box<dyn QueueHandler>, String> {
         Ok(Box::new(BalloonHandler::new(&self.cfg, a)?))
     }
@@ -344,6 +367,19 @@ impl<'a> Runs<'a> {
         self.flush();
         self.out
     }
+}
+
+/// What a snapshot keeps of the balloon's configuration.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct BalloonSaved {
+    target_pages: u32,
+    actual: u32,
+}
+
+/// What a snapshot keeps of a parked handler: the statistics buffer it holds.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct HandlerSaved {
+    held_stats: Option<u16>,
 }
 
 /// A device's work: the queues by role, the held statistics buffer and the polling timer.
@@ -616,6 +652,32 @@ fn pop_report(vq: &mut Vq) -> Option<(u16, Result<Chain, ChainError>)> {
 }
 
 impl QueueHandler for BalloonHandler {
+    fn queues(&self) -> Vec<&Vq> {
+        self.queues.iter().map(|(_, q)| q).collect()
+    }
+    fn save(&self) -> Result<serde_json::Value, String> {
+        crate::devices::state_json(&HandlerSaved {
+            held_stats: self.held_stats,
+        })
+    }
+    /// The held statistics buffer must be a descriptor of the statistics queue.
+    fn restore(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        let s: HandlerSaved = crate::devices::state_from(state)?;
+        if let Some(head) = s.held_stats {
+            let size = self
+                .queues
+                .iter()
+                .find(|(r, _)| *r == Role::Stats)
+                .map(|(_, q)| q.queue.size());
+            if size.is_none_or(|n| head >= n) {
+                return Err(format!(
+                    "held statistics buffer {head} is not in the statistics queue"
+                ));
+            }
+        }
+        self.held_stats = s.held_stats;
+        Ok(())
+    }
     fn process(&mut self, q: usize) -> Result<(), String> {
         if q >= self.queues.len() {
             return Ok(());
@@ -803,6 +865,31 @@ mod tests {
         assert_eq!((r.in_ram, r.outside), (0, 0x2000));
         let r = release_range(&mem, 0x40000, 0x1000, false);
         assert_eq!((r.in_ram, r.outside, r.madvise_calls), (0, 0x1000, 0));
+    }
+
+    #[test]
+    fn target_actual_and_the_held_stats_buffer_are_saved_and_restored() {
+        let mem = memory();
+        let mut dq = DriverQueue::new(8);
+        let (mut b, mut h) = handler(&mem, 1 << F_STATS_VQ, 2, &dq);
+        b.write_config(4, &7u32.to_le_bytes());
+        assert_eq!(b.balloon_target(128 << 10), Some(Ok(32)));
+        dq.add(&mem, &[(0x8000, 10, false)]);
+        h.process(2).unwrap();
+        let (dev, held) = (b.save_state().unwrap(), h.save().unwrap());
+        assert_eq!(held["held_stats"], 0, "{held}");
+        let (mut c, mut g) = handler(&mem, 1 << F_STATS_VQ, 2, &dq);
+        c.restore_state(&dev).unwrap();
+        g.restore(&held).unwrap();
+        let mut cfg = [0u8; 8];
+        c.read_config(0, &mut cfg);
+        assert_eq!(cfg, [32, 0, 0, 0, 7, 0, 0, 0]);
+        // The restored handler returns the buffer the first one held.
+        g.request_stats();
+        assert_eq!(dq.used(&mem, 0), (1, 0, 0));
+        assert!(g.restore(&serde_json::json!({"held_stats": 8})).is_err());
+        let too_big = serde_json::json!({"target_pages": 1 << 30, "actual": 0});
+        assert!(c.restore_state(&too_big).unwrap_err().contains("larger"));
     }
 
     #[test]

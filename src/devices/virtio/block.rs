@@ -211,6 +211,35 @@ impl VirtioDevice for Block {
             *b = c.get(offset as usize + i).copied().unwrap_or(0);
         }
     }
+    /// What the guest was told of the image: a restore opens the same path and refuses an image
+    /// that changed size (or mode). The data is the image's: it is not in the snapshot.
+    fn save_state(&self) -> Result<serde_json::Value, String> {
+        if self.mapper_setup.image.is_some() {
+            return Err(
+                "swap-mapper=on: the image pages it mapped into guest RAM are not saved".into(),
+            );
+        }
+        crate::devices::state_json(&BlockSaved {
+            sectors: self.sectors,
+            readonly: self.readonly,
+            blk_size: self.blk_size(),
+        })
+    }
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        let s: BlockSaved = crate::devices::state_from(state)?;
+        let here = BlockSaved {
+            sectors: self.sectors,
+            readonly: self.readonly,
+            blk_size: self.blk_size(),
+        };
+        if s != here {
+            return Err(format!(
+                "the disk image was {s:?} when the snapshot was taken and is {here:?} now \
+                 (the guest's view of a disk cannot change under it)"
+            ));
+        }
+        Ok(())
+    }
     fn activate(&mut self, a: Activation) -> Result<Box<dyn QueueHandler>, String> {
         let mut vq = a.queues.into_iter().next().ok_or("no request queue")?;
         vq.moderator = Moderator::new(self.coalesce);
@@ -230,6 +259,14 @@ impl VirtioDevice for Block {
     fn stats(&self) -> Arc<DeviceStats> {
         self.stats.clone()
     }
+}
+
+/// What a snapshot keeps of a disk (its `save_state`).
+#[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct BlockSaved {
+    sectors: u64,
+    readonly: bool,
+    blk_size: u64,
 }
 
 pub struct BlockHandler {
@@ -633,6 +670,10 @@ fn run_bytes(run: &[Rw]) -> u64 {
 }
 
 impl QueueHandler for BlockHandler {
+    fn queues(&self) -> Vec<&Vq> {
+        vec![&self.vq]
+    }
+
     /// Serves every available request, with one interrupt decision per batch of up to `BATCH`
     /// (not per request), then re-enables notifications and goes on if more arrived meanwhile.
     fn process(&mut self, _q: usize) -> Result<(), String> {

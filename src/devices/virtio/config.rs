@@ -8,7 +8,10 @@ use std::path::PathBuf;
 
 pub use super::moderation::Coalesce;
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Serialized into a snapshot's `machine` section (what a restore builds; the IOMMU is not:
+/// a VM with one cannot be snapshotted).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct VirtioConfig {
     pub disks: Vec<DiskConfig>,
     pub rng: bool,
@@ -19,6 +22,7 @@ pub struct VirtioConfig {
     /// microseconds (0: never; see `worker`).
     pub queue_poll_us: u64,
     /// The emulated VT-d the devices sit behind (`--iommu`).
+    #[serde(skip)]
     pub iommu: Option<crate::devices::iommu::IommuConfig>,
 }
 
@@ -33,7 +37,7 @@ impl VirtioConfig {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskConfig {
     pub path: PathBuf,
     pub readonly: bool,
@@ -48,7 +52,7 @@ pub struct DiskConfig {
     pub coalesce: Coalesce,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetConfig {
     pub tap: String,
     pub mac: [u8; 6],
@@ -58,7 +62,7 @@ pub struct NetConfig {
 }
 
 /// `--balloon [size=SIZE][,stats=SECONDS][,reporting=on|off][,deflate_on_oom=on|off]`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BalloonConfig {
     /// Target balloon size in bytes (a multiple of 4 KiB), set at start-up.
     pub size: u64,
@@ -115,7 +119,7 @@ pub fn parse_balloon(s: &str) -> Result<BalloonConfig, String> {
     Ok(b)
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VsockConfig {
     pub cid: u64,
     pub socket: PathBuf,

@@ -139,7 +139,7 @@ impl MsiRoutes for NoRoutes {
     }
 }
 
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Entry {
     addr: u64,
     data: u32,
@@ -151,6 +151,16 @@ struct MsixState {
     entries: Vec<Entry>,
     enabled: bool,
     function_masked: bool,
+}
+
+/// What a snapshot keeps of a device's MSI-X: the table and PBA as the guest left them, the
+/// capability's enable and function-mask bits, and the ISR status.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MsixSaved {
+    entries: Vec<Entry>,
+    enabled: bool,
+    function_masked: bool,
+    isr: u8,
 }
 
 /// One device's MSI-X vectors: the table and PBA the guest programs (through the device's BAR),
@@ -325,6 +335,45 @@ impl Msix {
             }
         }
         crate::devices::u64_to_data(bits, data);
+    }
+
+    /// The state a snapshot keeps.
+    pub fn save(&self) -> MsixSaved {
+        let s = self.lock();
+        MsixSaved {
+            entries: s.entries.clone(),
+            enabled: s.enabled,
+            function_masked: s.function_masked,
+            isr: self.isr.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Takes back a saved state: the table, and each vector's GSI routed to its message as the
+    /// guest's writes had routed it. Pending vectors stay pending (a vector the guest can take
+    /// was delivered, not left pending, so there is nothing to send here).
+    pub fn restore(&self, saved: &MsixSaved) -> Result<(), String> {
+        if saved.entries.len() != self.irqfds.len() {
+            return Err(format!(
+                "{} MSI-X vectors saved, the device has {}",
+                saved.entries.len(),
+                self.irqfds.len()
+            ));
+        }
+        if saved.isr > 3 {
+            return Err(format!("ISR status {:#x} has unknown bits", saved.isr));
+        }
+        let mut s = self.lock();
+        for (i, e) in saved.entries.iter().enumerate() {
+            if (e.addr, e.data) != (0, 0) {
+                self.routes
+                    .set_route(self.gsis[i], Some((e.addr, e.data)))?;
+            }
+        }
+        s.entries.clone_from(&saved.entries);
+        s.enabled = saved.enabled;
+        s.function_masked = saved.function_masked;
+        self.isr.store(saved.isr, Ordering::SeqCst);
+        Ok(())
     }
 
     /// Back to power-on state (every vector masked, nothing pending). Routes stay.

@@ -14,7 +14,8 @@
 //!
 //! # Threading model
 //! One worker thread per device, started when the driver sets DRIVER_OK and stopped (joined) on a
-//! device reset or when the VM ends. It blocks in `epoll_wait` on the device's queue ioeventfds, a
+//! device reset or when the VM ends, and for the length of a snapshot (quiesced: see `worker`'s
+//! parking and `transport`'s snapshot module). It blocks in `epoll_wait` on the device's queue ioeventfds, a
 //! kill eventfd and the device's own descriptors (a tap, a socket), and does all the device's work:
 //! it walks the queues, does the I/O, fills the used rings and signals irqfds. The vCPU threads
 //! only touch the transport's registers (under the device's mutex) and never wait for device I/O,
@@ -192,6 +193,16 @@ pub trait VirtioDevice: Send {
             .config_writes_refused
             .fetch_add(1, Ordering::Relaxed);
     }
+    /// The device's own state for a snapshot (what it was opened with, what the driver set in
+    /// its configuration); the transport saves the rest. The default refuses, naming why.
+    fn save_state(&self) -> Result<serde_json::Value, String> {
+        Err("its state cannot be saved yet".into())
+    }
+    /// Takes back [`Self::save_state`]'s state in a device opened from the same configuration;
+    /// refuses one that does not fit it.
+    fn restore_state(&mut self, _state: &serde_json::Value) -> Result<(), String> {
+        Err("its state cannot be restored yet".into())
+    }
     /// Starts serving: returns the handler the worker thread runs.
     fn activate(&mut self, a: Activation) -> Result<Box<dyn QueueHandler>, String>;
     /// The driver reset the device (the worker has already stopped).
@@ -204,6 +215,24 @@ pub trait VirtioDevice: Send {
 
 /// A device's work, run on its worker thread.
 pub trait QueueHandler: Send {
+    /// The queues it serves, for a snapshot of a parked handler (see `worker`); a queue it does
+    /// not serve is saved as never used. Every device that can be saved
+    /// ([`VirtioDevice::save_state`]) must list the queues it takes chains from.
+    fn queues(&self) -> Vec<&Vq> {
+        vec![]
+    }
+    /// The worker is stopping with this handler parked (see `worker`): give back to the rings
+    /// what it took but has not used, so that its queues' positions describe everything.
+    fn park(&mut self) {}
+    /// What the handler holds beyond its queues' positions (buffers it keeps, such as the
+    /// balloon's statistics buffer), for a snapshot of a parked handler.
+    fn save(&self) -> Result<serde_json::Value, String> {
+        Ok(serde_json::Value::Null)
+    }
+    /// Takes back [`Self::save`]'s state, in a handler just activated on the restored queues.
+    fn restore(&mut self, _state: &serde_json::Value) -> Result<(), String> {
+        Ok(())
+    }
     /// Queue `q` was notified (also called once per queue when the worker starts). An error puts
     /// the device in DEVICE_NEEDS_RESET and ends the worker.
     fn process(&mut self, q: usize) -> Result<(), String>;
@@ -305,6 +334,9 @@ impl VirtioSet {
         for d in &self.devices {
             let mut d = d.lock().unwrap_or_else(|p| p.into_inner());
             d.stop_worker();
+            // The handler the stopped worker parked holds host descriptors (vsock connections,
+            // the tap's clone): closed now, as when the worker itself dropped it.
+            d.discard_parked();
             d.release();
         }
     }

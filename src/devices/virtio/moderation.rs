@@ -49,7 +49,7 @@ pub const COOLDOWN: u32 = 32;
 pub const BURST: u32 = 64;
 
 /// The device's own moderation mode (`coalesce=` on `--net` and `--disk`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Coalesce {
     /// Every interrupt the driver wants is sent at once.
     Off,

@@ -358,6 +358,29 @@ impl Vq {
                 })
     }
 
+    /// Gives chains back to the ring: `heads`, the last chains taken, in the order they were
+    /// taken, become available again by moving the next avail index back over them (a parked
+    /// handler's, see `worker`). Refused, changing nothing, if the avail ring no longer shows
+    /// them there.
+    pub fn give_back(&mut self, heads: &[u16]) -> Result<(), String> {
+        let n = heads.len() as u16;
+        let q = &mut self.queue;
+        let (size, ring, next) = (q.size(), q.avail_ring(), q.next_avail());
+        for (i, &h) in heads.iter().enumerate() {
+            let idx = next.wrapping_sub(n).wrapping_add(i as u16);
+            let at = GuestAddress(ring + 4 + 2 * u64::from(idx % size.max(1)));
+            let shown = self.mem.read_obj::<u16>(at).map(u16::from_le);
+            if shown.ok() != Some(h) {
+                return Err(format!(
+                    "virtqueue {}: buffer {h} it holds is not where the avail ring had it",
+                    self.index
+                ));
+            }
+        }
+        q.set_next_avail(next.wrapping_sub(n));
+        Ok(())
+    }
+
     pub fn disable_notification(&mut self) {
         let _ = self.queue.disable_notification(&self.mem);
     }

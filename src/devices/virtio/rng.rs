@@ -42,6 +42,13 @@ impl VirtioDevice for Rng {
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
     }
+    /// Nothing but its queue, which the transport saves.
+    fn save_state(&self) -> Result<serde_json::Value, String> {
+        Ok(serde_json::Value::Null)
+    }
+    fn restore_state(&mut self, _state: &serde_json::Value) -> Result<(), String> {
+        Ok(())
+    }
     fn activate(&mut self, a: Activation) -> Result<Box<dyn QueueHandler>, String> {
         let vq = a.queues.into_iter().next().ok_or("no request queue")?;
         Ok(Box::new(RngHandler { vq, stats: a.stats }))
@@ -102,6 +109,9 @@ impl RngHandler {
 }
 
 impl QueueHandler for RngHandler {
+    fn queues(&self) -> Vec<&Vq> {
+        vec![&self.vq]
+    }
     fn process(&mut self, _q: usize) -> Result<(), String> {
         loop {
             self.vq.disable_notification();

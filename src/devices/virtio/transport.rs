@@ -7,6 +7,8 @@
 //! and the PCI root (configuration space); queue notifications normally never reach it: KVM
 //! completes writes to the notify region through one ioeventfd per queue, which the worker waits on.
 //! A notify write that does reach the VMM (no ioeventfd) is forwarded to the same eventfd.
+//! Its state in a snapshot, and how a restored device is re-activated, are the `snapshot`
+//! submodule's.
 //!
 //! BAR 0 (32 KiB, 32-bit memory):
 //!
@@ -18,6 +20,10 @@
 //! | 0x3000 | notifications: queue `n` at `0x3000 + 4n` (`notify_off_multiplier` 4) |
 //! | 0x4000 | MSI-X table (vectors: one per queue plus one for configuration changes) |
 //! | 0x5000 | MSI-X pending-bit array |
+
+mod snapshot;
+
+pub use snapshot::QueueSaved;
 
 use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -33,9 +39,10 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::irq::MsixSaved;
 use super::irq::{Msix, NO_VECTOR};
 use super::queue::{Translate, Vq};
-use super::{worker, Activation, VirtioDevice};
+use super::{worker, Activation, QueueHandler, VirtioDevice};
 use crate::devices::pci::{PciConfig, PciDevice, PciIds, PCI_CAP_ID_MSIX, PCI_CAP_ID_VNDR};
 use crate::devices::{data_to_u64, u64_to_data, BusDevice};
 
@@ -118,6 +125,12 @@ pub struct VirtioPci {
     queues: Vec<QueueSetup>,
     notify_evts: Vec<EventFd>,
     worker: Option<(EventFd, JoinHandle<()>)>,
+    /// The handler of a stopped worker, kept for the next (quiesced for a snapshot, or
+    /// restored): see `worker`.
+    parked: worker::Parked,
+    /// Queue vectors whose interrupt a restored device still owes the driver (held by
+    /// moderation when the snapshot was taken), sent when it resumes.
+    owed: Vec<u16>,
     /// The longest window the worker polls its queues for (see `worker`); zero: never.
     queue_poll: std::time::Duration,
 }
@@ -202,6 +215,8 @@ impl VirtioPci {
             config_generation: 0,
             notify_evts,
             worker: None,
+            parked: worker::Parked::default(),
+            owed: Vec::new(),
             queue_poll: std::time::Duration::ZERO,
         })
     }
@@ -270,9 +285,25 @@ impl VirtioPci {
         self.status | self.shared.device_status.load(Ordering::SeqCst)
     }
 
+    /// Whether the device is started: its worker runs, or is parked (see `worker`).
+    fn live(&self) -> bool {
+        self.worker.is_some() || self.parked_handler().is_some()
+    }
+
+    fn parked_handler(&self) -> std::sync::MutexGuard<'_, Option<Box<dyn QueueHandler>>> {
+        self.parked.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Drops the handler a stopped worker parked (the VM has ended).
+    pub fn discard_parked(&mut self) {
+        *self.parked_handler() = None;
+    }
+
     /// Stops the worker and returns the device to its initial state.
     pub fn reset(&mut self) {
         self.stop_worker();
+        *self.parked_handler() = None;
+        self.owed.clear();
         self.dev.reset();
         self.driver_features = 0;
         self.device_feature_select = 0;
@@ -319,58 +350,47 @@ impl VirtioPci {
 
     /// Validates the queues and starts the worker (on DRIVER_OK).
     fn activate(&mut self) {
+        let handler = match self.vqs(None).and_then(|vqs| self.activate_device(vqs)) {
+            Ok(h) => h,
+            Err(e) => return self.needs_reset(&e),
+        };
+        self.dev.stats().driver_ok.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.start_worker(handler) {
+            self.needs_reset(&e);
+        }
+    }
+
+    /// The translation the queues go through: behind the IOMMU only if the driver accepted
+    /// ACCESS_PLATFORM; otherwise addresses are guest-physical (a legacy driver bypasses it, as
+    /// on QEMU).
+    fn queue_translate(&self) -> Arc<dyn Translate> {
+        if self.driver_features & (1 << VIRTIO_F_ACCESS_PLATFORM) != 0 {
+            self.translate.clone()
+        } else {
+            Arc::new(super::queue::Identity)
+        }
+    }
+
+    /// Every queue as set up, validated (an error says why the device cannot start), its ring
+    /// positions taken from `saved` on a restore.
+    fn vqs(&self, saved: Option<&[QueueSaved]>) -> Result<Vec<Vq>, String> {
         let event_idx = self.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
-        // Behind the IOMMU only if the driver accepted ACCESS_PLATFORM; otherwise addresses are
-        // guest-physical (a legacy driver bypasses it, as on QEMU).
-        let translate: Arc<dyn Translate> =
-            if self.driver_features & (1 << VIRTIO_F_ACCESS_PLATFORM) != 0 {
-                self.translate.clone()
-            } else {
-                Arc::new(super::queue::Identity)
-            };
+        let translate = self.queue_translate();
         let mut vqs = Vec::new();
         for (i, s) in self.queues.iter().enumerate() {
             let mut q = Queue::new(s.max).expect("max sizes are powers of two");
             if s.ready {
-                // The rings go through the translation hook like every buffer, once, here:
-                // virtio-queue reads them by guest-physical address, so each must be one
-                // contiguous piece (Linux maps them with dma_alloc_coherent for the device's
-                // life).
-                let ring = |iova: u64, len: u64, write: bool| {
-                    let mut v = Vec::new();
-                    match translate.map(iova, len, write, &mut v) {
-                        true if v.len() == 1 => Some(v[0].addr),
-                        _ => None,
-                    }
-                };
-                // In order, stopping at the first that faults (as a device's first access would).
-                let rings = ring(s.desc, 16 * u64::from(s.size), false).and_then(|d| {
-                    let a = ring(s.avail, 6 + 2 * u64::from(s.size), false)?;
-                    Some((d, a, ring(s.used, 6 + 8 * u64::from(s.size), true)?))
-                });
-                let Some((desc, avail, used)) = rings else {
-                    let why = format!(
-                        "queue {i}: rings {:#x}/{:#x}/{:#x} are not mapped by the IOMMU",
-                        s.desc, s.avail, s.used
-                    );
-                    self.needs_reset(&why);
-                    return;
-                };
-                let ok = q.try_set_size(s.size).is_ok()
-                    && q.try_set_desc_table_address(GuestAddress(desc)).is_ok()
-                    && q.try_set_avail_ring_address(GuestAddress(avail)).is_ok()
-                    && q.try_set_used_ring_address(GuestAddress(used)).is_ok();
+                self.ready_queue(i, s, &translate, &mut q)?;
                 q.set_event_idx(event_idx);
-                q.set_ready(true);
-                if !ok || !q.is_valid(&self.mem) {
-                    let why = format!(
-                        "queue {i} is invalid (size {}, rings {:#x}/{:#x}/{:#x})",
-                        s.size, s.desc, s.avail, s.used
-                    );
-                    self.needs_reset(&why);
-                    return;
-                }
             }
+            let signalled = match saved.and_then(|p| p.get(i)) {
+                Some(p) => {
+                    q.set_next_avail(p.next_avail);
+                    q.set_next_used(p.next_used);
+                    p.next_used
+                }
+                None => 0,
+            };
             vqs.push(Vq {
                 queue: q,
                 index: i as u16,
@@ -381,54 +401,93 @@ impl VirtioPci {
                 bad_chains: 0,
                 polling: false,
                 moderator: Default::default(),
-                signalled: 0,
+                signalled,
             });
         }
-        let stats = self.dev.stats();
-        let handler = match self.dev.activate(Activation {
-            mem: self.mem.clone(),
-            queues: vqs,
-            features: self.driver_features,
-            stats: stats.clone(),
-        }) {
-            Ok(h) => h,
-            Err(e) => {
-                self.needs_reset(&format!("activation failed: {e}"));
-                return;
+        Ok(vqs)
+    }
+
+    /// Sets queue `i`'s size and rings into `q`, or says why they are unusable.
+    fn ready_queue(
+        &self,
+        i: usize,
+        s: &QueueSetup,
+        translate: &Arc<dyn Translate>,
+        q: &mut Queue,
+    ) -> Result<(), String> {
+        // The rings go through the translation hook like every buffer, once, here: virtio-queue
+        // reads them by guest-physical address, so each must be one contiguous piece (Linux
+        // maps them with dma_alloc_coherent for the device's life).
+        let ring = |iova: u64, len: u64, write: bool| {
+            let mut v = Vec::new();
+            match translate.map(iova, len, write, &mut v) {
+                true if v.len() == 1 => Some(v[0].addr),
+                _ => None,
             }
         };
-        let evts = match self
+        // In order, stopping at the first that faults (as a device's first access would).
+        let rings = ring(s.desc, 16 * u64::from(s.size), false).and_then(|d| {
+            let a = ring(s.avail, 6 + 2 * u64::from(s.size), false)?;
+            Some((d, a, ring(s.used, 6 + 8 * u64::from(s.size), true)?))
+        });
+        let Some((desc, avail, used)) = rings else {
+            return Err(format!(
+                "queue {i}: rings {:#x}/{:#x}/{:#x} are not mapped by the IOMMU",
+                s.desc, s.avail, s.used
+            ));
+        };
+        let ok = q.try_set_size(s.size).is_ok()
+            && q.try_set_desc_table_address(GuestAddress(desc)).is_ok()
+            && q.try_set_avail_ring_address(GuestAddress(avail)).is_ok()
+            && q.try_set_used_ring_address(GuestAddress(used)).is_ok();
+        q.set_ready(true);
+        if !ok || !q.is_valid(&self.mem) {
+            return Err(format!(
+                "queue {i} is invalid (size {}, rings {:#x}/{:#x}/{:#x})",
+                s.size, s.desc, s.avail, s.used
+            ));
+        }
+        Ok(())
+    }
+
+    /// The device's handler for `vqs`.
+    fn activate_device(&mut self, vqs: Vec<Vq>) -> Result<Box<dyn QueueHandler>, String> {
+        self.dev
+            .activate(Activation {
+                mem: self.mem.clone(),
+                queues: vqs,
+                features: self.driver_features,
+                stats: self.dev.stats(),
+            })
+            .map_err(|e| format!("activation failed: {e}"))
+    }
+
+    /// A worker serving `handler`.
+    fn start_worker(&mut self, handler: Box<dyn QueueHandler>) -> Result<(), String> {
+        let eventfd = |e: std::io::Error| format!("eventfd: {e}");
+        let evts = self
             .notify_evts
             .iter()
             .map(EventFd::try_clone)
             .collect::<Result<Vec<_>, _>>()
-        {
-            Ok(e) => e,
-            Err(e) => return self.needs_reset(&format!("eventfd: {e}")),
-        };
-        let kill = match EventFd::new(libc::EFD_NONBLOCK) {
-            Ok(k) => k,
-            Err(e) => return self.needs_reset(&format!("eventfd: {e}")),
-        };
-        let kill2 = match kill.try_clone() {
-            Ok(k) => k,
-            Err(e) => return self.needs_reset(&format!("eventfd: {e}")),
-        };
-        stats.driver_ok.fetch_add(1, Ordering::Relaxed);
-        match worker::spawn(
+            .map_err(eventfd)?;
+        let kill = EventFd::new(libc::EFD_NONBLOCK).map_err(eventfd)?;
+        let kill2 = kill.try_clone().map_err(eventfd)?;
+        let h = worker::spawn(
             self.dev.name(),
             self.dev.kind(),
             handler,
             evts,
             kill2,
-            stats,
+            self.dev.stats(),
             self.shared.clone(),
             self.msix.clone(),
             self.queue_poll,
-        ) {
-            Ok(h) => self.worker = Some((kill, h)),
-            Err(e) => self.needs_reset(&format!("cannot start the worker: {e}")),
-        }
+            self.parked.clone(),
+        )
+        .map_err(|e| format!("cannot start the worker: {e}"))?;
+        self.worker = Some((kill, h));
+        Ok(())
     }
 
     fn write_status(&mut self, v: u8) {
@@ -451,7 +510,7 @@ impl VirtioPci {
         if new & driver_ok != 0
             && old & driver_ok == 0
             && new & features_ok != 0
-            && self.worker.is_none()
+            && !self.live()
             && new & VIRTIO_CONFIG_S_FAILED as u8 == 0
         {
             self.activate();
@@ -497,7 +556,7 @@ impl VirtioPci {
 
     fn common_write(&mut self, off: u64, data: &[u8]) {
         let v = data_to_u64(data);
-        let live = self.worker.is_some();
+        let live = self.live();
         let nvec = self.msix.vectors();
         let vector = |v: u64| {
             let v = v as u16;
@@ -601,6 +660,18 @@ impl BusDevice for VirtioPci {
     }
     fn write(&mut self, offset: u64, data: &[u8]) {
         self.bar_write(offset, data)
+    }
+    fn save_state(&self) -> Result<serde_json::Value, String> {
+        self.save()
+    }
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        self.restore(state)
+    }
+    fn quiesce(&mut self) {
+        self.quiesce_worker()
+    }
+    fn resume(&mut self) {
+        self.resume_worker()
     }
 }
 
@@ -795,6 +866,94 @@ mod tests {
         // Reset stops the worker.
         w(&mut d, 0x14, 0, 1);
         assert!(d.worker.is_none());
+    }
+
+    fn wait_used(dq: &DriverQueue, mem: &GuestMemoryMmap, n: u16) {
+        let t = Instant::now();
+        while dq.used(mem, 0).0 != n && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(dq.used(mem, 0).0, n, "used index");
+    }
+
+    /// One request served by `d`, through its notify register.
+    fn serve_one(d: &mut VirtioPci, dq: &mut DriverQueue, mem: &GuestMemoryMmap, n: u16) {
+        dq.add(mem, &[(0x8000 + 0x100 * u64::from(n), 16, true)]);
+        w(d, NOTIFY_OFFSET, 0, 2);
+        wait_used(dq, mem, n);
+        assert_eq!(dq.used(mem, n - 1).2, 16);
+    }
+
+    #[test]
+    fn a_quiesced_device_s_state_restores_into_a_new_one_that_goes_on_serving() {
+        let mem = memory();
+        let mut d = rng_device(&mem);
+        negotiate(&mut d, true);
+        set_up_queue(&mut d, 8);
+        w(&mut d, 0x14, 0xf, 1);
+        d.config_write(0x40 + 2, &0x8000u16.to_le_bytes());
+        let mut dq = DriverQueue::new(8);
+        serve_one(&mut d, &mut dq, &mem, 1);
+        // Quiesced, saved, and the original goes on.
+        d.quiesce();
+        assert!(d.worker.is_none() && d.parked_handler().is_some());
+        let first = d.save_state().unwrap();
+        assert_eq!(first["queues"][0]["next_used"], 1, "{first}");
+        d.resume();
+        serve_one(&mut d, &mut dq, &mem, 2);
+        d.quiesce();
+        let saved = d.save_state().unwrap();
+        drop(d);
+        assert_eq!(saved["queues"][0]["next_avail"], 2, "{saved}");
+        // A new device takes it back and serves the next request from where the first stopped.
+        let mut e = rng_device(&mem);
+        e.restore_state(&saved).unwrap();
+        assert!(e.worker.is_none(), "parked until resumed");
+        assert_eq!(r(&mut e, 0x14, 1), 0xf);
+        assert_eq!(r(&mut e, 0x18, 2), 8);
+        assert_eq!(r(&mut e, 0x1a, 2), 1, "queue vector");
+        let mut c = [0u8; 2];
+        e.config_read(0x40 + 2, &mut c);
+        assert_eq!(u16::from_le_bytes(c) & 0x8000, 0x8000, "MSI-X enabled");
+        e.resume();
+        serve_one(&mut e, &mut dq, &mem, 3);
+        assert_eq!(dq.used(&mem, 2).1, 2, "descriptor 2: the ring went on");
+    }
+
+    #[test]
+    fn garbage_device_states_are_refused() {
+        let mem = memory();
+        let mut d = rng_device(&mem);
+        negotiate(&mut d, true);
+        set_up_queue(&mut d, 8);
+        w(&mut d, 0x14, 0xf, 1);
+        d.quiesce();
+        let saved = d.save_state().unwrap();
+        rng_device(&mem).restore_state(&saved).unwrap();
+        let cases: [(&str, serde_json::Value, &str); 8] = [
+            ("/queues/0/size", 3.into(), "size 3"),
+            ("/queues/0/size", 256.into(), "size 256"),
+            ("/queues/0/desc", (1u64 << 40).into(), "queue 0 is invalid"),
+            ("/queues/0/vector", 9.into(), "vector 9 does not exist"),
+            ("/driver_features", (1u64 << 60).into(), "does not offer"),
+            ("/status", 0x30.into(), "unknown bits"),
+            ("/msix/entries", serde_json::json!([]), "MSI-X vectors"),
+            ("/pci", serde_json::json!([1, 2]), "configuration dwords"),
+        ];
+        for (at, v, want) in cases {
+            let mut bad = saved.clone();
+            *bad.pointer_mut(at).unwrap() = v;
+            let e = rng_device(&mem).restore_state(&bad).unwrap_err();
+            assert!(e.contains(want), "{at}: {e}");
+        }
+        assert!(rng_device(&mem)
+            .restore_state(&serde_json::json!({"x": 1}))
+            .is_err());
+        // A running (not quiesced) device is not saved.
+        let mut f = rng_device(&mem);
+        f.restore_state(&saved).unwrap();
+        f.resume();
+        assert!(f.save_state().unwrap_err().contains("not quiesced"));
     }
 
     #[test]

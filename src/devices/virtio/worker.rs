@@ -19,6 +19,13 @@
 //! while it spins, and sends what is due ([`QueueHandler::send_due`]) before it blocks and when
 //! the timer fires. A timerfd, not an epoll timeout: epoll's is in milliseconds, the holds are
 //! microseconds.
+//!
+//! # Parking (snapshots)
+//! A worker stopped by its kill eventfd leaves its handler in the device's [`Parked`] slot. The
+//! worker serves requests one whole batch at a time (every chain it took is in the used ring
+//! before it looks at the kill eventfd again), so a parked handler has no request half-done: its
+//! queues' positions describe everything, and a new worker can go on with it (after a snapshot,
+//! or in the VM restored from one).
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
@@ -77,6 +84,9 @@ impl PollWindow {
     }
 }
 
+/// Where a stopped worker leaves its handler (see the module doc).
+pub type Parked = Arc<std::sync::Mutex<Option<Box<dyn QueueHandler>>>>;
+
 /// How a worker tells the driver it stopped on its own: DEVICE_NEEDS_RESET and a
 /// configuration-change interrupt.
 struct Ending {
@@ -121,6 +131,7 @@ pub fn spawn(
     shared: Arc<Shared>,
     msix: Arc<Msix>,
     poll_max: Duration,
+    parked: Parked,
 ) -> std::io::Result<JoinHandle<()>> {
     let epoll = Epoll::new()?;
     let add = |fd: RawFd, token: u64| {
@@ -161,7 +172,7 @@ pub fn spawn(
             )
         });
         match served {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => *parked.lock().unwrap_or_else(|p| p.into_inner()) = Some(handler),
             Ok(Err(why)) => end.failed(&why),
             Err(msg) => end.panicked(msg),
         }
@@ -216,6 +227,8 @@ fn serve(
         for ev in &events[..n] {
             let token = ev.data();
             if token == KILL {
+                handler.park();
+                end_polling(handler, &polled);
                 record_rings(handler, &polled, stats);
                 return Ok(());
             } else if token == TIMER {
@@ -232,6 +245,18 @@ fn serve(
                 }
                 handler.process(q)?;
             }
+        }
+    }
+}
+
+/// Polling off and the driver's notifications back on, so that a next worker with this handler
+/// (see the module doc) starts from the plain epoll loop with nothing missed: chains made
+/// available meanwhile are served by its first look at every queue.
+fn end_polling(handler: &mut dyn QueueHandler, polled: &[usize]) {
+    for &q in polled {
+        if let Some(vq) = handler.polled_queue(q) {
+            vq.polling = false;
+            vq.enable_notification();
         }
     }
 }
@@ -482,6 +507,7 @@ mod tests {
             }),
             Arc::new(Msix::new(1, Arc::new(NoRoutes::default())).unwrap()),
             Duration::ZERO,
+            Parked::default(),
         )
         .unwrap();
         // Nothing else wakes the worker: only its timer can send the interrupt.
@@ -527,6 +553,7 @@ mod tests {
             shared.clone(),
             msix.clone(),
             Duration::ZERO,
+            Parked::default(),
         )
         .unwrap();
         assert!(h.join().is_ok(), "the panic is caught on the worker");

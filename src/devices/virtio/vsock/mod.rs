@@ -13,8 +13,10 @@
 //!
 //! Queue 0 (rx) receives the device's packets: control packets first, then host data, each in one
 //! buffer (header + payload). Queue 1 (tx) carries the guest's packets; each chain is consumed
-//! and returned with length 0. Queue 2 (event) is left alone: the device has no events to send
-//! (only VIRTIO_VSOCK_EVENT_TRANSPORT_RESET exists, for migration).
+//! and returned with length 0. Queue 2 (event) carries the only event,
+//! VIRTIO_VSOCK_EVENT_TRANSPORT_RESET, which a device restored from a snapshot sends once: its
+//! connections' host sockets stayed with the original process, so the guest must drop its own
+//! (as Firecracker does); the guest then reads the CID again (a clone may have another).
 
 pub mod muxer;
 pub mod packet;
@@ -103,6 +105,15 @@ impl Drop for Vsock {
 }
 
 impl VirtioDevice for Vsock {
+    /// Only the CID, for the record: connections cannot survive (their host sockets belong to
+    /// this process), so a restored device resets the guest's transport instead (see
+    /// [`VsockHandler`]); it reports the configured CID (the snapshot's, or `--vsock-cid`'s).
+    fn save_state(&self) -> Result<serde_json::Value, String> {
+        Ok(serde_json::json!({ "cid": self.cid }))
+    }
+    fn restore_state(&mut self, _state: &serde_json::Value) -> Result<(), String> {
+        Ok(())
+    }
     fn name(&self) -> String {
         "virtio-vsock".into()
     }
@@ -134,6 +145,7 @@ impl VirtioDevice for Vsock {
         let (Some(rx), Some(tx)) = (qs.next(), qs.next()) else {
             return Err("virtio-vsock needs rx and tx queues".into());
         };
+        let ev = qs.next();
         let listener = self
             .listener
             .try_clone()
@@ -148,6 +160,9 @@ impl VirtioDevice for Vsock {
             rx_ready: true,
             cid: self.cid,
             stats: a.stats,
+            ev,
+            reset_pending: false,
+            unparked: None,
         }))
     }
     fn stats(&self) -> Arc<DeviceStats> {
@@ -166,9 +181,39 @@ pub struct VsockHandler {
     rx_ready: bool,
     cid: u64,
     stats: Arc<DeviceStats>,
+    /// The event queue (queue 2).
+    ev: Option<Vq>,
+    /// A restored device owes the driver `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`: the connections
+    /// it knew are gone (sent in the first event buffer the driver gives).
+    reset_pending: bool,
+    /// Why the rx buffer it held could not be given back when parked (a snapshot is then
+    /// refused).
+    unparked: Option<String>,
 }
 
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` (§5.10.6.7), the only event.
+const EVENT_TRANSPORT_RESET: u32 = 0;
+
 impl VsockHandler {
+    /// Sends the transport reset a restored device owes, once the driver has an event buffer.
+    fn send_reset(&mut self) {
+        let Some(ev) = self.ev.as_mut().filter(|_| self.reset_pending) else {
+            return;
+        };
+        while let Some((head, res)) = ev.pop() {
+            let Some(c) = res.ok().filter(|c| c.writable_len() >= 4) else {
+                self.stats.add(&self.stats.bad_chains, 1);
+                ev.complete(head, 0);
+                continue;
+            };
+            let ok = Cursor::new(&ev.mem, &c.writable).write(&EVENT_TRANSPORT_RESET.to_le_bytes());
+            ev.complete(head, if ok { 4 } else { 0 });
+            self.reset_pending = !ok;
+            self.stats.add_extra("transport_resets", u64::from(ok));
+            return;
+        }
+    }
+
     /// Serves the tx queue until it is empty, or until too many answers wait for rx buffers (the
     /// rest stays in the ring; `pump` comes back to it).
     fn serve_tx(&mut self) {
@@ -280,7 +325,33 @@ impl VsockHandler {
 }
 
 impl QueueHandler for VsockHandler {
+    fn queues(&self) -> Vec<&Vq> {
+        [&self.rx, &self.tx].into_iter().chain(&self.ev).collect()
+    }
+    /// The rx buffer it took for a packet that did not fit goes back to the ring; the
+    /// connections stay with this handler (the original VM's), never with a restored one.
+    fn park(&mut self) {
+        let Some((head, _)) = &self.rx_spare else {
+            return;
+        };
+        self.unparked = self.rx.give_back(&[*head]).err();
+        if self.unparked.is_none() {
+            self.rx_spare = None;
+        }
+    }
+    fn save(&self) -> Result<serde_json::Value, String> {
+        match &self.unparked {
+            Some(why) => Err(why.clone()),
+            None => Ok(serde_json::Value::Null),
+        }
+    }
+    /// A restored handler starts with no connection: the guest is told to drop its own.
+    fn restore(&mut self, _state: &serde_json::Value) -> Result<(), String> {
+        self.reset_pending = true;
+        Ok(())
+    }
     fn process(&mut self, q: usize) -> Result<(), String> {
+        self.send_reset();
         match q {
             RX => self.rx_ready = true,
             TX => self.serve_tx(),
@@ -324,6 +395,61 @@ mod tests {
             buf_alloc: 4096,
             fwd_cnt: 0,
         }
+    }
+
+    /// A restored handler tells the driver its connections are gone, in the first event buffer
+    /// it is given (a bad one is returned empty first), once.
+    #[test]
+    fn a_restored_device_sends_one_transport_reset() {
+        let dir = std::env::temp_dir().join(format!("exitless-vsock-rst-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut dev = Vsock::new(&VsockConfig {
+            cid: 3,
+            socket: dir.join("v.sock"),
+        })
+        .unwrap();
+        assert_eq!(dev.save_state().unwrap()["cid"], 3);
+        let (rx_mem, tx_mem, ev_mem) = (memory(), memory(), memory());
+        let (rxq, txq, mut evq) = (
+            DriverQueue::new(8),
+            DriverQueue::new(8),
+            DriverQueue::new(8),
+        );
+        let mut h = dev
+            .activate(Activation {
+                mem: rx_mem.clone(),
+                queues: vec![
+                    vq(&rx_mem, &rxq, 0),
+                    vq(&tx_mem, &txq, 1),
+                    vq(&ev_mem, &evq, 2),
+                ],
+                features: 0,
+                stats: dev.stats(),
+            })
+            .unwrap();
+        assert_eq!(
+            h.queues().len(),
+            3,
+            "the event queue's position is saved too"
+        );
+        h.restore(&serde_json::Value::Null).unwrap();
+        h.process(RX).unwrap();
+        assert_eq!(evq.used(&ev_mem, 0).0, 0, "no event buffer yet: still owed");
+        ev_mem
+            .write_obj(0xffff_ffffu32, GuestAddress(0x8100))
+            .unwrap();
+        evq.add(&ev_mem, &[(0x8000, 2, true)]);
+        evq.add(&ev_mem, &[(0x8100, 4, true)]);
+        evq.add(&ev_mem, &[(0x8200, 4, true)]);
+        h.process(2).unwrap();
+        assert_eq!(evq.used(&ev_mem, 0), (2, 0, 0), "too small: returned empty");
+        assert_eq!(evq.used(&ev_mem, 1), (2, 1, 4));
+        let id: u32 = ev_mem.read_obj(GuestAddress(0x8100)).unwrap();
+        assert_eq!(id, EVENT_TRANSPORT_RESET);
+        h.process(2).unwrap();
+        assert_eq!(evq.used(&ev_mem, 0).0, 2, "once");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Two memories: the testing driver queue sits at fixed addresses, one queue per memory.
