@@ -416,6 +416,63 @@ mod tests {
         assert_eq!(m.delivered.load(Ordering::Relaxed), 2);
     }
 
+    /// A route set: the GSI and its message.
+    type Route = (u32, Option<(u64, u32)>);
+
+    /// Routes as a list of the ones set.
+    #[derive(Default)]
+    struct Recorded(std::sync::Mutex<Vec<Route>>, NoRoutes);
+
+    impl MsiRoutes for Recorded {
+        fn alloc_gsi(&self) -> Option<u32> {
+            self.1.alloc_gsi()
+        }
+        fn set_route(&self, gsi: u32, msi: Option<(u64, u32)>) -> Result<(), String> {
+            self.0.lock().unwrap().push((gsi, msi));
+            Ok(())
+        }
+        fn bind_irqfd(&self, _: &EventFd, _: u32) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_saved_table_comes_back_with_its_routes_and_pending_bits() {
+        let m = Msix::new(3, Arc::new(NoRoutes::default())).unwrap();
+        m.set_control(0x8000);
+        m.table_write(16, &0xfee0_1000u32.to_le_bytes());
+        m.table_write(16 + 8, &0x51u32.to_le_bytes());
+        m.table_write(16 + 12, &0u32.to_le_bytes());
+        m.trigger(2, 1);
+        let saved = m.save();
+        let routes = Arc::new(Recorded::default());
+        let n = Msix::new(3, routes.clone()).unwrap();
+        n.restore(&saved).unwrap();
+        let gsi1 = n.gsis[1];
+        assert_eq!(
+            *routes.0.lock().unwrap(),
+            vec![(gsi1, Some((0xfee0_1000, 0x51)))],
+            "vector 1 routed as the guest had it; the unprogrammed ones not"
+        );
+        let mut pba = [0u8; 1];
+        n.pba_read(0, &mut pba);
+        assert_eq!(pba[0], 4, "vector 2 still pending (masked)");
+        assert_eq!(n.isr.load(Ordering::SeqCst), 1);
+        n.trigger(1, 1);
+        assert_eq!(
+            n.delivered.load(Ordering::Relaxed),
+            1,
+            "enabled and unmasked"
+        );
+        assert_eq!(n.irqfds[1].read().unwrap(), 1);
+        let mut bad = saved.clone();
+        bad.entries.pop();
+        assert!(Msix::new(3, Arc::new(NoRoutes::default()))
+            .unwrap()
+            .restore(&bad)
+            .is_err());
+    }
+
     #[test]
     fn pba_reads_take_a_byte_offset_into_the_bit_array() {
         let m = Msix::new(40, Arc::new(NoRoutes::default())).unwrap();
