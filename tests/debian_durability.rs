@@ -83,7 +83,12 @@ fn round(dir: &TempDir, n: u32, direct: bool, after: Duration) -> String {
     unsafe { libc::kill(vm.pid() as libc::pid_t, libc::SIGKILL) };
     let console = vm.console();
     let run = vm.finish();
-    assert_eq!(run.status, None, "exitless was killed by a signal");
+    assert_eq!(
+        run.status,
+        None,
+        "exitless was killed by a signal: {}",
+        run.describe()
+    );
     let last = last_flushed(&console).expect("a flushed line was seen");
     let data = std::fs::read(&img).unwrap();
     for b in 0..=last {
@@ -142,11 +147,41 @@ fn debian_guest_loses_no_fsynced_block_when_exitless_is_killed() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(ROUNDS);
+    let mut retries = 0;
     for n in 0..rounds {
         // 0.3-6 s of writing: from a few blocks to most of the disk in the emulated host.
         let after = Duration::from_millis(300 + next(&mut x) % 5700);
-        eprintln!("{TEST}: {}", round(&dir, n, direct && n % 2 == 1, after));
+        loop {
+            let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                round(&dir, n, direct && n % 2 == 1, after)
+            }));
+            match attempt {
+                Ok(line) => {
+                    eprintln!("{TEST}: {line}");
+                    break;
+                }
+                // The emulated host's L2 guests triple-fault now and then, at boot or later,
+                // whatever they run (seen across the Debian suite): such a round says nothing
+                // about durability, so it runs again (twice at most in the test). A round
+                // whose blocks are missing fails at once.
+                Err(p) if retries < 2 && triple_faulted(&*p) => {
+                    retries += 1;
+                    eprintln!("{TEST}: round {n}: the guest triple-faulted before the kill; again");
+                }
+                Err(p) => std::panic::resume_unwind(p),
+            }
+        }
     }
+}
+
+/// Whether a round's panic was the guest's triple fault (exitless's summary says so).
+fn triple_faulted(payload: &(dyn std::any::Any + Send)) -> bool {
+    let text = payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or_default();
+    text.contains("guest triple-faulted") && !text.contains("is not on the image")
 }
 
 #[test]
