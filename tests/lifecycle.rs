@@ -17,8 +17,15 @@ use common::{exitless, exitless_cmd, kvm_available, Run, TempDir};
 const PROGRESS: Duration = Duration::from_secs(180);
 
 fn start_clock(dir: &TempDir) -> Child {
+    start_guest(dir, &["--guest", "clock", "--cpus", "2"])
+}
+
+/// `exitless run ARGS` with the directory's API socket, console log and report.
+fn start_guest(dir: &TempDir, args: &[&str]) -> Child {
     Command::new(exitless())
-        .args(["run", "--guest", "clock", "--cpus", "2", "--timeout", "600"])
+        .arg("run")
+        .args(args)
+        .args(["--timeout", "600"])
         .arg("--api-socket")
         .arg(dir.path("api.sock"))
         .arg("--console-log")
@@ -287,19 +294,7 @@ fn the_power_button_powers_off_a_guest_that_listens_and_the_grace_stops_one_that
     // A guest that listens (the kit's power-button guest enables the button's event and polls
     // its status): it powers off itself, long before the grace.
     let dir = TempDir::new("power-button");
-    let mut child = Command::new(exitless())
-        .args(["run", "--guest", "power-button", "--timeout", "600"])
-        .arg("--api-socket")
-        .arg(dir.path("api.sock"))
-        .arg("--console-log")
-        .arg(dir.path("console.log"))
-        .arg("--stats-json")
-        .arg(dir.path("report.json"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start exitless");
+    let mut child = start_guest(&dir, &["--guest", "power-button"]);
     wait_for_line(&dir, &mut child, "kit: power-button waiting");
     let (r, reply) = ctl(&dir, &["shutdown", "--grace", "300"]);
     assert_eq!(r.status, Some(0), "{}", r.describe());
