@@ -86,7 +86,7 @@ fn restore(args: exitless::cli::RestoreArgs) -> ExitCode {
         Ok(l) => l,
         Err(e) => return fail(&e.to_string()),
     };
-    let cfg = match args.to_config(&loaded.machine) {
+    let cfg = match args.to_config(&loaded.state.machine) {
         Ok(c) => c,
         Err(e) => return fail(&e),
     };

@@ -294,12 +294,8 @@ fn prepare_dir(dir: &Path) -> Result<(), SnapshotError> {
 /// A snapshot read and checked, ready for [`crate::vm::VmBuilder::restore`].
 pub struct Loaded {
     pub dir: PathBuf,
-    pub host: HostIdentity,
-    pub machine: Machine,
-    pub vcpus: Vec<vcpu::VcpuState>,
-    pub vm: vm::VmState,
-    pub devices: DeviceStates,
-    pub memory: memory::MemoryInfo,
+    /// Its state file's sections.
+    pub state: Sections,
     pub memory_file: std::fs::File,
 }
 
@@ -307,19 +303,14 @@ pub struct Loaded {
 /// Whether it suits this host is checked by the builder, once it knows the host
 /// ([`HostIdentity::check`]), before it creates anything.
 pub fn load(dir: &Path, verify_memory: bool) -> Result<Loaded, SnapshotError> {
-    let s = Sections::read(&format::Reader::open(dir)?)?;
-    let memory_file = memory::open(dir, &s.memory, s.machine.mem_bytes)?;
+    let state = Sections::read(&format::Reader::open(dir)?)?;
+    let memory_file = memory::open(dir, &state.memory, state.machine.mem_bytes)?;
     if verify_memory {
-        memory::verify(&memory_file, &s.memory)?;
+        memory::verify(&memory_file, &state.memory)?;
     }
     Ok(Loaded {
         dir: dir.to_path_buf(),
-        host: s.host,
-        machine: s.machine,
-        vcpus: s.vcpus,
-        vm: s.vm,
-        devices: s.devices,
-        memory: s.memory,
+        state,
         memory_file,
     })
 }

@@ -100,7 +100,8 @@ impl<'a> VmBuilder<'a> {
         let platform = Platform::choose(&kvm, cfg)?;
         if let Some(s) = &self.restore {
             let here = crate::snapshot::HostIdentity::current(&platform.host);
-            s.host
+            s.state
+                .host
                 .check(&here)
                 .map_err(|e| VmmError::Config(e.to_string()))?;
         }
@@ -562,6 +563,7 @@ fn restore_state(
     (pio, mmio): (&Bus, &Bus),
     s: &crate::snapshot::Loaded,
 ) -> Result<(), VmmError> {
+    let s = &s.state;
     let fail = |what: &str, e: String| VmmError::Config(format!("restoring {what}: {e}"));
     pio.restore_states(&s.devices.pio)
         .map_err(|e| fail("the devices", e))?;
