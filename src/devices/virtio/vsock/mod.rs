@@ -397,13 +397,19 @@ mod tests {
         }
     }
 
+    /// An empty directory of this test process's own, for a device's sockets.
+    fn fresh_dir(tag: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("exitless-vsock-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
     /// A restored handler tells the driver its connections are gone, in the first event buffer
     /// it is given (a bad one is returned empty first), once.
     #[test]
     fn a_restored_device_sends_one_transport_reset() {
-        let dir = std::env::temp_dir().join(format!("exitless-vsock-rst-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = fresh_dir("rst");
         let mut dev = Vsock::new(&VsockConfig {
             cid: 3,
             socket: dir.join("v.sock"),
@@ -455,9 +461,7 @@ mod tests {
     /// Two memories: the testing driver queue sits at fixed addresses, one queue per memory.
     #[test]
     fn queues_carry_packets_and_hostile_chains_are_survived() {
-        let dir = std::env::temp_dir().join(format!("exitless-vsock-dev-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = fresh_dir("dev");
         let host = UnixListener::bind(dir.join("v.sock_5678")).unwrap();
         let mut dev = Vsock::new(&VsockConfig {
             cid: 3,
@@ -550,9 +554,7 @@ mod tests {
 
     #[test]
     fn the_socket_goes_when_the_vm_ends_even_while_the_device_is_still_held() {
-        let dir = std::env::temp_dir().join(format!("exitless-vsock-rel-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = fresh_dir("rel");
         let mut dev = Vsock::new(&VsockConfig {
             cid: 3,
             socket: dir.join("v.sock"),
@@ -590,9 +592,7 @@ mod tests {
         assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
         let _ = std::fs::remove_file(&file);
         // A live socket is not taken over; a stale one is replaced.
-        let dir = std::env::temp_dir().join(format!("exitless-vsock-live-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = fresh_dir("live");
         let live = UnixListener::bind(dir.join("v.sock")).unwrap();
         let cfg = VsockConfig {
             cid: 3,
