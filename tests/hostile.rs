@@ -258,6 +258,10 @@ fn iommu_row(
         stdout.contains("kit: hostile: virtio-rng works through the IOMMU after its attack"),
         "{describe}"
     );
+    assert!(
+        stdout.contains("kit: hostile: queued invalidation works after its attack"),
+        "{describe}"
+    );
     let devs = report["devices"].as_array().expect("devices in the report");
     let facts = devs
         .iter()
