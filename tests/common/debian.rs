@@ -69,6 +69,16 @@ pub struct Vm {
 impl Vm {
     /// `exitless run ARGS --stats-json REPORT`, inside `netns` when given.
     pub fn start(netns: Option<&str>, args: &[String], report: &Path) -> Vm {
+        Vm::start_verb("run", netns, args, report)
+    }
+
+    /// `exitless restore ARGS --stats-json REPORT`, inside `netns` when given: the guest goes on
+    /// where its snapshot stopped it (a shell already set up by [`Vm::shell`] answers at once).
+    pub fn restore(netns: Option<&str>, args: &[String], report: &Path) -> Vm {
+        Vm::start_verb("restore", netns, args, report)
+    }
+
+    fn start_verb(verb: &str, netns: Option<&str>, args: &[String], report: &Path) -> Vm {
         let mut cmd = match netns {
             Some(ns) => {
                 // `ip netns exec` enters the namespace and execs exitless: the child is exitless.
@@ -78,7 +88,7 @@ impl Vm {
             }
             None => Command::new(exitless()),
         };
-        cmd.arg("run").args(args).arg("--stats-json").arg(report);
+        cmd.arg(verb).args(args).arg("--stats-json").arg(report);
         Vm::spawn(cmd, report)
     }
 
