@@ -172,6 +172,27 @@ fn enter_netns(ns: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Makes `c`'s child enter network namespace `ns` (and only that: `ip netns exec` would also
+/// remount /sys, hiding tracefs from `--kernel-exit-reasons`). The returned file must stay open
+/// until the child is spawned.
+fn in_netns(c: &mut Command, ns: &str) -> Result<std::fs::File, String> {
+    use std::os::unix::process::CommandExt;
+    let f = std::fs::File::open(format!("/run/netns/{ns}"))
+        .map_err(|e| format!("network namespace {ns}: {e}"))?;
+    let fd = f.as_raw_fd();
+    // SAFETY: the closure runs in the forked child before exec and calls only setns(2), which
+    // is async-signal-safe, on a descriptor the parent keeps open until the spawn.
+    unsafe {
+        c.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(f)
+}
+
 /// Starts the TCP sink and the UDP echo in `ns` (threads that live as long as the bench).
 fn start_peers(ns: &str) -> Result<(), String> {
     let ns = ns.to_string();
@@ -246,10 +267,18 @@ pub fn configs(tap: &str, peer: bool, sweep: &[u32], run_help: &str) -> Vec<Conf
     } else {
         vec![]
     };
+    // KVM's exits by SVM/VMX reason (the tracepoint counters), where the binary has them: the
+    // table then says which exits each interrupt still costs. Where the host cannot trace, the
+    // run says why and keeps KVM's aggregate counters.
+    let traced: Vec<String> = if has("--kernel-exit-reasons") {
+        vec!["--kernel-exit-reasons".into()]
+    } else {
+        vec![]
+    };
     let mk = |name: &str, opts: Vec<String>| Config {
         name: name.into(),
         qemu: false,
-        options: opts,
+        options: [opts, traced.clone()].concat(),
         rr: true,
     };
     let mut v = vec![
@@ -287,6 +316,7 @@ pub fn configs(tap: &str, peer: bool, sweep: &[u32], run_help: &str) -> Vec<Conf
                 completion(true),
                 net(&format!("adaptive:{t}")),
                 dedicated.clone(),
+                traced.clone(),
             ]
             .concat(),
             rr: false,
@@ -369,8 +399,8 @@ impl Vm {
         let s = |p: &Path| p.display().to_string();
         let mem = format!("{}", args.mem >> 20);
         let cmdline = "console=ttyS0 quiet";
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", ns]).arg(program);
+        let mut c = Command::new(program);
+        let _netns = in_netns(&mut c, ns)?;
         if cfg.qemu {
             c.args([
                 "-M",
@@ -503,12 +533,14 @@ impl Vm {
             super::io::kvm_stats_of(&ret)?
         } else {
             let reply = crate::api::request(&self.socket, &crate::api::Call::Stats)?;
-            reply["kvm"]
+            let mut kvm: BTreeMap<String, u64> = reply["kvm"]
                 .as_object()
                 .ok_or_else(|| format!("no KVM statistics from exitless: {reply}"))?
                 .iter()
                 .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
-                .collect()
+                .collect();
+            kvm.extend(traced_sums(&reply));
+            kvm
         };
         Ok(Snapshot {
             kvm,
@@ -534,6 +566,24 @@ impl Vm {
             tail(&read_lossy(&self.errors), 6)
         )
     }
+}
+
+/// The exits by SVM/VMX reason (`kvm_exit.<reason>`, counted per vCPU where traced) summed
+/// over the vCPUs of a stats reply.
+fn traced_sums(reply: &Value) -> BTreeMap<String, u64> {
+    let mut sums = BTreeMap::new();
+    let vcpus = reply["vcpus"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    for v in vcpus {
+        let Some(kvm) = v["kvm"].as_object() else {
+            continue;
+        };
+        for (k, n) in kvm {
+            if let (true, Some(n)) = (k.starts_with(crate::rates::TRACED_PREFIX), n.as_u64()) {
+                *sums.entry(k.clone()).or_insert(0) += n;
+            }
+        }
+    }
+    sums
 }
 
 /// One workload's measurement under one configuration.
@@ -619,7 +669,12 @@ pub fn measure(
         by_reason: after
             .kvm
             .keys()
-            .filter(|k| k.ends_with("_exits") || *k == "insn_emulation" || *k == "hypercalls")
+            .filter(|k| {
+                k.ends_with("_exits")
+                    || *k == "insn_emulation"
+                    || *k == "hypercalls"
+                    || k.starts_with(crate::rates::TRACED_PREFIX)
+            })
             .map(|k| (k.clone(), d(k) / wall))
             .filter(|(_, v)| *v > 0.0)
             .collect(),
@@ -783,14 +838,7 @@ pub fn table(m: &[Measure]) -> String {
             });
         }
         for c in &cols {
-            let mut r: Vec<(&String, &f64)> = c.by_reason.iter().collect();
-            r.sort_by(|a, b| b.1.total_cmp(a.1));
-            let top: Vec<String> = r
-                .iter()
-                .take(6)
-                .map(|(k, v)| format!("{k} {v:.0}"))
-                .collect();
-            s += &format!("  {} exits/s by reason: {}\n", c.config, top.join(", "));
+            s += &by_reason_lines(c);
         }
     }
     let sweep: Vec<&Measure> = m
@@ -814,6 +862,38 @@ pub fn table(m: &[Measure]) -> String {
                 cell(c.time_in_guest.map(|t| t * 100.0), 1) + "%"
             );
         }
+    }
+    s
+}
+
+/// A configuration's exits by reason: KVM's aggregate counters per second, and where traced
+/// the SVM/VMX reasons per interrupt (what each interrupt still costs, by cause).
+fn by_reason_lines(c: &Measure) -> String {
+    let prefix = crate::rates::TRACED_PREFIX;
+    let top = |traced: bool, per: f64, prec: usize| -> Vec<String> {
+        let mut r: Vec<(&String, &f64)> = c
+            .by_reason
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix) == traced)
+            .collect();
+        r.sort_by(|a, b| b.1.total_cmp(a.1));
+        r.iter()
+            .take(8)
+            .map(|(k, v)| format!("{} {:.prec$}", k.trim_start_matches(prefix), *v / per))
+            .collect()
+    };
+    let mut s = format!(
+        "  {} exits/s by counter: {}\n",
+        c.config,
+        top(false, 1.0, 0).join(", ")
+    );
+    let traced = top(true, c.interrupts_per_s.max(1e-9), 2);
+    if !traced.is_empty() {
+        s += &format!(
+            "  {} exits per interrupt by exit reason: {}\n",
+            c.config,
+            traced.join(", ")
+        );
     }
     s
 }
@@ -1013,10 +1093,36 @@ mod tests {
         assert!(!base.contains("--dedicated-cores"));
         assert!(c[5].options.join(" ").contains("coalesce=adaptive:96"));
         assert!(!c[5].rr);
+        // Every exitless configuration counts KVM's exits by reason where the binary can.
+        let traced = "--kernel-exit-reasons".to_string();
+        assert!(!c[0].options.contains(&traced));
+        let c = configs(
+            "tap0",
+            true,
+            &[16],
+            &format!("{help} --kernel-exit-reasons"),
+        );
+        for x in &c {
+            assert_eq!(x.options.contains(&traced), !x.qemu, "{}", x.name);
+        }
         // A binary without the completion options: they are left out, not invented.
         let c = configs("tap0", false, &[], "");
         assert_eq!(c.len(), 3);
         assert!(!c[0].options.join(" ").contains("--pv-eoi"));
+    }
+
+    #[test]
+    fn traced_exits_are_summed_over_the_vcpus() {
+        let reply = json!({"vcpus": [
+            {"kvm": {"kvm_exit.intr": 3, "kvm_exit.vintr": 1, "exits": 9}},
+            {"kvm": {"kvm_exit.intr": 4}},
+            {"id": 2},
+        ]});
+        let s = traced_sums(&reply);
+        assert_eq!(s.get("kvm_exit.intr"), Some(&7));
+        assert_eq!(s.get("kvm_exit.vintr"), Some(&1));
+        assert_eq!(s.get("exits"), None);
+        assert!(traced_sums(&json!({})).is_empty());
     }
 
     #[test]
