@@ -25,7 +25,7 @@ const ALL: [Need; 4] = [
 /// objects after checking what both must have.
 fn both_cases(extra: &[&str], guest: &str, mem: u64) -> (Value, Value) {
     let mut argv = vec!["bench", "snapshot", "--vs", "qemu", "--restores", "2"];
-    argv.extend_from_slice(&["--json", "--timeout", "900"]);
+    argv.extend_from_slice(&["--json", "--timeout", "400"]);
     argv.extend_from_slice(extra);
     let r = exitless_cmd(&argv);
     assert_eq!(r.status, Some(0), "{}", r.describe());

@@ -21,7 +21,8 @@
 //!   running (snapshot read and checked, VM built, state set). QEMU: from spawning
 //!   `qemu-system-x86_64 ... -incoming file:PATH` to QMP `query-status` saying `running` (polled
 //!   every millisecond: the process's start and QMP's round trips are in it, so QEMU's figure
-//!   covers more than exitless's).
+//!   covers more than exitless's). The migration stream carries the source's run state, here
+//!   paused, so QEMU loads the guest paused; the bench sends `cont` the moment it says so.
 //! - `first_response_ms`: both: from spawning the restoring process to the guest's answer on
 //!   the console (process start, restore, the guest's way back to its console, page faults on
 //!   lazily mapped memory). exitless gets the input before the guest runs; QEMU gets it as soon
@@ -705,12 +706,18 @@ fn answered(
     Ok((running, first))
 }
 
-/// Polls QMP `query-status` until the restored guest runs: ms since `t0`.
+/// Polls QMP `query-status` until the restored guest runs: ms since `t0`. The migration stream
+/// carries the source's run state, paused here (the snapshot was taken after `stop`), so QEMU
+/// keeps the loaded guest paused: it gets `cont` as soon as it says `paused`.
 fn wait_running(q: &mut Qmp, t0: Instant, deadline: Instant) -> Result<f64, String> {
     loop {
         let r = q.call(json!({"execute": "query-status"}))?;
         if r["status"] == "running" {
             return Ok(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        if r["status"] == "paused" {
+            q.call(json!({"execute": "cont"}))?;
+            continue;
         }
         if Instant::now() > deadline {
             return Err(format!("QEMU's restored guest does not run: {r}"));
