@@ -21,7 +21,8 @@
 //! - [`vswap`]: uncooperative overcommit, baseline swapping vs balloon vs swap mapper (`bench
 //!   vswap`).
 //! - [`snapshot`]: snapshot time and size, restore-to-running and the first guest response
-//!   after a restore (`bench snapshot`).
+//!   after a restore, for a kit guest or the Debian guest, side by side with QEMU's `migrate` to
+//!   a file and `-incoming` (`bench snapshot`).
 
 pub mod boot;
 pub mod exits;
