@@ -113,7 +113,7 @@ pub struct Boot {
 /// Runs `exitless bench boot`.
 pub fn run(args: &BootArgs) -> Result<(), String> {
     check_inputs(args)?;
-    check_host()?;
+    check_host("exitless bench boot --vs qemu")?;
     let exe = std::env::current_exe().map_err(|e| format!("cannot find exitless itself: {e}"))?;
     let qemu = match args.vs {
         Some(Peer::Qemu) => Some(find_program("qemu-system-x86_64").ok_or(
@@ -166,16 +166,17 @@ pub fn run(args: &BootArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn check_host() -> Result<(), String> {
+/// Refuses a PVM host, where neither a Linux guest's userspace nor QEMU's guests run; `command`
+/// is the bench's command line for the emulated SVM host the error points at.
+pub(crate) fn check_host(command: &str) -> Result<(), String> {
     let kvm = crate::vmm::open_kvm().map_err(|e| e.to_string())?;
     if crate::host::HostInfo::detect(&kvm).pvm.is_some() {
-        return Err(
+        return Err(format!(
             "this host's KVM is PVM, where a Linux guest's userspace does not run \
-                    (its syscalls never reach the guest kernel): run the bench where KVM is \
-                    hardware-style, e.g. in the emulated SVM host: \
-                    tools/svm-host.sh exitless bench boot --vs qemu"
-                .into(),
-        );
+             (its syscalls never reach the guest kernel) and QEMU runs no guest well: run the \
+             bench where KVM is hardware-style, e.g. in the emulated SVM host: \
+             tools/svm-host.sh {command}"
+        ));
     }
     Ok(())
 }
@@ -209,16 +210,31 @@ fn check_inputs(args: &BootArgs) -> Result<(), String> {
 /// exitless's whole command line for this kernel (its defaults, this host's extras and the bench
 /// flag), as `exitless run --print-cmdline` tells it: every VMM gets exactly this one.
 fn full_cmdline(exe: &Path, args: &BootArgs) -> Result<String, String> {
-    let out = Command::new(exe)
-        .arg("run")
-        .arg("--kernel")
-        .arg(&args.kernel)
-        .args(["--cmdline", BENCH_FLAG, "--print-cmdline"])
+    let line = linux_cmdline(exe, &args.kernel, BENCH_FLAG)?;
+    if !line.contains(BENCH_FLAG) {
+        return Err(format!(
+            "exitless run --print-cmdline left out {BENCH_FLAG}: {line}"
+        ));
+    }
+    Ok(line)
+}
+
+/// exitless's whole command line for a Linux `kernel` with `extra` appended (its defaults and
+/// this host's extras), as `exitless run --print-cmdline` tells it, for a peer VMM to boot the
+/// same kernel with the very same line (`bench snapshot` uses it too).
+pub(crate) fn linux_cmdline(exe: &Path, kernel: &Path, extra: &str) -> Result<String, String> {
+    let mut cmd = Command::new(exe);
+    cmd.arg("run").arg("--kernel").arg(kernel);
+    if !extra.is_empty() {
+        cmd.args(["--cmdline", extra]);
+    }
+    let out = cmd
+        .arg("--print-cmdline")
         .stdin(Stdio::null())
         .output()
         .map_err(|e| format!("cannot run {}: {e}", exe.display()))?;
     let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    if !out.status.success() || !line.contains(BENCH_FLAG) {
+    if !out.status.success() || line.is_empty() {
         return Err(format!(
             "exitless run --print-cmdline failed ({}): {}",
             out.status,
@@ -250,6 +266,51 @@ impl Files {
     }
 }
 
+/// A Linux guest as QEMU boots it directly (no firmware disk: `-kernel`, `-initrd`, `-append`).
+pub(crate) struct Linux<'a> {
+    pub kernel: &'a Path,
+    pub initrd: &'a Path,
+    pub mem: u64,
+    pub cpus: u8,
+    pub cmdline: &'a str,
+}
+
+/// QEMU's arguments for `linux` under `-M microvm` (`microvm`) or `-M q35`, with KVM, the host's
+/// CPU and no default devices; the caller adds the serial console and QMP.
+pub(crate) fn qemu_linux_args(microvm: bool, linux: &Linux) -> Vec<String> {
+    let machine = if microvm {
+        "microvm,acpi=on,rtc=on"
+    } else {
+        "q35"
+    };
+    let s = |p: &Path| p.display().to_string();
+    [
+        "-M",
+        machine,
+        "-accel",
+        "kvm",
+        "-cpu",
+        "host",
+        "-m",
+        &(linux.mem >> 20).to_string(),
+        "-smp",
+        &linux.cpus.to_string(),
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-kernel",
+        &s(linux.kernel),
+        "-initrd",
+        &s(linux.initrd),
+        "-append",
+        linux.cmdline,
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect()
+}
+
 /// The arguments that boot the guest under `vmm`.
 fn vmm_args(vmm: Vmm, args: &BootArgs, cmdline: &str, files: &Files) -> Vec<String> {
     let s = |p: &Path| p.display().to_string();
@@ -277,36 +338,14 @@ fn vmm_args(vmm: Vmm, args: &BootArgs, cmdline: &str, files: &Files) -> Vec<Stri
             format!("{}", args.timeout + 60.0),
         ],
         Vmm::QemuMicrovm | Vmm::QemuQ35 => {
-            let machine = if vmm == Vmm::QemuMicrovm {
-                "microvm,acpi=on,rtc=on"
-            } else {
-                "q35"
-            };
-            [
-                "-M",
-                machine,
-                "-accel",
-                "kvm",
-                "-cpu",
-                "host",
-                "-m",
-                &mem_mib,
-                "-smp",
-                &args.cpus.to_string(),
-                "-nodefaults",
-                "-no-user-config",
-                "-display",
-                "none",
-                "-kernel",
-                &s(&args.kernel),
-                "-initrd",
-                &s(&args.initrd),
-                "-append",
+            let linux = Linux {
+                kernel: &args.kernel,
+                initrd: &args.initrd,
+                mem: args.mem,
+                cpus: args.cpus,
                 cmdline,
-            ]
-            .iter()
-            .map(|a| a.to_string())
-            .collect()
+            };
+            qemu_linux_args(vmm == Vmm::QemuMicrovm, &linux)
         }
     };
     if vmm != Vmm::Exitless {

@@ -21,7 +21,8 @@
 //! - [`vswap`]: uncooperative overcommit, baseline swapping vs balloon vs swap mapper (`bench
 //!   vswap`).
 //! - [`snapshot`]: snapshot time and size, restore-to-running and the first guest response
-//!   after a restore (`bench snapshot`).
+//!   after a restore, for a kit guest or the Debian guest, side by side with QEMU's `migrate` to
+//!   a file and `-incoming` (`bench snapshot`).
 
 pub mod boot;
 pub mod exits;
@@ -83,9 +84,11 @@ pub enum BenchCommand {
     /// RSS, and a leak check of the host (processes, sockets, network interfaces, /dev/shm) before
     /// and after. Fails on a failed boot or a leak.
     Soak(soak::SoakArgs),
-    /// Snapshot and restore with the kit's compute guest (256 MiB): snapshot time and size on
-    /// disk, restore-to-running as the restored VMM measures it, and the time from starting
-    /// `exitless restore` to the guest's first answer on its console.
+    /// Snapshot and restore of the kit's compute guest (256 MiB) or, with `--guest debian`, the
+    /// Debian guest at its shell prompt: snapshot time and size on disk, restore-to-running, and
+    /// the time from starting the restore to the guest's first answer on its console; side by
+    /// side with QEMU (`migrate` to a file, `-incoming`) with `--vs qemu`. The Debian guest and
+    /// QEMU need hardware-style KVM (e.g. tools/svm-host.sh on a host without it).
     Snapshot(snapshot::SnapshotArgs),
     /// The load generator `bench irq` runs inside its guest.
     #[command(hide = true)]
@@ -400,13 +403,19 @@ pub fn run_under_exitless(
 /// The QEMU command line for the kit guest ELF `kernel` with the devices `devices`: the same
 /// machine for every benchmark (q35, KVM, 64 MiB, one vCPU, the debug-exit port the kit uses).
 pub fn qemu_args(kernel: &Path, devices: &[String], cmdline: &str) -> Vec<String> {
+    qemu_args_mem(kernel, devices, cmdline, 64 << 20)
+}
+
+/// [`qemu_args`] with `mem` bytes of guest RAM instead of 64 MiB.
+pub fn qemu_args_mem(kernel: &Path, devices: &[String], cmdline: &str, mem: u64) -> Vec<String> {
+    let mem_mib = (mem >> 20).to_string();
     let mut v: Vec<String> = [
         "-M",
         "q35",
         "-accel",
         "kvm",
         "-m",
-        "64",
+        &mem_mib,
         "-smp",
         "1",
         "-nographic",
