@@ -231,13 +231,12 @@ impl crate::api::Control for VmControl {
         let place =
             snapshot_place_refused(dir, self.snapshot_dir.as_deref(), crate::sandbox::active());
         if let Some(why) = place {
-            return Err(ApiError::bad_request(format!(
-                "cannot snapshot there: {why}"
-            )));
+            return Err(ApiError::forbidden(format!("cannot snapshot there: {why}")));
         }
         match crate::snapshot::create(&self.snapshot, &self.lifecycle, dir) {
             Ok(s) => Ok(json!(s)),
             Err(e @ SnapshotError::Unsupported(_)) => Err(ApiError::bad_request(e.to_string())),
+            Err(e @ SnapshotError::Place(_)) => Err(ApiError::conflict(e.to_string())),
             Err(e) => Err(ApiError {
                 status: 500,
                 message: e.to_string(),
