@@ -23,8 +23,10 @@
 #      --snapshot-dir, so the examples phase writes one real snapshot there (a 200 checked
 #      against SnapshotSummary) and every other generated directory is refused (outside
 #      --snapshot-dir, or already holding one); nothing is written outside the scratch directory;
-#   3. shutdown, negative: shutdownVm with bodies that violate its schema only: each must be
-#      refused and the VM must still run afterwards;
+#   3. shutdown, negative: shutdownVm with bodies that violate its schema only (wrong types,
+#      values out of range, unknown keys, other content types, random bytes): each must be
+#      refused and the VM must still run afterwards (tools/api_fuzz_hooks.py drops the bodyless,
+#      valid, case that schemathesis sends even in negative mode);
 #   4. the end: the VM resumed if paused, its API answering (GET /api/v1/vm) and its guest ticking
 #      again; then `PUT /api/v1/vm/shutdown` (quit) must stop it with status 0.
 # Exits 0 when every phase passed and the VM neither died nor crashed; 1 otherwise (the scratch
@@ -137,7 +139,7 @@ st() {
     local name=$1
     shift
     say "phase $name"
-    (cd "$work" && "$venv/bin/st" run "$work/api.yaml" --url "http://127.0.0.1:$port" \
+    (cd "$work" && PYTHONPATH="$repo/tools" SCHEMATHESIS_HOOKS=api_fuzz_hooks "$venv/bin/st" run "$work/api.yaml" --url "http://127.0.0.1:$port" \
         --checks all --seed "$seed" --workers 1 --request-timeout 20 \
         --generation-database none --no-color --report junit,ndjson \
         --report-dir "$work/report-$name" "$@")
