@@ -57,7 +57,7 @@ fn the_api_answers_schemathesis_as_documented_and_the_vm_survives() {
         return;
     }
     let t = Instant::now();
-    let (status, out) = api_fuzz(&["--examples", "100"]);
+    let (status, out) = api_fuzz(&["--examples", "300"]);
     eprintln!("tools/api-fuzz.sh took {:.1} s", t.elapsed().as_secs_f64());
     assert_eq!(status, Some(0), "tools/api-fuzz.sh failed:\n{out}");
     for phase in ["random", "snapshot", "shutdown-negative"] {
