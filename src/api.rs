@@ -12,10 +12,12 @@
 //! | PUT | `/api/v1/vm/balloon` | `{"size":"256M"}` or `{"bytes":N}`: the balloon's new target | `{"target_pages":N}` |
 //! | PUT | `/api/v1/vm/shutdown` | no body: stops the VM (as `quit`: the summary and report are written); `{"acpi":true,"grace_s":10}`: presses the ACPI power button and stops it after the grace unless the guest powered off | `{}`, or `{"acpi":true,"grace_s":..,"guest_listens":..}` |
 //!
-//! Errors are HTTP statuses with a JSON body `{"error":"why"}`: 400 for a bad body or a request
-//! in the wrong state (`cannot resume a VM that is running`), 404 for an unknown path, 405 for a
-//! known path with another method, 413 for a body over [`MAX_BODY`] bytes, 500 when the VM could
-//! not do it. The routes are one table, [`ROUTES`]; `docs/api.yaml` (OpenAPI 3) documents them
+//! Errors are HTTP statuses with a JSON body `{"error":"why"}`: 400 for a bad body (a body is a
+//! JSON object with only its route's keys) or a request in the wrong state (`cannot resume a VM
+//! that is running`), 403 for a snapshot outside `--snapshot-dir`, 404 for an unknown path, 405
+//! for a known path with another method (with `Allow`), 409 for a valid request this VM cannot do
+//! as asked, 413 for a body over [`MAX_BODY`] bytes, 415 for a body of another media type than
+//! JSON, 500 when the VM could not do it. The routes are one table, [`ROUTES`]; `docs/api.yaml` (OpenAPI 3) documents them
 //! and a test keeps the two in step.
 //!
 //! **Why hyper (on a single-threaded tokio runtime).** hyper is the HTTP implementation most of
