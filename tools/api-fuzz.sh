@@ -35,11 +35,11 @@
 # Environment: EXITLESS_BIN (the exitless binary; default: built with cargo, release),
 # EXITLESS_SCHEMATHESIS_VENV, CARGO_TARGET_DIR.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 repo=$PWD
 
 ST_VERSION=4.32.5
-venv=${EXITLESS_SCHEMATHESIS_VENV:-$HOME/.cache/exitless-schemathesis/venv-$ST_VERSION}
+venv=${EXITLESS_SCHEMATHESIS_VENV:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/exitless-schemathesis/venv-$ST_VERSION}
 examples=100
 seconds=""
 seed=20261207
@@ -106,8 +106,7 @@ start_vm() {
         --console-log "$work/console.log" --stats-json "$work/report.json" \
         </dev/null >/dev/null 2>"$work/vm.stderr" &
     vm_pid=$!
-    local i
-    for i in $(seq 600); do
+    for _ in $(seq 600); do
         vm_alive || { say "the VM ended at start: $(cat "$work/vm.stderr")"; return 1; }
         [ "$(ticks)" -ge 1 ] && ctl state >/dev/null 2>&1 && return 0
         sleep 0.1
@@ -124,8 +123,7 @@ start_bridge() {
     port=$(free_port)
     socat "TCP-LISTEN:$port,bind=127.0.0.1,reuseaddr,fork" "UNIX-CONNECT:$sock" 2>"$work/socat.stderr" &
     bridge_pid=$!
-    local i
-    for i in $(seq 100); do
+    for _ in $(seq 100); do
         (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
         sleep 0.1
     done
@@ -167,9 +165,9 @@ still_running() {
     vm_alive || { say "the VM died: $(tail -n 20 "$work/vm.stderr")"; return 1; }
     ctl state | grep -q '"paused"' && ctl resume >/dev/null
     ctl state | grep -q '"running"' || { say "GET /api/v1/vm: $(ctl state)"; return 1; }
-    local before i
+    local before
     before=$(ticks)
-    for i in $(seq 100); do
+    for _ in $(seq 100); do
         [ "$(ticks)" -gt "$before" ] && return 0
         sleep 0.1
     done
