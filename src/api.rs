@@ -12,10 +12,12 @@
 //! | PUT | `/api/v1/vm/balloon` | `{"size":"256M"}` or `{"bytes":N}`: the balloon's new target | `{"target_pages":N}` |
 //! | PUT | `/api/v1/vm/shutdown` | no body: stops the VM (as `quit`: the summary and report are written); `{"acpi":true,"grace_s":10}`: presses the ACPI power button and stops it after the grace unless the guest powered off | `{}`, or `{"acpi":true,"grace_s":..,"guest_listens":..}` |
 //!
-//! Errors are HTTP statuses with a JSON body `{"error":"why"}`: 400 for a bad body or a request
-//! in the wrong state (`cannot resume a VM that is running`), 404 for an unknown path, 405 for a
-//! known path with another method, 413 for a body over [`MAX_BODY`] bytes, 500 when the VM could
-//! not do it. The routes are one table, [`ROUTES`]; `docs/api.yaml` (OpenAPI 3) documents them
+//! Errors are HTTP statuses with a JSON body `{"error":"why"}`: 400 for a bad body (a body is a
+//! JSON object with only its route's keys) or a request in the wrong state (`cannot resume a VM
+//! that is running`), 403 for a snapshot outside `--snapshot-dir`, 404 for an unknown path, 405
+//! for a known path with another method (with `Allow`), 409 for a valid request this VM cannot do
+//! as asked, 413 for a body over [`MAX_BODY`] bytes, 415 for a body of another media type than
+//! JSON, 500 when the VM could not do it. The routes are one table, [`ROUTES`]; `docs/api.yaml` (OpenAPI 3) documents them
 //! and a test keeps the two in step.
 //!
 //! **Why hyper (on a single-threaded tokio runtime).** hyper is the HTTP implementation most of
@@ -69,6 +71,15 @@ impl ApiError {
             status: 400,
             message: m.into(),
         }
+    }
+    /// A request the document allows that this VM cannot do as asked (a balloon larger than its
+    /// memory, a snapshot directory that already holds one): 409, not 400.
+    pub fn conflict(m: impl Into<String>) -> Self {
+        ApiError::new(409, m)
+    }
+    /// A request this VM is not allowed to do (a snapshot outside `--snapshot-dir`).
+    pub fn forbidden(m: impl Into<String>) -> Self {
+        ApiError::new(403, m)
     }
     fn new(status: u16, m: impl Into<String>) -> Self {
         ApiError {
@@ -173,11 +184,54 @@ pub fn handle(method: &str, path: &str, body: &[u8], vm: &dyn Control) -> (u16, 
     }
 }
 
+/// A request body that must be a JSON object (the document's bodies all are): anything else,
+/// `[]`, `7` or `"x"` included, is refused rather than read as an object without keys (which
+/// for `shutdown` meant "stop now").
+fn json_object(body: &[u8]) -> Result<Value, ApiError> {
+    let req: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("the body is not JSON: {e}")))?;
+    let kind = match &req {
+        Value::Object(_) => return Ok(req),
+        Value::Array(_) => "an array",
+        Value::String(_) => "a string",
+        Value::Number(_) => "a number",
+        Value::Bool(_) => "a boolean",
+        Value::Null => "null",
+    };
+    Err(ApiError::bad_request(format!(
+        "the body must be a JSON object, not {kind}"
+    )))
+}
+
+/// Refuses a body with a key its route does not take (a typo such as `"szie"` is told, not
+/// ignored; the document says `additionalProperties: false`).
+fn only_keys(req: &Value, keys: &[&str]) -> Result<(), ApiError> {
+    let unknown = req
+        .as_object()
+        .and_then(|o| o.keys().find(|k| !keys.contains(&k.as_str())));
+    match unknown {
+        Some(k) => Err(ApiError::bad_request(format!(
+            "unknown key {k:?}: this route takes {keys:?}"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The `Allow` header of a 405 for `path` (RFC 9110: a 405 lists the methods the path takes):
+/// its methods, or None for a path with no route.
+pub fn allowed_methods(path: &str) -> Option<String> {
+    let methods: Vec<&str> = ROUTES
+        .iter()
+        .filter(|r| r.path == path)
+        .map(|r| r.method)
+        .collect();
+    (!methods.is_empty()).then(|| methods.join(", "))
+}
+
 /// `PUT /api/v1/vm/snapshot`: `{"dir":"/absolute/path"}` (the API's working directory is not
 /// the client's: a relative path is refused).
 fn snapshot(body: &[u8], vm: &dyn Control) -> Result<Value, ApiError> {
-    let req: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("the body is not JSON: {e}")))?;
+    let req = json_object(body)?;
     let dir = req
         .get("dir")
         .and_then(Value::as_str)
@@ -195,16 +249,16 @@ fn snapshot(body: &[u8], vm: &dyn Control) -> Result<Value, ApiError> {
 /// The longest grace a shutdown through the power button may ask for.
 const MAX_GRACE_S: f64 = 3600.0;
 
-/// `PUT /api/v1/vm/shutdown`: no body (or `{}`) stops the VM at once; `{"acpi": true}` presses
-/// the ACPI power button and stops it after `"grace_s"` (default 10, at most an hour) unless the
-/// guest powers off first.
+/// `PUT /api/v1/vm/shutdown`: no body (an empty one: whitespace is not JSON) or `{}` stops the
+/// VM at once; `{"acpi": true}` presses the ACPI power button and stops it after `"grace_s"`
+/// (default 10, at most an hour) unless the guest powers off first. Any other key is refused.
 fn shutdown(body: &[u8], vm: &dyn Control) -> Result<Value, ApiError> {
-    let req: Value = if body.iter().all(u8::is_ascii_whitespace) {
+    let req: Value = if body.is_empty() {
         json!({})
     } else {
-        serde_json::from_slice(body)
-            .map_err(|e| ApiError::bad_request(format!("the body is not JSON: {e}")))?
+        json_object(body)?
     };
+    only_keys(&req, &["acpi", "grace_s"])?;
     let acpi = match req.get("acpi") {
         None => false,
         Some(v) => v
@@ -236,8 +290,8 @@ fn shutdown(body: &[u8], vm: &dyn Control) -> Result<Value, ApiError> {
 
 /// `PUT /api/v1/vm/balloon`: `{"size":"256M"}` or `{"bytes":N}`.
 fn balloon(body: &[u8], vm: &dyn Control) -> Result<Value, ApiError> {
-    let req: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("the body is not JSON: {e}")))?;
+    let req = json_object(body)?;
+    only_keys(&req, &["size", "bytes"])?;
     let bytes = match (req.get("size"), req.get("bytes")) {
         (Some(s), None) => crate::config::parse_size(
             s.as_str()
@@ -253,7 +307,7 @@ fn balloon(body: &[u8], vm: &dyn Control) -> Result<Value, ApiError> {
             ))
         }
     };
-    let pages = vm.set_balloon(bytes).map_err(ApiError::bad_request)?;
+    let pages = vm.set_balloon(bytes).map_err(ApiError::conflict)?;
     Ok(json!({"target_pages": pages}))
 }
 
@@ -384,9 +438,16 @@ async fn answer(
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
     let method = req.method().as_str().to_string();
     let path = req.uri().path().to_string();
+    let media = req.headers().get(hyper::header::CONTENT_TYPE).cloned();
     let body = Limited::new(req.into_body(), MAX_BODY).collect();
     let (status, value) = match tokio::time::timeout(CLIENT_TIMEOUT, body).await {
-        Ok(Ok(b)) => handle(&method, &path, &b.to_bytes(), &*vm),
+        Ok(Ok(b)) => {
+            let b = b.to_bytes();
+            match media_refused(media.as_ref().map(|m| m.as_bytes()), &b) {
+                Some(e) => (e.status, json!({"error": e.message})),
+                None => handle(&method, &path, &b, &*vm),
+            }
+        }
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => (
             413,
             json!({"error": format!("the body is longer than {MAX_BODY} bytes")}),
@@ -400,7 +461,29 @@ async fn answer(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("application/json"),
     );
+    let allow = (status == 405).then(|| allowed_methods(&path)).flatten();
+    if let Some(v) = allow.and_then(|m| hyper::header::HeaderValue::from_str(&m).ok()) {
+        resp.headers_mut().insert(hyper::header::ALLOW, v);
+    }
     Ok(resp)
+}
+
+/// Why a request body may not be read as JSON, if so: it has a `Content-Type` other than
+/// `application/json` (415). A body without one is read as JSON; an empty body needs none.
+/// (Found by tools/api-fuzz.sh: `{"acpi": false}` sent as `text/plain` stopped the VM.)
+fn media_refused(content_type: Option<&[u8]>, body: &[u8]) -> Option<ApiError> {
+    let ct = content_type?;
+    if body.is_empty() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(ct);
+    let media = text.split(';').next().unwrap_or_default().trim();
+    (!media.eq_ignore_ascii_case("application/json")).then(|| {
+        ApiError::new(
+            415,
+            format!("the body is {media:?}; the API takes application/json"),
+        )
+    })
 }
 
 /// A request of the client (`exitless ctl`, `top`, the benchmarks).
@@ -586,7 +669,7 @@ mod tests {
                 400,
             ),
             ("PUT", "/api/v1/vm/balloon", r#"{"bytes":-1}"#, 400),
-            ("PUT", "/api/v1/vm/balloon", r#"{"size":"2G"}"#, 400),
+            ("PUT", "/api/v1/vm/balloon", r#"{"size":"2G"}"#, 409),
             ("PUT", "/api/v1/vm/balloon", r#"{"size":7}"#, 400),
             ("PUT", "/api/v1/vm/snapshot", "", 400),
             ("PUT", "/api/v1/vm/snapshot", r#"{"dir":"rel/dir"}"#, 400),
@@ -598,6 +681,23 @@ mod tests {
             ("GET", "/api/v1/vm/reboot", "", 404),
             ("GET", "/", "", 404),
             ("PUT", "/api/v1/vm/shutdown", "off", 400),
+            // Found by tools/api-fuzz.sh: a JSON body that is not an object (`1048577`) was
+            // read as `{}` and stopped the VM.
+            ("PUT", "/api/v1/vm/shutdown", "1048577", 400),
+            ("PUT", "/api/v1/vm/shutdown", "[]", 400),
+            ("PUT", "/api/v1/vm/shutdown", r#""now""#, 400),
+            ("PUT", "/api/v1/vm/shutdown", "null", 400),
+            ("PUT", "/api/v1/vm/shutdown", " \n", 400),
+            (
+                "PUT",
+                "/api/v1/vm/shutdown",
+                r#"{"acpi":false,"now":1}"#,
+                400,
+            ),
+            ("PUT", "/api/v1/vm/balloon", r#"{"szie":"48M"}"#, 400),
+            ("PUT", "/api/v1/vm/balloon", r#"{"size":"48M","x":1}"#, 400),
+            ("PUT", "/api/v1/vm/balloon", "[]", 400),
+            ("PUT", "/api/v1/vm/snapshot", r#"["/abs"]"#, 400),
             ("PUT", "/api/v1/vm/shutdown", r#"{"acpi":"yes"}"#, 400),
             ("PUT", "/api/v1/vm/shutdown", r#"{"grace_s":5}"#, 400),
             (
@@ -763,6 +863,75 @@ mod tests {
         let mut out = Vec::new();
         let _ = s.read_to_end(&mut out);
         String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[test]
+    fn a_body_that_is_not_json_by_its_content_type_is_a_415() {
+        let json = Some(&b"application/json"[..]);
+        assert_eq!(media_refused(json, b"{}"), None);
+        assert_eq!(
+            media_refused(Some(b"Application/JSON; charset=utf-8"), b"{}"),
+            None
+        );
+        assert_eq!(
+            media_refused(None, b"{}"),
+            None,
+            "no content type: read as JSON"
+        );
+        assert_eq!(media_refused(Some(b"text/plain"), b""), None, "no body");
+        for ct in [
+            &b"text/plain"[..],
+            b"multipart/form-data",
+            b"application/x-www-form-urlencoded",
+        ] {
+            let e = media_refused(Some(ct), br#"{"acpi": false}"#).expect("refused");
+            assert_eq!(e.status, 415, "{e:?}");
+        }
+        // Through the socket: refused, and the VM is not stopped.
+        let (path, dir) = temp_socket("media");
+        let vm = Arc::new(Fake::default());
+        let _server = ApiServer::start(&path, vm.clone()).unwrap();
+        let body = r#"{"acpi": false}"#;
+        let req = format!(
+            "PUT /api/v1/vm/shutdown HTTP/1.1\r\ncontent-type: text/plain\r\n\
+             content-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let r = raw(&path, req.as_bytes());
+        assert!(r.starts_with("HTTP/1.1 415"), "{r}");
+        assert!(
+            !vm.quit.load(Ordering::SeqCst),
+            "a refused request changes nothing"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Found by tools/api-fuzz.sh (schemathesis' `unsupported_method` check): a 405 names the
+    /// methods its path takes in `Allow` (RFC 9110); a 404 has none.
+    #[test]
+    fn a_405_lists_the_allowed_methods() {
+        let (path, dir) = temp_socket("allow");
+        let _server = ApiServer::start(&path, Arc::new(Fake::default())).unwrap();
+        for (req, allow) in [
+            ("TRACE /api/v1/vm HTTP/1.1\r\n\r\n", "GET"),
+            ("DELETE /api/v1/vm/pause HTTP/1.1\r\n\r\n", "PUT"),
+            ("GET /api/v1/vm/shutdown HTTP/1.1\r\n\r\n", "PUT"),
+        ] {
+            let r = raw(&path, req.as_bytes()).to_ascii_lowercase();
+            assert!(r.starts_with("http/1.1 405"), "{r}");
+            assert!(
+                r.contains(&format!("\r\nallow: {}\r\n", allow.to_ascii_lowercase())),
+                "{r}"
+            );
+        }
+        let r = raw(&path, b"GET /api/v1/nothing HTTP/1.1\r\n\r\n").to_ascii_lowercase();
+        assert!(
+            r.starts_with("http/1.1 404") && !r.contains("allow:"),
+            "{r}"
+        );
+        assert_eq!(allowed_methods("/api/v1/vm").as_deref(), Some("GET"));
+        assert_eq!(allowed_methods("/nothing"), None);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -275,3 +275,209 @@ fn top_json_reports_rates_of_a_running_vm() {
         bad.describe()
     );
 }
+
+/// The clock guest (a tick every 200 ms until stopped) with a balloon and a `--snapshot-dir`.
+fn start_clock(dir: &TempDir) -> Child {
+    std::fs::create_dir_all(dir.path("snaps")).unwrap();
+    Command::new(exitless())
+        .args([
+            "run",
+            "--guest",
+            "clock",
+            "--balloon",
+            "size=0",
+            "--timeout",
+            "300",
+        ])
+        .arg("--snapshot-dir")
+        .arg(dir.path("snaps"))
+        .arg("--api-socket")
+        .arg(dir.path("api.sock"))
+        .arg("--console-log")
+        .arg(dir.path("console.log"))
+        .arg("--stats-json")
+        .arg(dir.path("report.json"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start exitless")
+}
+
+fn ticks(dir: &TempDir) -> usize {
+    let text = std::fs::read_to_string(dir.path("console.log")).unwrap_or_default();
+    text.lines().filter(|l| l.starts_with("kit: tick ")).count()
+}
+
+/// Waits until the guest has ticked `more` times after `from`.
+fn wait_ticks(dir: &TempDir, child: &mut Child, from: usize, more: usize) {
+    let t = Instant::now();
+    while ticks(dir) < from + more {
+        assert!(child.try_wait().unwrap().is_none(), "the VM ended");
+        assert!(t.elapsed() < Duration::from_secs(120), "no tick in 120 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One HTTP request on a new connection: the reply's head and body, lower-cased.
+fn http(dir: &TempDir, method: &str, path: &str, headers: &str, body: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(dir.path("api.sock")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nconnection: close\r\n{headers}content-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).to_ascii_lowercase()
+}
+
+/// What tools/api-fuzz.sh (schemathesis against docs/api.yaml) found, on a real VM: a non-object
+/// body, or one sent as another media type, stopped the VM through `shutdown`; a snapshot
+/// directory already used (or impossible to create) was a 500; refusals of valid requests were
+/// 400s; 405s had no `Allow`. Each is now answered as documented and the VM runs on.
+#[test]
+fn requests_schemathesis_found_are_answered_as_documented_and_the_vm_runs_on() {
+    if !kvm_available("requests_schemathesis_found_are_answered_as_documented_and_the_vm_runs_on") {
+        return;
+    }
+    let dir = TempDir::new("api-found");
+    let mut child = start_clock(&dir);
+    wait_ticks(&dir, &mut child, 0, 1);
+    let json = "content-type: application/json\r\n";
+    let shutdown = "/api/v1/vm/shutdown";
+    for (headers, body, want) in [
+        (json, "1048577", "http/1.1 400"),
+        (json, "[]", "http/1.1 400"),
+        (json, r#"{"acpi":false,"x":1}"#, "http/1.1 400"),
+        ("content-type: text/plain\r\n", "{}", "http/1.1 415"),
+    ] {
+        let r = http(&dir, "PUT", shutdown, headers, body);
+        assert!(r.starts_with(want), "{body:?} as {headers:?}: {r}");
+    }
+    let r = http(&dir, "TRACE", shutdown, "", "");
+    assert!(
+        r.starts_with("http/1.1 405") && r.contains("\r\nallow: put\r\n"),
+        "{r}"
+    );
+    let r = http(&dir, "PUT", "/api/v1/vm/balloon", json, r#"{"size":"1G"}"#);
+    assert!(r.starts_with("http/1.1 409"), "{r}");
+    // Snapshots: the first is written; the same directory again, one that cannot be created
+    // and one outside --snapshot-dir are refused with 409, 409 and 403.
+    assert!(http(&dir, "PUT", "/api/v1/vm/pause", "", "").starts_with("http/1.1 200"));
+    let snap = |d: &std::path::Path| {
+        let body = serde_json::json!({ "dir": d }).to_string();
+        http(&dir, "PUT", "/api/v1/vm/snapshot", json, &body)
+    };
+    let first = dir.path("snaps").join("a");
+    assert!(snap(&first).starts_with("http/1.1 200"));
+    for (d, want) in [
+        (first.clone(), "http/1.1 409"),
+        (first.join("state.json").join("b"), "http/1.1 409"),
+        (dir.path("elsewhere"), "http/1.1 403"),
+    ] {
+        let r = snap(&d);
+        assert!(r.starts_with(want), "{}: {r}", d.display());
+    }
+    assert!(http(&dir, "PUT", "/api/v1/vm/resume", "", "").starts_with("http/1.1 200"));
+    // Still running and ticking after all of it.
+    wait_ticks(&dir, &mut child, ticks(&dir), 2);
+    let (r, ok) = ctl(&dir, &["quit"]);
+    assert_eq!(
+        (r.status, &ok["ok"]),
+        (Some(0), &true.into()),
+        "{}",
+        r.describe()
+    );
+    let run = finish(&dir, child);
+    assert_eq!(run.status, Some(0), "{}", run.describe());
+}
+
+/// Many connections at once, far over the API's 8 slots, half of them hung up in the middle of
+/// their request: each is served or told 503, none hangs, the guest ticks on through the burst,
+/// and afterwards the API serves again (no slot is leaked by a client that vanished).
+/// (tests/lifecycle.rs holds the slots with idle clients and sends garbage and 1 MiB requests.)
+#[test]
+fn a_burst_of_connections_and_hang_ups_does_not_stall_the_vm_or_leak_slots() {
+    if !kvm_available("a_burst_of_connections_and_hang_ups_does_not_stall_the_vm_or_leak_slots") {
+        return;
+    }
+    let dir = TempDir::new("api-burst");
+    let mut child = start_clock(&dir);
+    wait_ticks(&dir, &mut child, 0, 1);
+    let before = ticks(&dir);
+    let t = Instant::now();
+    let workers: Vec<_> = (0..16)
+        .map(|w| {
+            let sock = dir.path("api.sock");
+            std::thread::spawn(move || burst(&sock, w, 25))
+        })
+        .collect();
+    let answers: Vec<String> = workers
+        .into_iter()
+        .flat_map(|w| w.join().expect("a client thread"))
+        .collect();
+    let took = t.elapsed();
+    assert_eq!(
+        answers.len(),
+        16 * 25 / 2,
+        "every finished request answered"
+    );
+    for a in &answers {
+        assert!(
+            a.starts_with("HTTP/1.1 200") || a.starts_with("HTTP/1.1 503"),
+            "{a:?}"
+        );
+    }
+    assert!(answers.iter().any(|a| a.starts_with("HTTP/1.1 200")));
+    // The guest ran through the burst (a tick every 200 ms; allow a slow, loaded host).
+    let ticked = ticks(&dir) - before;
+    let expected = (took.as_millis() / 200) as usize;
+    assert!(
+        ticked + 3 >= expected / 2,
+        "{ticked} ticks in {took:?} of connections"
+    );
+    // Every slot came back: 8 clients at once are all served.
+    let t = Instant::now();
+    let all_served = || {
+        let ok: Vec<_> = (0..8)
+            .map(|_| {
+                let sock = dir.path("api.sock");
+                std::thread::spawn(move || burst(&sock, 1, 1))
+            })
+            .collect();
+        ok.into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .all(|a| a.starts_with("HTTP/1.1 200"))
+    };
+    while !all_served() {
+        assert!(t.elapsed() < Duration::from_secs(30), "slots leaked");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_ticks(&dir, &mut child, ticks(&dir), 1);
+    let (r, _) = ctl(&dir, &["quit"]);
+    assert_eq!(r.status, Some(0), "{}", r.describe());
+    assert_eq!(finish(&dir, child).status, Some(0));
+}
+
+/// `n` connections to `sock`: odd ones (by `w + i`) send half a request head and hang up, even
+/// ones send `GET /api/v1/vm/stats` and read the answer; the answers.
+fn burst(sock: &std::path::Path, w: usize, n: usize) -> Vec<String> {
+    use std::io::{Read, Write};
+    let mut answers = Vec::new();
+    for i in 0..n {
+        let mut s = std::os::unix::net::UnixStream::connect(sock).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        if (w + i) % 2 == 1 {
+            let _ = s.write_all(b"GET /api/v1/vm/stats HTTP/1.1\r\nhost: x");
+            continue;
+        }
+        let _ = s.write_all(b"GET /api/v1/vm/stats HTTP/1.1\r\nconnection: close\r\n\r\n");
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        answers.push(String::from_utf8_lossy(&out).into_owned());
+    }
+    answers
+}

@@ -24,7 +24,8 @@ need cargo || die "cargo is missing: install Rust (https://rustup.rs) first"
 # --- packages ---------------------------------------------------------------------------------
 # QEMU (the peer in side-by-side checks, and the emulator of the SVM host: version 10, since
 # bookworm's 7.2 froze the emulated host after a few nested boots), busybox/cpio (initramfs
-# images), e2fsprogs, socat (the test guest's tools), iproute2 and ping, binutils (objcopy).
+# images), e2fsprogs, socat (the test guest's tools, and tools/api-fuzz.sh's TCP bridge), iproute2
+# and ping, binutils (objcopy), python3 with venv (tools/api-fuzz.sh's schemathesis).
 qemu_major() { qemu-system-x86_64 --version 2>/dev/null | sed -n 's/.*version \([0-9]*\)\..*/\1/p'; }
 missing=()
 need busybox || [ -e /bin/busybox ] || missing+=(busybox-static)
@@ -35,6 +36,8 @@ need ip || missing+=(iproute2)
 need ping || missing+=(iputils-ping)
 need objcopy || missing+=(binutils)
 need xz || missing+=(xz-utils)
+need python3 || missing+=(python3)
+python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
 old_qemu=0
 qemu_note=""
 if ! [ "$(qemu_major)" -ge 10 ] 2>/dev/null; then
@@ -62,6 +65,14 @@ if [ ${#missing[@]} -gt 0 ] || [ "$old_qemu" = 1 ]; then
     fi
 fi
 echo "tools/test.sh: $(qemu-system-x86_64 --version | head -n 1)"
+# The pinned schemathesis of tools/api-fuzz.sh (tests/api_schema_fuzz.rs), in a venv outside the
+# repository: without it that test skips, which CI (EXITLESS_FAIL_ON_SKIP=1) does not allow.
+if ! tools/api-fuzz.sh --install-only; then
+    if [ "${CI:-}" = true ] || [ "${EXITLESS_FAIL_ON_SKIP:-0}" = 1 ]; then
+        die "cannot install schemathesis (tools/api-fuzz.sh --install-only): tests/api_schema_fuzz.rs needs it"
+    fi
+    echo "tools/test.sh: schemathesis cannot be installed: tests/api_schema_fuzz.rs will skip"
+fi
 
 echo "== format and lints"
 cargo fmt --check || exit 1

@@ -63,6 +63,10 @@ pub enum SnapshotError {
     /// This VM cannot be snapshotted (a device that cannot be saved, the wrong state).
     #[error("cannot snapshot this VM: {0}")]
     Unsupported(String),
+    /// The directory asked for cannot take a snapshot (it already holds one, or cannot be
+    /// created): the client's mistake, not the VM's.
+    #[error("snapshot: {0}")]
+    Place(String),
     /// The directory does not hold a usable snapshot.
     #[error("not a usable snapshot: {0}")]
     Invalid(String),
@@ -279,10 +283,10 @@ fn save_vcpus(lifecycle: &Lifecycle) -> Result<Vec<vcpu::VcpuState>, SnapshotErr
 /// `dir` exists and holds no snapshot.
 fn prepare_dir(dir: &Path) -> Result<(), SnapshotError> {
     std::fs::create_dir_all(dir)
-        .map_err(|e| SnapshotError::Save(format!("cannot create {}: {e}", dir.display())))?;
+        .map_err(|e| SnapshotError::Place(format!("cannot create {}: {e}", dir.display())))?;
     for f in [format::STATE_FILE, memory::MEMORY_FILE] {
         if dir.join(f).exists() {
-            return Err(SnapshotError::Save(format!(
+            return Err(SnapshotError::Place(format!(
                 "{} already holds a snapshot ({f}); choose a new directory",
                 dir.display()
             )));

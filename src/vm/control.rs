@@ -163,13 +163,21 @@ pub(crate) struct VmControl {
     pub snapshot_dir: Option<std::path::PathBuf>,
 }
 
-/// Why a snapshot may not be written into `dir`, if so: outside `--snapshot-dir`, or anywhere
-/// when Landlock restricts the VM and it has none (the error would otherwise be a bare EACCES).
+/// Why a snapshot may not be written into `dir`, if so: a `..` in it (`DIR/../elsewhere` is
+/// beneath `DIR` component by component, and would escape it without Landlock), outside
+/// `--snapshot-dir`, or anywhere when Landlock restricts the VM and it has none (the error would
+/// otherwise be a bare EACCES).
 fn snapshot_place_refused(
     dir: &std::path::Path,
     allowed: Option<&std::path::Path>,
     landlock: bool,
 ) -> Option<String> {
+    if dir
+        .components()
+        .any(|c| c == std::path::Component::ParentDir)
+    {
+        return Some(format!("{} has a \"..\" component", dir.display()));
+    }
     match allowed {
         Some(a) if !dir.starts_with(a) => Some(format!(
             "{} is not beneath --snapshot-dir {}",
@@ -231,13 +239,12 @@ impl crate::api::Control for VmControl {
         let place =
             snapshot_place_refused(dir, self.snapshot_dir.as_deref(), crate::sandbox::active());
         if let Some(why) = place {
-            return Err(ApiError::bad_request(format!(
-                "cannot snapshot there: {why}"
-            )));
+            return Err(ApiError::forbidden(format!("cannot snapshot there: {why}")));
         }
         match crate::snapshot::create(&self.snapshot, &self.lifecycle, dir) {
             Ok(s) => Ok(json!(s)),
             Err(e @ SnapshotError::Unsupported(_)) => Err(ApiError::bad_request(e.to_string())),
+            Err(e @ SnapshotError::Place(_)) => Err(ApiError::conflict(e.to_string())),
             Err(e) => Err(ApiError {
                 status: 500,
                 message: e.to_string(),
@@ -304,5 +311,31 @@ impl crate::api::Control for VmControl {
             "grace_s": grace.as_secs_f64(),
             "guest_listens": enabled,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::snapshot_place_refused;
+    use std::path::Path;
+
+    #[test]
+    fn a_snapshot_goes_only_beneath_the_snapshot_dir_and_never_through_dot_dot() {
+        let snaps = Some(Path::new("/srv/snaps"));
+        assert_eq!(
+            snapshot_place_refused(Path::new("/srv/snaps/a"), snaps, true),
+            None
+        );
+        let outside = snapshot_place_refused(Path::new("/srv/other"), snaps, true).unwrap();
+        assert!(outside.contains("not beneath --snapshot-dir"), "{outside}");
+        // Beneath it by its components, outside it on disk: refused, with or without Landlock.
+        for landlock in [true, false] {
+            let up = Path::new("/srv/snaps/../../etc/x");
+            let e = snapshot_place_refused(up, snaps, landlock).unwrap();
+            assert!(e.contains("\"..\""), "{e}");
+            assert!(snapshot_place_refused(up, None, landlock).is_some());
+        }
+        assert!(snapshot_place_refused(Path::new("/a"), None, true).is_some());
+        assert_eq!(snapshot_place_refused(Path::new("/a"), None, false), None);
     }
 }
