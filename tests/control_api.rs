@@ -8,13 +8,13 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{exitless, exitless_cmd, kvm_available, Run, TempDir};
+use common::{exitless, exitless_cmd, kvm_available, start_with_api, Run, TempDir};
 
 /// The kit balloon guest in its `follow` phase: it waits for a new target after its own checks.
 fn start_follower(dir: &TempDir) -> Child {
-    Command::new(exitless())
-        .arg("run")
-        .args([
+    start_with_api(
+        dir,
+        &[
             "--guest",
             "virtio-balloon",
             "--timeout",
@@ -25,18 +25,8 @@ fn start_follower(dir: &TempDir) -> Child {
             "size=48M,stats=1",
             "--cmdline",
             "follow",
-        ])
-        .arg("--api-socket")
-        .arg(dir.path("api.sock"))
-        .arg("--console-log")
-        .arg(dir.path("console.log"))
-        .arg("--stats-json")
-        .arg(dir.path("report.json"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start exitless")
+        ],
+    )
 }
 
 /// Waits until the guest console shows `line` (or the VM ended, or 120 s passed).
@@ -279,29 +269,20 @@ fn top_json_reports_rates_of_a_running_vm() {
 /// The clock guest (a tick every 200 ms until stopped) with a balloon and a `--snapshot-dir`.
 fn start_clock(dir: &TempDir) -> Child {
     std::fs::create_dir_all(dir.path("snaps")).unwrap();
-    Command::new(exitless())
-        .args([
-            "run",
+    let snaps = dir.path("snaps").display().to_string();
+    start_with_api(
+        dir,
+        &[
             "--guest",
             "clock",
             "--balloon",
             "size=0",
             "--timeout",
             "300",
-        ])
-        .arg("--snapshot-dir")
-        .arg(dir.path("snaps"))
-        .arg("--api-socket")
-        .arg(dir.path("api.sock"))
-        .arg("--console-log")
-        .arg(dir.path("console.log"))
-        .arg("--stats-json")
-        .arg(dir.path("report.json"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start exitless")
+            "--snapshot-dir",
+            &snaps,
+        ],
+    )
 }
 
 fn ticks(dir: &TempDir) -> usize {

@@ -8,10 +8,10 @@ mod common;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
-use common::{exitless, exitless_cmd, kvm_available, Run, TempDir};
+use common::{exitless_cmd, kvm_available, start_with_api, Run, TempDir};
 
 /// How long the guest may take to show progress (a loaded, emulated host is slow).
 const PROGRESS: Duration = Duration::from_secs(180);
@@ -22,21 +22,7 @@ fn start_clock(dir: &TempDir) -> Child {
 
 /// `exitless run ARGS` with the directory's API socket, console log and report.
 fn start_guest(dir: &TempDir, args: &[&str]) -> Child {
-    Command::new(exitless())
-        .arg("run")
-        .args(args)
-        .args(["--timeout", "600"])
-        .arg("--api-socket")
-        .arg(dir.path("api.sock"))
-        .arg("--console-log")
-        .arg(dir.path("console.log"))
-        .arg("--stats-json")
-        .arg(dir.path("report.json"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start exitless")
+    start_with_api(dir, &[args, &["--timeout", "600"]].concat())
 }
 
 /// One `kit: tick N tsc_ms T kvmclock_ms K` line (K is None without kvmclock).

@@ -147,6 +147,26 @@ impl Drop for TempDir {
     }
 }
 
+/// `exitless run ARGS` in the background with `dir`'s API socket (`api.sock`), console log
+/// (`console.log`) and report (`report.json`); stdin and stdout closed, stderr piped.
+#[allow(dead_code)]
+pub fn start_with_api(dir: &TempDir, args: &[&str]) -> std::process::Child {
+    Command::new(exitless())
+        .arg("run")
+        .args(args)
+        .arg("--api-socket")
+        .arg(dir.path("api.sock"))
+        .arg("--console-log")
+        .arg(dir.path("console.log"))
+        .arg("--stats-json")
+        .arg(dir.path("report.json"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start exitless")
+}
+
 /// Result of one `exitless run`.
 pub struct Run {
     pub status: Option<i32>,
