@@ -283,3 +283,30 @@ fn debian_guest_powers_off_on_the_acpi_power_button() {
         run.describe()
     );
 }
+
+/// The harness's retry: a guest that triple-faults before its shell answers is booted again, at
+/// most `BOOT_ATTEMPTS` times, and then the test fails with exitless's own words. The kit's
+/// `triplefault` guest faults at once (needs only /dev/kvm, so this runs on any KVM host).
+#[test]
+fn boot_shell_boots_a_triple_faulting_guest_again_then_fails_with_the_reason() {
+    if !kvm_available("boot_shell retry") {
+        return;
+    }
+    let dir = TempDir::new("boot-shell-retry");
+    let args: Vec<String> = ["--guest", "triplefault", "--timeout", "60"]
+        .map(String::from)
+        .to_vec();
+    let report = dir.path("report.json");
+    let started = Instant::now();
+    let err = std::panic::catch_unwind(|| Vm::boot_shell(None, &args, &report))
+        .err()
+        .expect("a guest that never reaches a shell fails the test");
+    let msg = err.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(msg.contains("boot: exitless ended"), "{msg}");
+    assert!(msg.contains("guest triple-faulted"), "{msg}");
+    eprintln!(
+        "boot_shell gave up after {} boots in {:.1} s",
+        debian::BOOT_ATTEMPTS,
+        started.elapsed().as_secs_f64()
+    );
+}

@@ -141,24 +141,36 @@ linux_args=(--test-threads=1)
 stage "real-kernel tests on this host (one at a time)" cargo test --release linux_ -- "${linux_args[@]}"
 
 # The loop L1 runs (busybox sh) over the test binaries. A binary that fails runs once more: the
-# emulated host's TCG now and then wrecks a guest (a triple fault in a Debian guest about once in
-# a few CI runs, never reproduced by rerunning the test). Its first run's result line is renamed,
-# so that only the second run counts; a binary that passes then is listed as flaky
-# (`exitless-flaky:`), one that fails again fails the stage.
+# emulated host's TCG now and then wrecks a guest (a triple fault in a Debian guest, a few times
+# in some CI runs, at random points; never reproduced by rerunning the test). When that second
+# run fails too and its output shows such a wrecked guest (a triple fault, or the nested bench's
+# L2 exitless ending under it), it runs a third time; any other second failure fails the stage.
+# A failing run's result line is renamed when another run follows, so that only the last run
+# counts; a binary that passes on a rerun is listed as flaky (`exitless-flaky:`).
 # shellcheck disable=SC2016
 l1_loop='st=0
 for t in "$@"; do
     n=${t##*/}
     echo "== $n"
     "$t" --test-threads=1 2>&1 | sed "s/^test result: FAILED/first run of $n: FAILED/" | tee /tmp/first-run
-    if ! grep -q "^test result: ok" /tmp/first-run; then
-        echo "tools/test.sh: $n failed; it runs once more"
-        if "$t" --test-threads=1; then
-            echo "exitless-flaky: $n (failed, then passed on its second run)"
-        else
-            st=1
+    run=1
+    while ! grep -q "^test result: ok" /tmp/first-run; do
+        run=$((run + 1))
+        echo "tools/test.sh: $n failed; run $run"
+        "$t" --test-threads=1 > /tmp/rerun 2>&1
+        if grep -q "^test result: ok" /tmp/rerun; then
+            cat /tmp/rerun
+            echo "exitless-flaky: $n (failed, then passed on run $run)"
+            break
         fi
-    fi
+        if [ "$run" -ge 3 ] || { [ "$run" = 2 ] && ! grep -q -e triple-faulted -e "the L2 guest.s exitless ended" /tmp/rerun; }; then
+            cat /tmp/rerun
+            st=1
+            break
+        fi
+        sed "s/^test result: FAILED/run $run of $n: FAILED/" /tmp/rerun
+        cp /tmp/rerun /tmp/first-run
+    done
     echo "exitless-l1-done: $t"
 done
 exit $st'

@@ -19,6 +19,11 @@ pub const INITRD_TOOLS: &str = "images/debian/initrd-tools.img";
 /// initrd-tools.img plus KVM's modules and `load-kvm` (not loaded at boot).
 pub const INITRD_NESTED: &str = "images/debian/initrd-nested.img";
 
+/// The shell's first step: no echo, no kernel messages, `r KEY VALUE` prints a result line.
+const SHELL_SETUP: &str = "stty -echo; dmesg -n 1; r() { echo \"=R= $*\"; }";
+/// Boots [`Vm::boot_shell`] tries when the guest triple-faults before its shell answers.
+pub const BOOT_ATTEMPTS: u32 = 3;
+
 /// Boot to the init's first line (seconds on hardware, ~10 s in the emulated SVM host).
 pub const BOOT_WAIT: Duration = Duration::from_secs(600);
 pub const STEP_WAIT: Duration = Duration::from_secs(120);
@@ -62,6 +67,8 @@ pub struct Vm {
     out: Arc<Mutex<Vec<u8>>>,
     out_thread: Option<JoinHandle<()>>,
     err_thread: Option<JoinHandle<Vec<u8>>>,
+    /// exitless's stderr, once `err_thread` has been joined.
+    stderr_seen: Vec<u8>,
     report: PathBuf,
     steps: u32,
 }
@@ -130,6 +137,7 @@ impl Vm {
             out,
             out_thread: Some(out_thread),
             err_thread: Some(err_thread),
+            stderr_seen: Vec::new(),
             report: report.to_path_buf(),
             steps: 0,
         }
@@ -138,18 +146,56 @@ impl Vm {
     /// Boots the Debian guest with `args` (see [`args`]) and waits for its shell, which then
     /// echoes nothing typed (busybox's line editing reads plain lines), prints no kernel messages
     /// and has `r KEY VALUE` to print a result line (`=R= KEY VALUE`) no typed text starts with.
+    ///
+    /// A guest that triple-faults before its shell has answered is booted again (at most
+    /// [`BOOT_ATTEMPTS`] boots): the emulated SVM host's TCG now and then wrecks a guest at a
+    /// random point (tools/test.sh), and nothing of the test has happened yet. Each retry is
+    /// said on stderr.
     pub fn boot_shell(netns: Option<&str>, args: &[String], report: &Path) -> Vm {
-        Vm::shell(Vm::start(netns, args, report))
+        for attempt in 1..=BOOT_ATTEMPTS {
+            let mut vm = Vm::start(netns, args, report);
+            match vm.try_shell() {
+                Ok(()) => return vm,
+                Err(why) if attempt < BOOT_ATTEMPTS && vm.triple_faulted() => eprintln!(
+                    "boot_shell: boot {attempt} of {BOOT_ATTEMPTS}: the guest triple-faulted \
+                     before its shell answered ({}); booting again",
+                    why.lines().next().unwrap_or("")
+                ),
+                Err(why) => vm.fail(&why),
+            }
+        }
+        unreachable!("the last attempt returns or fails")
+    }
+
+    /// Whether exitless ended because the guest triple-faulted (its stderr says so).
+    fn triple_faulted(&mut self) -> bool {
+        if !matches!(self.child.try_wait(), Ok(Some(_))) {
+            return false;
+        }
+        let stderr = self.stderr();
+        find(&stderr, b"guest triple-faulted").is_some()
+    }
+
+    /// exitless's stderr once it has ended (read once, kept for [`Vm::fail`]).
+    fn stderr(&mut self) -> Vec<u8> {
+        if let Some(t) = self.err_thread.take() {
+            self.stderr_seen = t.join().unwrap_or_default();
+        }
+        self.stderr_seen.clone()
+    }
+
+    /// [`Vm::shell`]'s waits and first step, returning what went wrong instead of failing.
+    fn try_shell(&mut self) -> Result<(), String> {
+        let at = self.try_wait_for("exitless-guest: nproc=", 0, BOOT_WAIT, "boot")?;
+        self.try_wait_for("exitless# ", at, STEP_WAIT, "shell prompt")?;
+        self.try_step(SHELL_SETUP, STEP_WAIT).map(|_| ())
     }
 
     /// [`Vm::boot_shell`] for a VMM already started.
     pub fn shell(mut vm: Vm) -> Vm {
         let at = vm.wait_for("exitless-guest: nproc=", 0, BOOT_WAIT, "boot");
         vm.wait_for("exitless# ", at, STEP_WAIT, "shell prompt");
-        vm.step(
-            "stty -echo; dmesg -n 1; r() { echo \"=R= $*\"; }",
-            STEP_WAIT,
-        );
+        vm.step(SHELL_SETUP, STEP_WAIT);
         vm
     }
 
@@ -189,12 +235,26 @@ impl Vm {
     /// Waits until `pat` appears in the console output after byte `from`; returns the offset
     /// just past it. Ends the VM and fails the test (with the console) on timeout or exit.
     pub fn wait_for(&mut self, pat: &str, from: usize, timeout: Duration, what: &str) -> usize {
+        match self.try_wait_for(pat, from, timeout, what) {
+            Ok(at) => at,
+            Err(why) => self.fail(&why),
+        }
+    }
+
+    /// [`Vm::wait_for`], returning why it did not come instead of failing.
+    fn try_wait_for(
+        &mut self,
+        pat: &str,
+        from: usize,
+        timeout: Duration,
+        what: &str,
+    ) -> Result<usize, String> {
         let deadline = Instant::now() + timeout;
         loop {
             {
                 let out = self.out.lock().unwrap();
                 if let Some(i) = find(&out[from.min(out.len())..], pat.as_bytes()) {
-                    return from + i + pat.len();
+                    return Ok(from + i + pat.len());
                 }
             }
             if let Ok(Some(st)) = self.child.try_wait() {
@@ -202,13 +262,12 @@ impl Vm {
                 std::thread::sleep(Duration::from_millis(200));
                 let out = self.out.lock().unwrap();
                 if let Some(i) = find(&out[from.min(out.len())..], pat.as_bytes()) {
-                    return from + i + pat.len();
+                    return Ok(from + i + pat.len());
                 }
-                drop(out);
-                self.fail(&format!("{what}: exitless ended ({st}) before {pat:?}"));
+                return Err(format!("{what}: exitless ended ({st}) before {pat:?}"));
             }
             if Instant::now() > deadline {
-                self.fail(&format!(
+                return Err(format!(
                     "{what}: no {pat:?} on the console within {} s",
                     timeout.as_secs()
                 ));
@@ -218,32 +277,43 @@ impl Vm {
     }
 
     pub fn send(&mut self, line: &str) {
-        let ok = self
-            .stdin
-            .as_mut()
-            .map(|s| {
-                s.write_all(line.as_bytes())
-                    .and_then(|_| s.write_all(b"\n"))
-                    .and_then(|_| s.flush())
-                    .is_ok()
-            })
-            .unwrap_or(false);
-        if !ok {
-            self.fail(&format!(
+        if let Err(why) = self.try_send(line) {
+            self.fail(&why);
+        }
+    }
+
+    fn try_send(&mut self, line: &str) -> Result<(), String> {
+        let ok = self.stdin.as_mut().is_some_and(|s| {
+            s.write_all(line.as_bytes())
+                .and_then(|_| s.write_all(b"\n"))
+                .and_then(|_| s.flush())
+                .is_ok()
+        });
+        if ok {
+            Ok(())
+        } else {
+            Err(format!(
                 "could not type {line:?}: exitless's stdin is closed"
-            ));
+            ))
         }
     }
 
     /// Types one shell command line and waits for its end marker (`r` is defined by the first
     /// step); returns the console output from the moment it was typed.
     pub fn step(&mut self, cmd: &str, timeout: Duration) -> String {
+        match self.try_step(cmd, timeout) {
+            Ok(out) => out,
+            Err(why) => self.fail(&why),
+        }
+    }
+
+    fn try_step(&mut self, cmd: &str, timeout: Duration) -> Result<String, String> {
         self.steps += 1;
         let n = self.steps;
         let from = self.console_len();
-        self.send(&format!("{cmd}; r step-{n} done"));
-        let end = self.wait_for(&format!("=R= step-{n} done"), from, timeout, cmd);
-        String::from_utf8_lossy(&self.out.lock().unwrap()[from..end]).into_owned()
+        self.try_send(&format!("{cmd}; r step-{n} done"))?;
+        let end = self.try_wait_for(&format!("=R= step-{n} done"), from, timeout, cmd)?;
+        Ok(String::from_utf8_lossy(&self.out.lock().unwrap()[from..end]).into_owned())
     }
 
     /// Ends the VM and fails the test with what the console and stderr showed.
@@ -258,11 +328,7 @@ impl Vm {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let stderr = self
-            .err_thread
-            .take()
-            .and_then(|t| t.join().ok())
-            .unwrap_or_default();
+        let stderr = self.stderr();
         if let Some(t) = self.out_thread.take() {
             let _ = t.join();
         }
@@ -291,11 +357,7 @@ impl Vm {
         if let Some(t) = self.out_thread.take() {
             let _ = t.join();
         }
-        let stderr = self
-            .err_thread
-            .take()
-            .and_then(|t| t.join().ok())
-            .unwrap_or_default();
+        let stderr = self.stderr();
         let stdout = std::mem::take(&mut *self.out.lock().unwrap());
         Run {
             status: status.code(),
