@@ -84,17 +84,7 @@ fn debian_guest_ethtool_sets_coalescing_and_the_device_sends_fewer_interrupts() 
         dir.path("api.sock").to_str().unwrap().into(),
     ]);
     let mut vm = Vm::boot_shell(Some(&ns.0), &args, &dir.path("report.json"));
-    let dev = vm.value(
-        "r dev $(ls /sys/class/net | grep -v '^lo$' | head -n 1)",
-        "dev",
-    );
-    assert_eq!(
-        vm.number(
-            &format!("ip link set {dev} up && ip addr add {GUEST_IP}/24 dev {dev}; r ip $?"),
-            "ip"
-        ),
-        0
-    );
+    let dev = vm.net_up(GUEST_IP);
     let out = vm.step(
         &format!("ping -c 1 -W 10 {HOST_IP}; r ping $?"),
         debian::STEP_WAIT,

@@ -111,17 +111,7 @@ fn debian_guest_pings_both_ways_and_moves_32_mib_each_way_over_tcp() {
     let mut vm = Vm::boot_shell(Some(&ns.0), &args, &dir.path("report.json"));
 
     // Address, then ping the host.
-    let dev = vm.value(
-        "r dev $(ls /sys/class/net | grep -v '^lo$' | head -n 1)",
-        "dev",
-    );
-    assert_eq!(
-        vm.number(
-            &format!("ip link set {dev} up && ip addr add {GUEST_IP}/24 dev {dev}; r ip $?"),
-            "ip"
-        ),
-        0
-    );
+    vm.net_up(GUEST_IP);
     let out = vm.step(
         &format!("ping -c 3 -W 10 {HOST_IP}; r ping $?"),
         debian::STEP_WAIT,

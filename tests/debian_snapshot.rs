@@ -68,9 +68,8 @@ fn guest_pings_host(vm: &mut Vm, who: &str) {
     }
 }
 
-/// The original: an ext4 with `file` holding `marker`, synced; its network up. Returns the
-/// network device's name.
-fn prepare(vm: &mut Vm, marker: &str) -> String {
+/// The original: an ext4 with `file` holding `marker`, synced; its network up.
+fn prepare(vm: &mut Vm, marker: &str) {
     assert_eq!(
         vm.number(
             "mkfs.ext4 -q -F /dev/vda && mkdir -p /mnt/d && mount -t ext4 /dev/vda /mnt/d; r fs $?",
@@ -85,19 +84,8 @@ fn prepare(vm: &mut Vm, marker: &str) -> String {
         ),
         0
     );
-    let dev = vm.value(
-        "r dev $(ls /sys/class/net | grep -v '^lo$' | head -n 1)",
-        "dev",
-    );
-    assert_eq!(
-        vm.number(
-            &format!("ip link set {dev} up && ip addr add {GUEST_IP}/24 dev {dev}; r ip $?"),
-            "ip"
-        ),
-        0
-    );
+    vm.net_up(GUEST_IP);
     guest_pings_host(vm, "original");
-    dev
 }
 
 /// A clone answers, has the original's file (from its own disk), pings and is pinged, and

@@ -209,6 +209,24 @@ impl Vm {
         }
     }
 
+    /// Brings the guest's first network interface up with `ip`/24 and returns its name; fails
+    /// the test (with the console) when `ip` does not succeed.
+    #[allow(dead_code)]
+    pub fn net_up(&mut self, ip: &str) -> String {
+        let dev = self.value(
+            "r dev $(ls /sys/class/net | grep -v '^lo$' | head -n 1)",
+            "dev",
+        );
+        let status = self.number(
+            &format!("ip link set {dev} up && ip addr add {ip}/24 dev {dev}; r ip $?"),
+            "ip",
+        );
+        if status != 0 {
+            self.fail(&format!("ip on {dev} ended with status {status}"));
+        }
+        dev
+    }
+
     /// Like [`Vm::value`], as a number.
     pub fn number(&mut self, cmd: &str, key: &str) -> u64 {
         let v = self.value(cmd, key);
