@@ -298,12 +298,16 @@ fn boot_shell_boots_a_triple_faulting_guest_again_then_fails_with_the_reason() {
         .to_vec();
     let report = dir.path("report.json");
     let started = Instant::now();
+    let retries = || debian::BOOT_RETRIES.load(std::sync::atomic::Ordering::Relaxed);
+    let before = retries();
     let err = std::panic::catch_unwind(|| Vm::boot_shell(None, &args, &report))
         .err()
         .expect("a guest that never reaches a shell fails the test");
     let msg = err.downcast_ref::<String>().cloned().unwrap_or_default();
     assert!(msg.contains("boot: exitless ended"), "{msg}");
     assert!(msg.contains("guest triple-faulted"), "{msg}");
+    // Booted again until the last attempt (other tests' retries can only add to the count).
+    assert!(retries() - before >= debian::BOOT_ATTEMPTS - 1, "{msg}");
     eprintln!(
         "boot_shell gave up after {} boots in {:.1} s",
         debian::BOOT_ATTEMPTS,

@@ -23,6 +23,8 @@ pub const INITRD_NESTED: &str = "images/debian/initrd-nested.img";
 const SHELL_SETUP: &str = "stty -echo; dmesg -n 1; r() { echo \"=R= $*\"; }";
 /// Boots [`Vm::boot_shell`] tries when the guest triple-faults before its shell answers.
 pub const BOOT_ATTEMPTS: u32 = 3;
+/// Boots [`Vm::boot_shell`] has started again after a triple fault, in this test process.
+pub static BOOT_RETRIES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 /// Boot to the init's first line (seconds on hardware, ~10 s in the emulated SVM host).
 pub const BOOT_WAIT: Duration = Duration::from_secs(600);
@@ -156,11 +158,14 @@ impl Vm {
             let mut vm = Vm::start(netns, args, report);
             match vm.try_shell() {
                 Ok(()) => return vm,
-                Err(why) if attempt < BOOT_ATTEMPTS && vm.triple_faulted() => eprintln!(
-                    "boot_shell: boot {attempt} of {BOOT_ATTEMPTS}: the guest triple-faulted \
-                     before its shell answered ({}); booting again",
-                    why.lines().next().unwrap_or("")
-                ),
+                Err(why) if attempt < BOOT_ATTEMPTS && vm.triple_faulted() => {
+                    BOOT_RETRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    eprintln!(
+                        "boot_shell: boot {attempt} of {BOOT_ATTEMPTS}: the guest triple-faulted \
+                         before its shell answered ({}); booting again",
+                        why.lines().next().unwrap_or("")
+                    )
+                }
                 Err(why) => vm.fail(&why),
             }
         }
