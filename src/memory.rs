@@ -141,11 +141,11 @@ pub fn map_file(size: u64, file: &std::fs::File) -> Result<GuestMemoryMmap, Memo
 /// Huge pages' size and the alignment of every region's host mapping.
 pub const HUGE_PAGE: usize = 2 << 20;
 
-/// Attempts at an aligned mapping before settling for any: another thread's mmap may take the
-/// freed window between [`map_once`]'s munmap and vm-memory's mmap (rare; unit tests run in
-/// parallel threads and met it, once in five runs with 4 attempts and no lock; with 16 and the
-/// lock they still did, since a gap another thread's munmap opens higher up is where every
-/// attempt's mmap goes: the alignment test runs alone, in `tests/memory_alignment.rs`).
+/// Attempts at an aligned mapping before settling for any. An attempt misses its window when the
+/// kernel finds a higher gap of at least `len` (top-down placement): one another thread's munmap
+/// opened, or a freed mapping's. Each missed mapping is kept until the end as a plug in that gap,
+/// so the next attempt cannot land there again (before, every attempt went to the same gap and a
+/// 64 MiB VM's RAM sat off its 2 MiB boundary: CI, stop 19).
 const ALIGN_ATTEMPTS: usize = 16;
 
 /// Held from [`map_once`]'s munmap to vm-memory's mmap, so that two of exitless's own mappings
@@ -166,11 +166,14 @@ fn map_aligned_with(
     len: usize,
     map: MapFn,
 ) -> Result<MmapRegion, vm_memory::mmap::MmapRegionError> {
+    // Misplaced mappings, unmapped (dropped) only once the aligned one exists.
+    let mut plugs = Vec::new();
     for _ in 1..ALIGN_ATTEMPTS {
         let mapping = map_once(len, map)?;
         if (mapping.as_ptr() as usize).is_multiple_of(HUGE_PAGE) {
             return Ok(mapping);
         }
+        plugs.push(mapping);
     }
     map_once(len, map)
 }
