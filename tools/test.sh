@@ -234,6 +234,12 @@ awk -v skips="${#skips[@]}" '/^test result:/ {
     END { printf "tests: %d passed, %d failed, %d skipped, %d ignored (opt-in)\n", p - skips, f, skips, g }' "$log"
 for s in "${skips[@]}"; do echo "  skipped: $s"; done
 grep -ao 'exitless-flaky: .*' "$log" | sed 's/^exitless-flaky: /  flaky: /' | sort -u
+# Every panic's first lines, those of runs a rerun passed too, at the end where a CI excerpt
+# keeps them (a flaky binary's first failure was otherwise kept only deep in the log).
+awk '/^---- .* stdout ----$/ { name = $2 }
+    /panicked at/ { n = 5; printf "  panic in %s:\n", name }
+    n > 0 { print "    " substr($0, 1, 300); n--; shown++ }
+    shown >= 120 { print "    (more in the full log)"; exit }' "$log"
 if [ "${EXITLESS_FAIL_ON_SKIP:-0}" = 1 ] && [ ${#skips[@]} -gt 0 ]; then
     echo "tools/test.sh: ${#skips[@]} skipped with EXITLESS_FAIL_ON_SKIP=1: every test must run here"
     failed=1
