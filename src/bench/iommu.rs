@@ -59,6 +59,11 @@ pub struct IommuArgs {
     /// Linux part: 4 KiB O_DIRECT reads per configuration (after 512 untimed ones).
     #[arg(long, default_value_t = LINUX_READS)]
     pub reads: u64,
+    /// Linux part: seconds of the network workload (a TCP stream from the guest to the host over
+    /// virtio-net on a tap) per configuration, in the same boot as the reads; 0 leaves it out.
+    /// Needs root (a network namespace and a tap).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(0..=600))]
+    pub net_seconds: u32,
     /// Only the Linux part (no kit guest).
     #[arg(long, conflicts_with = "quick")]
     pub linux_only: bool,

@@ -42,7 +42,7 @@ use serde_json::{json, Value};
 
 use super::{find_program, read_lossy, round1, round3, tail, wait_with_limit, Peer, TempDir};
 
-const HOST_IP: &str = "10.77.0.1";
+pub(super) const HOST_IP: &str = "10.77.0.1";
 const GUEST_IP: &str = "10.77.0.2";
 const STREAM_PORT: u16 = 5201;
 const RR_PORT: u16 = 5202;
@@ -175,7 +175,7 @@ fn enter_netns(ns: &str) -> Result<(), String> {
 /// Makes `c`'s child enter network namespace `ns` (and only that: `ip netns exec` would also
 /// remount /sys, hiding tracefs from `--kernel-exit-reasons`). The returned file must stay open
 /// until the child is spawned.
-fn in_netns(c: &mut Command, ns: &str) -> Result<std::fs::File, String> {
+pub(super) fn in_netns(c: &mut Command, ns: &str) -> Result<std::fs::File, String> {
     use std::os::unix::process::CommandExt;
     let f = std::fs::File::open(format!("/run/netns/{ns}"))
         .map_err(|e| format!("network namespace {ns}: {e}"))?;
@@ -194,7 +194,7 @@ fn in_netns(c: &mut Command, ns: &str) -> Result<std::fs::File, String> {
 }
 
 /// Starts the TCP sink and the UDP echo in `ns` (threads that live as long as the bench).
-fn start_peers(ns: &str) -> Result<(), String> {
+pub(super) fn start_peers(ns: &str) -> Result<(), String> {
     let ns = ns.to_string();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -699,19 +699,27 @@ fn run_config(
     r
 }
 
+/// The guest's shell command that brings its first network interface up (its name in `$d`) with
+/// [`GUEST_IP`] and pings the host: `=R= net 0` when it works.
+pub(super) fn net_up_command() -> String {
+    format!(
+        "d=$(ls /sys/class/net | grep -v '^lo$' | head -n 1); ip link set $d up && \
+         ip addr add {GUEST_IP}/24 dev $d && ping -c 1 -W 20 {HOST_IP} >/dev/null; r net $?"
+    )
+}
+
+/// The guest's shell command that runs workload `w` (`stream`, `rr`) against the host's peers.
+pub(super) fn load_command(w: &str, seconds: u32) -> String {
+    format!("exitless bench irq-load {w} --host {HOST_IP} --seconds {seconds}")
+}
+
 fn drive(vm: &mut Vm, cfg: &Config, args: &IrqArgs) -> Result<Vec<Measure>, String> {
     let boot = Duration::from_secs_f64(args.timeout);
     let at = vm.wait_for("exitless-guest: nproc=", 0, boot)?;
     vm.wait_for("exitless# ", at, boot)?;
     let step = Duration::from_secs(120);
     vm.step("stty -echo; dmesg -n 1; r() { echo \"=R= $*\"; }", step)?;
-    let out = vm.step(
-        &format!(
-            "d=$(ls /sys/class/net | grep -v '^lo$' | head -n 1); ip link set $d up && \
-             ip addr add {GUEST_IP}/24 dev $d && ping -c 1 -W 20 {HOST_IP} >/dev/null; r net $?"
-        ),
-        step,
-    )?;
+    let out = vm.step(&net_up_command(), step)?;
     if !out.contains("=R= net 0") {
         return Err(format!("the guest's network did not come up: {out}"));
     }
@@ -724,10 +732,7 @@ fn drive(vm: &mut Vm, cfg: &Config, args: &IrqArgs) -> Result<Vec<Measure>, Stri
     for w in workloads {
         let before = vm.snapshot()?;
         let out = vm.step(
-            &format!(
-                "exitless bench irq-load {w} --host {HOST_IP} --seconds {}",
-                args.seconds
-            ),
+            &load_command(w, args.seconds),
             Duration::from_secs(u64::from(args.seconds) * 20 + 120),
         )?;
         let after = vm.snapshot()?;

@@ -141,6 +141,8 @@ pub fn parse(s: &str) -> Result<IommuConfig, String> {
 /// Counters, reported as the `iommu` device's facts.
 #[derive(Default)]
 pub struct IommuStats {
+    /// Register accesses that exited (the trapped pages: both in samecore, page 1 in sidecore).
+    pub register_exits: AtomicU64,
     pub register_reads: AtomicU64,
     pub register_writes: AtomicU64,
     pub translations: AtomicU64,
@@ -622,6 +624,7 @@ impl Iommu {
             ("translation_enabled", u64::from(gsts & TE != 0)),
             ("queued_invalidation", u64::from(gsts & QIE != 0)),
             ("caching_mode", u64::from(self.config.caching_mode)),
+            ("register_exits", ld(&s.register_exits)),
             ("register_reads", ld(&s.register_reads)),
             ("register_writes", ld(&s.register_writes)),
             ("translations", ld(&s.translations)),
@@ -654,9 +657,17 @@ pub struct IommuMmio {
 
 impl BusDevice for IommuMmio {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.iommu
+            .stats
+            .register_exits
+            .fetch_add(1, Ordering::Relaxed);
         self.iommu.read_reg(self.first + offset, data)
     }
     fn write(&mut self, offset: u64, data: &[u8]) {
+        self.iommu
+            .stats
+            .register_exits
+            .fetch_add(1, Ordering::Relaxed);
         self.iommu.write_reg(self.first + offset, data)
     }
     /// Refused, saying why: the registers, the invalidation queue's position and the devices'
