@@ -227,7 +227,7 @@ fn debian_bench_iommu_real_guest_part_traps_and_batches_as_expected() {
         )
     });
     let rows = v.as_array().expect("an array");
-    eprintln!("{TEST}:\n{err}");
+    eprintln!("{TEST}:\n{err}\n{v:#}");
     assert_eq!(rows.len(), 10, "{v:#}");
     let row = |w: &str, e: &str, s: &str| {
         rows.iter()

@@ -221,11 +221,13 @@ pub fn table(rows: &[Row], reads: u64) -> String {
     out
 }
 
-/// The shell command of one measurement: 512 untimed reads, then `reads` timed ones.
+/// The untimed reads before the measurement (not counted either).
+pub const WARM_UP: &str = "dd if=/dev/vda of=/dev/null bs=4k count=512 iflag=direct 2>/dev/null";
+
+/// The shell command of one measurement: `reads` timed reads.
 pub fn workload(reads: u64) -> String {
     format!(
-        "dd if=/dev/vda of=/dev/null bs=4k count=512 iflag=direct 2>/dev/null; \
-         a=$(cut -d' ' -f1 /proc/uptime); \
+        "a=$(cut -d' ' -f1 /proc/uptime); \
          dd if=/dev/vda of=/dev/null bs=4k count={reads} iflag=direct 2>/dev/null; \
          b=$(cut -d' ' -f1 /proc/uptime); r t $a $b"
     )
@@ -404,6 +406,7 @@ fn measure(
     let at = g.wait_for("exitless-guest: nproc=", 0, limit, "boot")?;
     g.wait_for("exitless# ", at, limit, "shell prompt")?;
     g.step("stty -echo; dmesg -n 1; r() { echo \"=R= $*\"; }", limit)?;
+    g.step(WARM_UP, limit)?;
     let (out, n) = counted(&mut g, &workload(args.reads), live, &socket, limit)?;
     let secs = seconds(&out).ok_or_else(|| format!("{}: no times in {out:?}", c.name()))?;
     let mut rows = vec![Row {
