@@ -418,7 +418,8 @@ fn measure(
         counts: n,
     }];
     if let Some(net) = net {
-        rows.push(net_row(&mut g, c, net, live, &socket, limit)?);
+        let net = net_row(&mut g, c, net, live, &socket).map(|r| vec![r]);
+        rows.extend(unless_the_peer_failed(c, "net", net)?);
     }
     g.stop();
     for r in &rows {
@@ -442,15 +443,30 @@ fn measure(
     Ok(rows)
 }
 
-/// Brings the guest's network up and runs the stream.
-fn net_row(
-    g: &mut Guest,
+/// `measured`'s rows, or none when the peer (QEMU) failed them, saying why: the peer's failure
+/// is its own, its cells stay empty and the bench goes on. exitless's own failures end the bench.
+fn unless_the_peer_failed(
     c: Config,
-    net: &Net,
-    live: bool,
-    socket: &Path,
-    limit: Duration,
-) -> Result<Row, String> {
+    workload: &str,
+    measured: Result<Vec<Row>, String>,
+) -> Result<Vec<Row>, String> {
+    match measured {
+        Err(why) if c.vmm != "exitless" => {
+            eprintln!(
+                "exitless: bench iommu: linux {} {workload}: no row, the peer failed:\n{}",
+                c.name(),
+                crate::bench::tail(&why, 20)
+            );
+            Ok(Vec::new())
+        }
+        other => other,
+    }
+}
+
+/// Brings the guest's network up and runs the stream.
+fn net_row(g: &mut Guest, c: Config, net: &Net, live: bool, socket: &Path) -> Result<Row, String> {
+    // `bench irq`'s limits: a guest whose stream stalls (QEMU's soft-locked once) ends the step.
+    let limit = Duration::from_secs(u64::from(net.seconds) * 20 + 120);
     let out = g.step(&irq::net_up_command(), limit)?;
     if !out.contains("=R= net 0") {
         return Err(format!(
@@ -552,7 +568,8 @@ pub fn rows(args: &IommuArgs, limit: Duration) -> Result<Vec<Row>, String> {
     let limit = limit.max(Duration::from_secs(600));
     let mut rows = Vec::new();
     for c in configs(qemu) {
-        rows.extend(measure(c, args, dir.path(), &disk, net.as_ref(), limit)?);
+        let measured = measure(c, args, dir.path(), &disk, net.as_ref(), limit);
+        rows.extend(unless_the_peer_failed(c, "disk and net", measured)?);
     }
     rows.sort_by_key(|r| r.workload != "disk");
     Ok(rows)
@@ -678,6 +695,26 @@ mod tests {
             (15, 16, 0, 15)
         );
         assert!(Counts::from_stats(&json!({"devices": {}})).is_err());
+    }
+
+    #[test]
+    fn a_failing_peer_leaves_its_cells_empty_and_exitless_s_failure_ends_the_bench() {
+        let qemu = row("qemu", "intel-iommu", "disk", 1.0).config;
+        let ours = row("exitless", "samecore", "disk", 1.0).config;
+        let failed = || Err("soft lockup".to_string());
+        assert_eq!(
+            unless_the_peer_failed(qemu, "net", failed()).map(|r| r.len()),
+            Ok(0)
+        );
+        assert_eq!(
+            unless_the_peer_failed(ours, "net", failed()).map(|r| r.len()),
+            Err("soft lockup".to_string())
+        );
+        let measured = Ok(vec![row("qemu", "intel-iommu", "disk", 1.0)]);
+        assert_eq!(
+            unless_the_peer_failed(qemu, "disk", measured).map(|r| r.len()),
+            Ok(1)
+        );
     }
 
     #[test]
