@@ -660,6 +660,16 @@ fn run_l2(args: &NestedArgs, dir: &Path) -> Result<Level, String> {
     }
 }
 
+/// How long the L2 guest may take to print a JSON file: every byte is an exit of its serial port,
+/// and in the emulated SVM host a few kilobytes once took over the 120 s of an ordinary step.
+const JSON_STEP: Duration = Duration::from_secs(600);
+
+/// The L2 guest's shell command that prints JSON file `path` without its indentation (a third
+/// of the bytes): a pretty-printed JSON's line starts are never inside a string.
+fn show_json(path: &str) -> String {
+    format!("sed 's/^ *//' {path}; echo")
+}
+
 /// `exitless bench exits --vs qemu` inside the L2 guest: its rows, whose `peer_ns` are QEMU's
 /// at L3.
 fn l3_qemu(g: &mut Guest, args: &NestedArgs, step: Duration) -> Result<Vec<Value>, String> {
@@ -670,7 +680,10 @@ fn l3_qemu(g: &mut Guest, args: &NestedArgs, step: Duration) -> Result<Vec<Value
     )?;
     let status = results(&out).remove("l3qstatus").unwrap_or_default();
     let shown = if status == "0" {
-        g.step("r json-begin; cat /tmp/l3q.json; echo; r json-end", step)?
+        g.step(
+            &format!("r json-begin; {}; r json-end", show_json("/tmp/l3q.json")),
+            JSON_STEP,
+        )?
     } else {
         let err = g.step("cat /tmp/l3q.err", step)?;
         return Err(g.context(&format!(
@@ -794,9 +807,12 @@ fn run_l3(args: &NestedArgs, dir: &Path, progress: &dyn Fn(&str)) -> Result<Inne
         )));
     }
     let shown = g.step(
-        "r json-begin; cat /tmp/l3.json; echo; r json-end; \
-         r counts-begin; cat /tmp/l3-counts.json; echo; r counts-end",
-        step,
+        &format!(
+            "r json-begin; {}; r json-end; r counts-begin; {}; r counts-end",
+            show_json("/tmp/l3.json"),
+            show_json("/tmp/l3-counts.json")
+        ),
+        JSON_STEP,
     )?;
     let json_text = between(&shown, "json-begin", "json-end")
         .ok_or_else(|| g.context("L3: the inner bench's JSON did not come back whole"))?;
@@ -1128,6 +1144,26 @@ pub fn run(args: &NestedArgs) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_comes_back_without_its_indentation_and_unchanged() {
+        let v = serde_json::json!([
+            {"op": "cpuid", "spread_ns": [1.5, 2.0], "note": "  two  spaces  ", "peer": null},
+            {"op": "pio_out", "nested": {"a": [1, {"b": "x"}]}}
+        ]);
+        let pretty = serde_json::to_string_pretty(&v).unwrap();
+        let dir = TempDir::new("exitless-show-json").unwrap();
+        let path = dir.path().join("l3.json");
+        std::fs::write(&path, &pretty).unwrap();
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(show_json(path.to_str().unwrap()))
+            .output()
+            .unwrap();
+        let shown = String::from_utf8(out.stdout).unwrap();
+        assert!(shown.len() < pretty.len() * 3 / 4, "{shown}");
+        assert_eq!(serde_json::from_str::<Value>(&shown).unwrap(), v);
+    }
 
     #[test]
     fn marked_files_come_back_from_the_console() {
