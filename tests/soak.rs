@@ -49,6 +49,16 @@ fn a_process_left_in_the_run_directory_is_a_leak() {
         .arg(format!("sleep 30 # {}", dir.0.display()))
         .spawn()
         .unwrap();
+    // Until the child has exec'd its shell it is a copy of this test (CI once scanned too early).
+    let named = || {
+        std::fs::read(format!("/proc/{}/cmdline", child.id()))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&*dir.0.to_string_lossy()))
+    };
+    let t = std::time::Instant::now();
+    while !named() && t.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(named(), "the child never named the run directory");
     std::fs::write(dir.path("vm0.sock"), b"").unwrap();
     let leaks = before.leaks(&exitless::bench::soak::HostState::read(&dir.0));
     let _ = child.kill();
