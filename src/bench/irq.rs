@@ -42,7 +42,7 @@ use serde_json::{json, Value};
 
 use super::{find_program, read_lossy, round1, round3, tail, wait_with_limit, Peer, TempDir};
 
-pub(super) const HOST_IP: &str = "10.77.0.1";
+const HOST_IP: &str = "10.77.0.1";
 const GUEST_IP: &str = "10.77.0.2";
 const STREAM_PORT: u16 = 5201;
 const RR_PORT: u16 = 5202;
@@ -193,8 +193,20 @@ pub(super) fn in_netns(c: &mut Command, ns: &str) -> Result<std::fs::File, Strin
     Ok(f)
 }
 
+/// The host's side of the guest's network: a namespace whose tap has [`HOST_IP`], with the TCP
+/// sink and the UDP echo running in it (`bench iommu`'s Linux part uses it too).
+pub(super) fn host_side() -> Result<super::io::Netns, String> {
+    let ns = super::io::Netns::create()?;
+    super::io::netns_ip(
+        &ns.name,
+        &["addr", "add", &format!("{HOST_IP}/24"), "dev", &ns.tap],
+    )?;
+    start_peers(&ns.name)?;
+    Ok(ns)
+}
+
 /// Starts the TCP sink and the UDP echo in `ns` (threads that live as long as the bench).
-pub(super) fn start_peers(ns: &str) -> Result<(), String> {
+fn start_peers(ns: &str) -> Result<(), String> {
     let ns = ns.to_string();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -962,12 +974,7 @@ pub fn run(args: &IrqArgs) -> Result<(), String> {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
-    let ns = super::io::Netns::create()?;
-    super::io::netns_ip(
-        &ns.name,
-        &["addr", "add", &format!("{HOST_IP}/24"), "dev", &ns.tap],
-    )?;
-    start_peers(&ns.name)?;
+    let ns = host_side()?;
     let dir = TempDir::new("exitless-bench-irq").map_err(|e| format!("temporary dir: {e}"))?;
     let initrd = dir.path().join("initrd-irq.img");
     super::nested::initrd_with_exitless(&args.initrd, &exe, &initrd)?;

@@ -441,13 +441,7 @@ impl Guest {
     }
 
     pub(crate) fn send(&mut self, line: &str) -> Result<(), String> {
-        let ok = self.stdin.as_mut().is_some_and(|s| {
-            s.write_all(line.as_bytes())
-                .and_then(|_| s.write_all(b"\n"))
-                .and_then(|_| s.flush())
-                .is_ok()
-        });
-        if ok {
+        if type_line(self.stdin.as_mut(), line) {
             Ok(())
         } else {
             Err(self.context("the L2 guest's console is closed"))
@@ -482,6 +476,17 @@ impl Drop for Guest {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Types `line` and a newline on a guest's console (its VMM's stdin; `None` once closed);
+/// false when it is closed. The Debian tests' console driver types through it too.
+pub fn type_line(stdin: Option<&mut ChildStdin>, line: &str) -> bool {
+    stdin.is_some_and(|s| {
+        s.write_all(line.as_bytes())
+            .and_then(|_| s.write_all(b"\n"))
+            .and_then(|_| s.flush())
+            .is_ok()
+    })
 }
 
 /// The lines between the `=R= BEGIN` and `=R= END` lines of `text` (a file the guest printed).

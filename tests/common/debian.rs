@@ -3,7 +3,7 @@
 //! the tests type one command line at a time into exitless's stdin (the guest's serial console)
 //! and wait for each command's end marker before they send the next.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -306,13 +306,7 @@ impl Vm {
     }
 
     fn try_send(&mut self, line: &str) -> Result<(), String> {
-        let ok = self.stdin.as_mut().is_some_and(|s| {
-            s.write_all(line.as_bytes())
-                .and_then(|_| s.write_all(b"\n"))
-                .and_then(|_| s.flush())
-                .is_ok()
-        });
-        if ok {
+        if exitless::bench::nested::type_line(self.stdin.as_mut(), line) {
             Ok(())
         } else {
             Err(format!(

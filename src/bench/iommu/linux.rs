@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::super::io::{netns_ip, Netns};
+use super::super::io::Netns;
 use super::super::irq;
 use super::super::nested::{initrd_with_exitless, Guest};
 use super::super::{find_program, results, round1, round3, TempDir};
@@ -298,19 +298,7 @@ pub struct Net {
 impl Net {
     fn new(base_initrd: &Path, dir: &Path, seconds: u32) -> Result<Net, String> {
         let why = |e: String| format!("the network workload: {e} (--net-seconds 0 leaves it out)");
-        let ns = Netns::create().map_err(why)?;
-        netns_ip(
-            &ns.name,
-            &[
-                "addr",
-                "add",
-                &format!("{}/24", irq::HOST_IP),
-                "dev",
-                &ns.tap,
-            ],
-        )
-        .map_err(why)?;
-        irq::start_peers(&ns.name).map_err(why)?;
+        let ns = irq::host_side().map_err(why)?;
         let exe =
             std::env::current_exe().map_err(|e| format!("cannot find exitless itself: {e}"))?;
         let initrd = dir.join("initrd-net.img");
