@@ -317,11 +317,35 @@ pub struct ApiServer {
     closed: Arc<AtomicBool>,
 }
 
+/// A socket bound but not answering yet ([`ApiServer::bind`]); connections wait in its backlog
+/// until [`BoundApi::serve`]. Dropped unserved, it removes its file.
+pub struct BoundApi {
+    path: PathBuf,
+    listener: Option<UnixListener>,
+}
+
 impl ApiServer {
-    /// Listens on `path`. A stale socket file (nobody listening) is replaced; a live one, or any
-    /// other file there, is an error.
+    /// Listens on `path` and answers at once ([`ApiServer::bind`] then [`BoundApi::serve`]).
     pub fn start(path: &Path, vm: Arc<dyn Control>) -> Result<Self, String> {
-        let listener = bind(path)?;
+        Self::bind(path)?.serve(vm)
+    }
+
+    /// Binds `path`: a stale socket file (nobody listening) is replaced; a live one, or any
+    /// other file there, is an error. The VM binds before it starts anything (a bad path fails
+    /// the start) and serves once its state is settled (the first answer is never "created").
+    pub fn bind(path: &Path) -> Result<BoundApi, String> {
+        Ok(BoundApi {
+            path: path.to_path_buf(),
+            listener: Some(bind(path)?),
+        })
+    }
+}
+
+impl BoundApi {
+    /// Starts the API thread answering on the socket.
+    pub fn serve(mut self, vm: Arc<dyn Control>) -> Result<ApiServer, String> {
+        let path = self.path.clone();
+        let listener = self.listener.take().expect("served once");
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .enable_time()
@@ -343,10 +367,17 @@ impl ApiServer {
                 rt.block_on(accept_loop(listener, vm, flag));
             })
             .map_err(|e| format!("cannot start the API thread: {e}"))?;
-        Ok(ApiServer {
-            path: path.to_path_buf(),
-            closed,
-        })
+        // The server owns the file now (its drop removes it).
+        self.path = PathBuf::new();
+        Ok(ApiServer { path, closed })
+    }
+}
+
+impl Drop for BoundApi {
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -851,6 +882,30 @@ mod tests {
         let e = ApiServer::start(&path, vm).err().unwrap();
         assert!(e.contains("not a socket"), "{e}");
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "data");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A bound socket takes connections at once but answers only once served; dropped unserved,
+    /// it removes its file.
+    #[test]
+    fn a_bound_socket_answers_only_once_served() {
+        let (path, dir) = temp_socket("bound");
+        let bound = ApiServer::bind(&path).unwrap();
+        let client = {
+            let path = path.clone();
+            std::thread::spawn(move || request(&path, &Call::Balloon("4M".into())))
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!client.is_finished(), "answered before serve");
+        let server = bound.serve(Arc::new(Fake::default())).unwrap();
+        let r = client.join().unwrap().unwrap();
+        assert_eq!(r["target_pages"], json!(1024), "{r}");
+        drop(server);
+        assert!(!path.exists());
+        let unserved = ApiServer::bind(&path).unwrap();
+        assert!(path.exists());
+        drop(unserved);
+        assert!(!path.exists(), "an unserved socket's file is removed");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

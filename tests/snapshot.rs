@@ -425,12 +425,18 @@ fn bad_snapshots_are_refused_before_anything_runs() {
         (
             "changed memory",
             Box::new(|d| {
+                // One byte inverted: a constant written there could be what it held (CI once
+                // wrote 0x5a over a 0x5a, 1 chance in 256, and the restore rightly went ahead).
                 use std::os::unix::fs::FileExt;
                 let f = std::fs::OpenOptions::new()
+                    .read(true)
                     .write(true)
                     .open(d.join("memory"))
                     .unwrap();
-                f.write_all_at(b"\x5a", 0x80_0000 + 12345).unwrap();
+                let at = 0x80_0000 + 12345;
+                let mut b = [0u8];
+                f.read_exact_at(&mut b, at).unwrap();
+                f.write_all_at(&[!b[0]], at).unwrap();
             }),
             &["--verify-memory"],
             "the memory file is corrupted",

@@ -172,6 +172,8 @@ for t in "$@"; do
         cp /tmp/rerun /tmp/first-run
     done
     echo "exitless-l1-done: $t"
+    # The files in L1 live in its RAM (rootfs, ~1.4 GiB): what is left after each binary.
+    free -m | sed -n "2s/^Mem: */l1-memory (MiB total used free shared cache available): /p"
 done
 exit $st'
 

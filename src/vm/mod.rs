@@ -175,29 +175,9 @@ impl Vm {
                 .map(|_| std::sync::OnceLock::new())
                 .collect(),
         );
+        // Bound now (a bad path fails before anything runs), answering once the state is settled.
         let api = match &p.cfg.api_socket {
-            Some(path) => Some(
-                crate::api::ApiServer::start(
-                    path,
-                    Arc::new(VmControl {
-                        started,
-                        counters: p.devices.clone(),
-                        kvm_stats: kvm_stats.clone(),
-                        exits: live_exits,
-                        tsc: crate::stats::TscClock::start(),
-                        traces: traces.clone(),
-                        kernel_reasons: kernel_reasons.clone(),
-                        quit: self.quit.clone(),
-                        lifecycle: p.lifecycle.clone(),
-                        cpus: p.cfg.cpus,
-                        mem_bytes: p.cfg.mem_bytes,
-                        snapshot: self.snapshot_source(),
-                        restored_from: p.snapshot.restored_from.clone(),
-                        snapshot_dir: p.cfg.snapshot_dir.clone(),
-                    }),
-                )
-                .map_err(VmmError::Config)?,
-            ),
+            Some(path) => Some(crate::api::ApiServer::bind(path).map_err(VmmError::Config)?),
             None => None,
         };
         crate::vcpu::install_kick_handler()
@@ -226,6 +206,31 @@ impl Vm {
             p.lifecycle.started(kick)
         }
         .map_err(|e| VmmError::Config(e.to_string()))?;
+        // The socket answers only now, so its first answer is already "running" or "paused".
+        let p = &self.parts;
+        let api = match api {
+            Some(bound) => Some(
+                bound
+                    .serve(Arc::new(VmControl {
+                        started,
+                        counters: p.devices.clone(),
+                        kvm_stats: kvm_stats.clone(),
+                        exits: live_exits,
+                        tsc: crate::stats::TscClock::start(),
+                        traces: traces.clone(),
+                        kernel_reasons: kernel_reasons.clone(),
+                        quit: self.quit.clone(),
+                        lifecycle: p.lifecycle.clone(),
+                        cpus: p.cfg.cpus,
+                        mem_bytes: p.cfg.mem_bytes,
+                        snapshot: self.snapshot_source(),
+                        restored_from: p.snapshot.restored_from.clone(),
+                        snapshot_dir: p.cfg.snapshot_dir.clone(),
+                    }))
+                    .map_err(VmmError::Config)?,
+            ),
+            None => None,
+        };
         self.running = Some(Running {
             threads: vcpu_threads,
             started,
@@ -356,11 +361,12 @@ impl Vm {
         crate::ratelimit::flush();
         // The guest's last output reaches stdout before the summary (unless stdout is stalled).
         if let Some(w) = self.parts.console_writer.take() {
-            let _ = self
-                .parts
-                .devices
-                .console_totals
-                .set(w.finish(CONSOLE_PATIENCE));
+            let totals = w.finish(CONSOLE_PATIENCE);
+            if let Some(why) = totals.incomplete() {
+                // Said whatever the summary setting: a log missing its end must not pass unseen.
+                eprintln!("exitless: {why}");
+            }
+            let _ = self.parts.devices.console_totals.set(totals);
         }
         let outcome = self.report(&running, end, wall, &stats, problems);
         drop(running);

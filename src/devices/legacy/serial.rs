@@ -92,6 +92,8 @@ pub struct CappedLog {
     file: Box<dyn Write + Send>,
     cap: u64,
     written: u64,
+    /// The first write error (a full disk), said once on stderr; the log stops there.
+    failed: bool,
 }
 
 impl CappedLog {
@@ -100,16 +102,26 @@ impl CappedLog {
             file,
             cap,
             written: 0,
+            failed: false,
         }
     }
 
     fn write(&mut self, buf: &[u8]) {
         let room = self.cap.saturating_sub(self.written);
-        if room == 0 {
+        if room == 0 || self.failed {
             return;
         }
         let n = buf.len().min(room as usize);
-        let _ = self.file.write_all(&buf[..n]);
+        if let Err(e) = self.file.write_all(&buf[..n]) {
+            // Said, not silent: a log cut short by a full disk must not pass for the whole run.
+            self.failed = true;
+            eprintln!(
+                "exitless: the console log could not be written after {} bytes ({e}); the rest \
+                 is not logged",
+                self.written
+            );
+            return;
+        }
         self.written += n as u64;
         if self.written == self.cap {
             let note = format!(
@@ -202,6 +214,21 @@ pub struct ConsoleTotals {
     pub unwritten: u64,
     /// Refused by a stdout that failed (closed pipe, bad descriptor); the log still has them.
     pub lost: u64,
+}
+
+impl ConsoleTotals {
+    /// What of the guest's output neither stdout nor the log got, said in a line; None when
+    /// both got everything (bytes only stdout refused are in the log, and not counted here).
+    pub fn incomplete(&self) -> Option<String> {
+        if self.dropped == 0 && self.unwritten == 0 {
+            return None;
+        }
+        Some(format!(
+            "the guest's console output is incomplete: {} bytes dropped (the console queue was \
+             full), {} bytes unwritten (the console writer stopped making progress)",
+            self.dropped, self.unwritten
+        ))
+    }
 }
 
 impl ConsoleWriter {
@@ -625,6 +652,11 @@ mod tests {
             (9_900..10_000).contains(&(t.dropped + t.unwritten)),
             "{t:?}"
         );
+        let why = t.incomplete().expect("a loss is said");
+        assert!(
+            why.contains(&format!("{} bytes dropped", t.dropped)),
+            "{why}"
+        );
     }
 
     /// A stdout that says `EAGAIN` now and then (a non-blocking terminal or pipe) still gets
@@ -676,6 +708,7 @@ mod tests {
         let t = run(Box::new(Broken), log.clone());
         assert_eq!((t.lost, t.dropped, t.unwritten), (300, 0, 0), "{t:?}");
         assert_eq!(*log.0.lock().unwrap(), text);
+        assert_eq!(t.incomplete(), None, "the log has everything");
     }
 
     /// Everything reaches stdout and the log, in order, when they keep up.
@@ -695,6 +728,28 @@ mod tests {
         assert_eq!(t, ConsoleTotals::default());
         assert_eq!(*stdout.0.lock().unwrap(), text);
         assert_eq!(*file.0.lock().unwrap(), text);
+    }
+
+    /// A log file that fails (a full disk) is given up at its first error, not retried per
+    /// chunk (the error is said once on stderr).
+    #[test]
+    fn a_failing_console_log_is_given_up_once() {
+        struct Full(Arc<Mutex<u32>>);
+        impl Write for Full {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                *self.0.lock().unwrap() += 1;
+                Err(std::io::Error::from_raw_os_error(libc::ENOSPC))
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let tries = Arc::new(Mutex::new(0));
+        let mut log = CappedLog::new(Box::new(Full(tries.clone())), 1 << 20);
+        log.write(b"one");
+        log.write(b"two");
+        assert!(log.failed);
+        assert_eq!((*tries.lock().unwrap(), log.written), (1, 0));
     }
 
     #[test]
