@@ -139,6 +139,9 @@ pub struct RestoreArgs {
     /// Do not print the exit summary at the end.
     #[arg(long)]
     pub no_summary: bool,
+    /// Exit status when the guest reboots or triple-faults (default 0, as for `exitless run`).
+    #[arg(long, default_value_t = 0)]
+    pub reboot_status: i32,
     /// System call filters (as for `exitless run`).
     #[arg(long, value_enum, default_value_t = crate::seccomp::Mode::On)]
     pub seccomp: crate::seccomp::Mode,
@@ -237,7 +240,7 @@ impl RestoreArgs {
             probe: m.probe,
             stats_json: self.stats_json.clone(),
             summary: !self.no_summary,
-            reboot_status: 0,
+            reboot_status: self.reboot_status,
             timeout,
             console_log: self.console_log.clone(),
             console_log_max: 64 << 20,

@@ -40,7 +40,9 @@ fn spawn_in(ns: Option<&str>, args: &[&str], dir: &TempDir, tag: &str) -> Child 
         None => Command::new(exitless()),
     };
     cmd.args(args)
-        .args(["--timeout", "600", "--no-summary", "--snapshot-dir"])
+        .args(["--timeout", "600", "--no-summary", "--reboot-status", "3"])
+        // A guest that crashes (a triple fault resets it) fails, it does not pass as a poweroff.
+        .arg("--snapshot-dir")
         .arg(&dir.0)
         .arg("--console-log")
         .arg(dir.path(&format!("{tag}.log")))
@@ -232,7 +234,8 @@ fn check_restored(run: &Run, want: &str, at: At) {
     });
     assert!(
         first.is_some_and(|r| r > at.round),
-        "first round {first:?}, snapshot at {at:?}"
+        "first round {first:?}, snapshot at {at:?}: {}",
+        run.describe()
     );
     assert_eq!(
         result(&run.stdout).as_deref(),
@@ -243,7 +246,8 @@ fn check_restored(run: &Run, want: &str, at: At) {
     let end = ticks(&run.stdout, "kit: compute result ").unwrap();
     assert!(
         end > at.ticks + 5,
-        "the timer stopped: {end} ticks at the end, {at:?}"
+        "the timer stopped: {end} ticks at the end, {at:?}: {}",
+        run.describe()
     );
     assert!(
         run.stdout.contains("kit: PASS compute"),

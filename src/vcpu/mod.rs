@@ -248,12 +248,35 @@ impl Vcpu {
         self.stats
     }
 
+    /// The vCPU's instruction pointer, stack and paging state, in a line.
+    fn where_now(&self) -> String {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            // AMD's KVM reinitialises the vCPU on a shutdown intercept before it exits.
+            (Ok(r), Ok(s)) if r.rip == 0xfff0 && s.cs.selector == 0xf000 => {
+                "its registers already reset by KVM (as on AMD hosts): where it was is lost".into()
+            }
+            (Ok(r), Ok(s)) => format!(
+                "rip {:#x} rsp {:#x} rflags {:#x} cs {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} \
+                 efer {:#x}",
+                r.rip, r.rsp, r.rflags, s.cs.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer
+            ),
+            (Err(e), _) | (_, Err(e)) => format!("its registers unreadable ({e})"),
+        }
+    }
+
     /// Exits that are not on the I/O path. Returns `Some` when the VM must end.
     fn slow_exit(&mut self, exit: SlowExit) -> Option<VmEnd> {
         let id = self.id;
         let (reason, end) = match exit {
             SlowExit::Hlt => (ExitReason::Hlt, None),
-            SlowExit::Shutdown => (ExitReason::Shutdown, Some(VmEnd::TripleFault)),
+            SlowExit::Shutdown => {
+                // Said whatever --reboot-status makes of it: where a guest crashed is the clue.
+                eprintln!(
+                    "exitless: vCPU {id} triple-faulted (KVM_EXIT_SHUTDOWN): {}",
+                    self.where_now()
+                );
+                (ExitReason::Shutdown, Some(VmEnd::TripleFault))
+            }
             SlowExit::SystemEvent(kind, data) => {
                 let end = match kind {
                     KVM_SYSTEM_EVENT_SHUTDOWN => VmEnd::PowerOff,
