@@ -177,7 +177,25 @@ impl Vm {
         );
         // Bound now (a bad path fails before anything runs), answering once the state is settled.
         let api = match &p.cfg.api_socket {
-            Some(path) => Some(crate::api::ApiServer::bind(path).map_err(VmmError::Config)?),
+            Some(path) => Some((
+                crate::api::ApiServer::bind(path).map_err(VmmError::Config)?,
+                Arc::new(VmControl {
+                    started,
+                    counters: p.devices.clone(),
+                    kvm_stats: kvm_stats.clone(),
+                    exits: live_exits,
+                    tsc: crate::stats::TscClock::start(),
+                    traces: traces.clone(),
+                    kernel_reasons: kernel_reasons.clone(),
+                    quit: self.quit.clone(),
+                    lifecycle: p.lifecycle.clone(),
+                    cpus: p.cfg.cpus,
+                    mem_bytes: p.cfg.mem_bytes,
+                    snapshot: self.snapshot_source(),
+                    restored_from: p.snapshot.restored_from.clone(),
+                    snapshot_dir: p.cfg.snapshot_dir.clone(),
+                }),
+            )),
             None => None,
         };
         crate::vcpu::install_kick_handler()
@@ -207,28 +225,8 @@ impl Vm {
         }
         .map_err(|e| VmmError::Config(e.to_string()))?;
         // The socket answers only now, so its first answer is already "running" or "paused".
-        let p = &self.parts;
         let api = match api {
-            Some(bound) => Some(
-                bound
-                    .serve(Arc::new(VmControl {
-                        started,
-                        counters: p.devices.clone(),
-                        kvm_stats: kvm_stats.clone(),
-                        exits: live_exits,
-                        tsc: crate::stats::TscClock::start(),
-                        traces: traces.clone(),
-                        kernel_reasons: kernel_reasons.clone(),
-                        quit: self.quit.clone(),
-                        lifecycle: p.lifecycle.clone(),
-                        cpus: p.cfg.cpus,
-                        mem_bytes: p.cfg.mem_bytes,
-                        snapshot: self.snapshot_source(),
-                        restored_from: p.snapshot.restored_from.clone(),
-                        snapshot_dir: p.cfg.snapshot_dir.clone(),
-                    }))
-                    .map_err(VmmError::Config)?,
-            ),
+            Some((bound, control)) => Some(bound.serve(control).map_err(VmmError::Config)?),
             None => None,
         };
         self.running = Some(Running {
