@@ -17,7 +17,8 @@
 #   - every --add PATH at its absolute path, and this environment's EXITLESS_* and RUST_* variables.
 # Its stdout and stderr come back on this script's stdout and stderr as they are written, and this
 # script exits with its status: 124 when --timeout ends it, 125 when L1 failed (its console log
-# is printed on stderr), 126 when L1's kernel hung: a soft lockup of --hang SECS or more (TCG
+# is printed on stderr; also when its kernel panicked and hung instead of rebooting), 126 when
+# L1's kernel hung: a soft lockup of --hang SECS or more (TCG
 # emulation faults have stuck an L1 CPU for good; the first lockup report, with its call trace,
 # is printed on stderr).
 #
@@ -273,6 +274,16 @@ while kill -0 "$qemu_pid" 2>/dev/null; do
             echo "svm-host.sh: L1's kernel hung (a CPU stuck for $hang_s s or more); its first lockup report:" >&2
             grep -m 1 -A 45 'soft lockup - CPU#' "$console" >&2
             exit 126
+        fi
+        # panic=-1 reboots at once (and -no-reboot ends QEMU), unless the panic itself hangs.
+        if grep -q 'Kernel panic - not syncing' "$console" 2>/dev/null; then
+            panicked_at=${panicked_at:-$now}
+            if [ $((now - panicked_at)) -ge 30 ]; then
+                stop_l1
+                echo "svm-host.sh: L1's kernel panicked and did not reboot; its console:" >&2
+                tail -n 60 "$console" >&2
+                exit 125
+            fi
         fi
     fi
     sleep 0.5
