@@ -149,6 +149,8 @@ struct QueueState {
     written: u64,
     /// Taken from the queue but refused by a stdout that failed for good.
     lost: u64,
+    /// Taken by the writer and not yet written (counted as unwritten if it never is).
+    in_flight: u64,
     closed: bool,
 }
 
@@ -195,6 +197,7 @@ impl ConsoleQueue {
             return None;
         }
         let n = s.bytes.len().min(64 << 10);
+        s.in_flight = n as u64;
         Some(s.bytes.drain(..n).collect())
     }
 }
@@ -210,7 +213,8 @@ pub struct ConsoleWriter {
 pub struct ConsoleTotals {
     /// Dropped because the queue was full.
     pub dropped: u64,
-    /// Still queued when the writer stopped making progress (stdout stalled).
+    /// Still queued, or taken but not written, when the writer stopped making progress (stdout
+    /// stalled).
     pub unwritten: u64,
     /// Refused by a stdout that failed (closed pipe, bad descriptor); the log still has them.
     pub lost: u64,
@@ -277,7 +281,7 @@ impl ConsoleWriter {
         let s = self.queue.lock();
         ConsoleTotals {
             dropped: s.dropped,
-            unwritten: s.bytes.len() as u64,
+            unwritten: s.bytes.len() as u64 + s.in_flight,
             lost: s.lost,
         }
     }
@@ -299,7 +303,9 @@ fn drain(q: &ConsoleQueue, mut out: Option<Box<dyn Write + Send>>, mut log: Opti
         if let Some(l) = log.as_mut() {
             l.write(&chunk);
         }
-        q.lock().written += chunk.len() as u64;
+        let mut s = q.lock();
+        s.written += chunk.len() as u64;
+        s.in_flight = 0;
     }
 }
 
@@ -646,12 +652,10 @@ mod tests {
             "the watch saw every byte"
         );
         let t = w.finish(Duration::from_millis(50));
-        // The writer took one chunk (at most the 100 queued) and is stuck writing it.
+        // The writer took one chunk (at most the 100 queued) and is stuck writing it: that
+        // chunk counts as unwritten, so every byte is either dropped or unwritten.
         assert!((9_800..10_000).contains(&t.dropped), "{t:?}");
-        assert!(
-            (9_900..10_000).contains(&(t.dropped + t.unwritten)),
-            "{t:?}"
-        );
+        assert_eq!(t.dropped + t.unwritten, 10_000, "{t:?}");
         let why = t.incomplete().expect("a loss is said");
         assert!(
             why.contains(&format!("{} bytes dropped", t.dropped)),
@@ -709,6 +713,13 @@ mod tests {
         assert_eq!((t.lost, t.dropped, t.unwritten), (300, 0, 0), "{t:?}");
         assert_eq!(*log.0.lock().unwrap(), text);
         assert_eq!(t.incomplete(), None, "the log has everything");
+        let stalled = ConsoleTotals {
+            unwritten: 7,
+            ..ConsoleTotals::default()
+        };
+        assert!(stalled
+            .incomplete()
+            .is_some_and(|w| w.contains("7 bytes unwritten")));
     }
 
     /// Everything reaches stdout and the log, in order, when they keep up.
