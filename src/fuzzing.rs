@@ -140,8 +140,11 @@ pub fn api_line(data: &[u8]) {
     let mut words = line.split_whitespace();
     let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
     let (status, answer) = crate::api::handle(method, path, body, &Idle);
+    // 409 is the answer for a request the VM cannot do as asked (here: a balloon target past
+    // 2^32 pages, which `Idle` refuses as a VM refuses one larger than its memory).
+    let conflict = status == 409 && method == "PUT" && path == "/api/v1/vm/balloon";
     assert!(
-        [200, 400, 404, 405].contains(&status),
+        [200, 400, 404, 405].contains(&status) || conflict,
         "{status} for {method} {path}: {answer}"
     );
     assert!(answer.is_object(), "an answer is a JSON object: {answer}");
@@ -735,7 +738,8 @@ mod tests {
     #[test]
     fn the_seed_corpus_runs_clean() {
         type Target = fn(&[u8]);
-        let targets: [(&str, Target); 3] = [
+        let targets: [(&str, Target); 4] = [
+            ("api_line", super::api_line),
             ("virtio_net", super::virtio_net),
             ("acpi_e820", super::acpi_e820),
             ("snapshot", super::snapshot),

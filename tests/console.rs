@@ -79,8 +79,9 @@ fn a_console_flood_against_a_stdout_nobody_reads_does_not_stop_the_guest() {
     };
     // The guest wrote the whole flood (the panic watch sees every byte) ...
     assert!(fact("bytes_out") > FLOOD, "{serial}");
-    // ... while stdout took at most the pipe (4 KiB), its own buffer and the writer's chunk, and
-    // the queue held 4 KiB: the rest was dropped.
+    // ... while stdout took at most the pipe (4 KiB) and its own buffer; unwritten at the end
+    // are the queue (4 KiB) and the chunk the stuck writer had taken from it (at most a queue's
+    // worth): the rest was dropped.
     assert!(fact("bytes_dropped") >= FLOOD - (16 << 10), "{serial}");
-    assert!(fact("bytes_unwritten") <= 4096, "{serial}");
+    assert!(fact("bytes_unwritten") <= 2 * 4096, "{serial}");
 }
