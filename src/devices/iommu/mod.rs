@@ -561,13 +561,15 @@ impl Iommu {
         };
         let mut at = iova;
         while at < end || (len == 0 && at == iova) {
-            let leaf = match inner.caches.lookup(did, at) {
-                Some(l) => Ok(Some(l)),
-                None => walk::walk(&self.mem, pml4, at),
+            let (leaf, cached) = match inner.caches.lookup(did, at) {
+                Some(l) => (Ok(Some(l)), true),
+                None => (walk::walk(&self.mem, pml4, at), false),
             };
             let reason = match leaf {
                 Ok(Some(l)) if (write && l.write) || (!write && l.read) => {
-                    inner.caches.insert(did, at, l);
+                    if !cached {
+                        inner.caches.insert(did, at, l);
+                    }
                     let off = at & (PAGE - 1);
                     let n = (PAGE - off).min(end - at);
                     let gpa = l.gpa | off;

@@ -144,13 +144,18 @@ pub fn walk(mem: &GuestMemoryMmap, slptptr: u64, iova: u64) -> Result<Option<Lea
     unreachable!("level 1 always returns")
 }
 
+/// The caches' hasher: a device worker looks up every DMA page, and SipHash was a third of the
+/// lookup's cost (perf, kit bench); foldhash is seeded per process, and the IOTLB's size is
+/// bounded anyway, so a guest choosing colliding IOVAs gains nothing.
+type FastHash = foldhash::fast::RandomState;
+
 /// The VMM's translation caches: contexts by requester, 4 KiB translations by (domain, page).
 /// Only present translations are cached, which is what both caching modes allow: with CM=1 the
 /// guest also invalidates after making an entry present, with CM=0 it need not, and a miss walks.
 #[derive(Default)]
 pub struct Caches {
-    contexts: HashMap<u16, Context>,
-    iotlb: HashMap<(u16, u64), Leaf>,
+    contexts: HashMap<u16, Context, FastHash>,
+    iotlb: HashMap<(u16, u64), Leaf, FastHash>,
     pub hits: u64,
     pub misses: u64,
 }
