@@ -9,7 +9,10 @@
 //!   what the host gives (`--balloon size=`, guest RAM minus the limit's share for the guest),
 //!   waiting until the guest's `MemTotal` shows it; the cooperative best case;
 //! - `mapper`: `swap-mapper=on` (see `devices::virtio::swap_mapper`): the page cache's pages are
-//!   mappings of the image, dropped by reclaim and read back from the image.
+//!   mappings of the image, dropped by reclaim and read back from the image;
+//! - `vswapper`: the mapper plus a balloon that never inflates (`--balloon size=0`) but reports
+//!   free pages: what the guest frees is dropped, and the reported pages the host had swapped out
+//!   are counted as false reads prevented (see `devices::virtio::balloon`).
 //!
 //! Per configuration: seconds per pass (the guest's `/proc/uptime` around each `dd`), the host's
 //! swap reads and writes (`pswpin`/`pswpout` of /proc/vmstat over the passes, in 4 KiB pages:
@@ -31,8 +34,11 @@
 //! tmpfs file of zeros as large as the disk, i.e. pages written whole. The guest takes them from
 //! its page cache; where the host swapped those out, each is swapped in only to be overwritten
 //! (*false reads*, the swap-ins of this row), and with the mapper a reclaimed named page is read
-//! back from the image before the store copies it. No False Reads Preventer is built (see
-//! `swap_mapper`): the row measures what one would save.
+//! back from the image before the store copies it. Then `reused-memory`: the file is removed, the
+//! guest waits 5 s (Linux reports free blocks ~2 s after they were freed), and writes it again:
+//! the pages it takes now are ones it freed, which free-page reporting (`balloon`, `vswapper`)
+//! has dropped on the host, so a swapped-out one costs no swap read. Both rows show the
+//! balloon's `false_reads_prevented` over the workload (from the control API's live facts).
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -71,7 +77,7 @@ pub struct VswapArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "baseline,balloon,mapper"
+        default_value = "baseline,balloon,mapper,vswapper"
     )]
     pub configs: Vec<Config>,
     /// Time limit of each guest run, in seconds.
@@ -84,6 +90,7 @@ pub enum Config {
     Baseline,
     Balloon,
     Mapper,
+    Vswapper,
 }
 
 impl Config {
@@ -92,6 +99,7 @@ impl Config {
             Config::Baseline => "baseline",
             Config::Balloon => "balloon",
             Config::Mapper => "mapper",
+            Config::Vswapper => "vswapper",
         }
     }
 }
@@ -116,6 +124,8 @@ pub struct Outcome {
     pub major_faults: Option<u64>,
     pub mapper_pages: u64,
     pub stale_dropped: u64,
+    /// Reported free pages the host had swapped out (None: no balloon).
+    pub false_reads_prevented: Option<u64>,
     /// Why the workload did not complete (no times then).
     pub failed: Option<String>,
 }
@@ -206,6 +216,7 @@ fn guest_args(
     cfg: Config,
     image: &Path,
     report: &Path,
+    socket: &Path,
 ) -> Result<Vec<String>, String> {
     let guest = std::env::var("EXITLESS_DEBIAN_GUEST").unwrap_or_else(|_| "images/debian".into());
     let g = Path::new(&guest);
@@ -231,13 +242,17 @@ fn guest_args(
         "--no-summary",
         "--stats-json",
         &report.to_string_lossy(),
+        "--api-socket",
+        &socket.to_string_lossy(),
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
     let disk = match cfg {
         Config::Baseline | Config::Balloon => format!("path={},direct=on", image.display()),
-        Config::Mapper => format!("path={},swap-mapper=on", image.display()),
+        Config::Mapper | Config::Vswapper => {
+            format!("path={},swap-mapper=on", image.display())
+        }
     };
     a.extend(["--disk".to_string(), disk]);
     if cfg == Config::Balloon {
@@ -246,6 +261,9 @@ fn guest_args(
             "--balloon".to_string(),
             format!("size={}M", args.guest_mib.saturating_sub(guest_share)),
         ]);
+    }
+    if cfg == Config::Vswapper {
+        a.extend(["--balloon".to_string(), "size=0,reporting=on".to_string()]);
     }
     Ok(a)
 }
@@ -266,11 +284,12 @@ fn run_config(
 ) -> Result<Vec<Outcome>, String> {
     let step_limit = Duration::from_secs_f64(args.timeout);
     let report = dir.join(format!("{}.json", cfg.name()));
+    let socket = dir.join(format!("{}.sock", cfg.name()));
     drop_host_caches();
     // The shell keeps the device open between passes (`exec 3<`): Linux drops a block device's
     // page cache when its last user closes it, and the point is a guest that caches its disk.
     let mut g = Guest::start(
-        &guest_args(args, cfg, image, &report)?,
+        &guest_args(args, cfg, image, &report, &socket)?,
         &dir.join(format!("{}.err", cfg.name())),
     )?;
     let at = g.wait_for("exitless-guest: nproc=", 0, step_limit, "boot")?;
@@ -291,7 +310,7 @@ fn run_config(
         )?;
     }
     let pid = g.pid();
-    let before = Snapshot::now(pid);
+    let before = Snapshot::now(pid, &socket);
     let mut seconds = Vec::new();
     for n in 1..=args.passes {
         let out = g.step(
@@ -306,11 +325,11 @@ fn run_config(
         eprintln!("exitless: bench vswap: {} pass {n}: {s:.2} s", cfg.name());
         seconds.push(s);
     }
-    let mut read = Snapshot::now(pid).since(&before, cfg, "sequential-read", seconds);
+    let mut read = Snapshot::now(pid, &socket).since(&before, cfg, "sequential-read", seconds);
     // Fig 4.10's case: fresh memory, written whole (a tmpfs file of zeros), on top of the cached
     // disk: the guest reuses pages the host may have swapped out (false reads: swapped in only to
     // be overwritten) or, with the mapper, reclaimed from the image (read back from it).
-    let before = Snapshot::now(pid);
+    let before = Snapshot::now(pid, &socket);
     let out = g.step(
         &format!(
             "mkdir -p /fresh && mount -t tmpfs -o size={}m tmpfs /fresh; \
@@ -321,28 +340,25 @@ fn run_config(
         ),
         step_limit,
     );
-    let mut fresh = Snapshot::now(pid).since(&before, cfg, "fresh-memory", Vec::new());
-    match out.map(|o| pass_seconds(&o, 1)) {
-        Ok(Some(s)) => {
-            eprintln!(
-                "exitless: bench vswap: {} fresh memory: {s:.2} s",
-                cfg.name()
-            );
-            fresh.seconds_per_pass.push(s);
-        }
-        // The balloon's guest has too little memory for it (the thesis's balloon crashed on this
-        // workload too): a row that says so, not the end of the bench.
-        Ok(None) | Err(_) => {
-            let why = if String::from_utf8_lossy(&g.console()).contains("deadlocked on memory")
-                || String::from_utf8_lossy(&g.console()).contains("Out of memory")
-            {
-                "the guest ran out of memory".to_string()
-            } else {
-                "the guest did not finish it".to_string()
-            };
-            eprintln!("exitless: bench vswap: {} fresh memory: {why}", cfg.name());
-            fresh.failed = Some(why);
-        }
+    let mut fresh = Snapshot::now(pid, &socket).since(&before, cfg, "fresh-memory", Vec::new());
+    timed(&mut g, &mut fresh, out);
+    // The same again into pages the guest freed 5 s before (reported by then, where a balloon
+    // reports): the false reads a preventer saves.
+    let mut reused = None;
+    if fresh.failed.is_none() {
+        let before = Snapshot::now(pid, &socket);
+        let out = g.step(
+            &format!(
+                "sleep 5; a=$(cut -d' ' -f1 /proc/uptime); dd if=/dev/zero of=/fresh/f bs=1M \
+                 count={} 2>/dev/null; b=$(cut -d' ' -f1 /proc/uptime); r pass-1 $a $b; \
+                 rm /fresh/f",
+                args.disk_mib
+            ),
+            step_limit,
+        );
+        let mut o = Snapshot::now(pid, &socket).since(&before, cfg, "reused-memory", Vec::new());
+        timed(&mut g, &mut o, out);
+        reused = Some(o);
     }
     g.stop();
     if let Ok(text) = std::fs::read_to_string(&report) {
@@ -358,7 +374,33 @@ fn run_config(
             read.stale_dropped = fact("stale_dropped");
         }
     }
-    Ok(vec![read, fresh])
+    Ok([read, fresh].into_iter().chain(reused).collect())
+}
+
+/// Puts a one-pass workload's time (or why it has none) into its row.
+fn timed(g: &mut Guest, o: &mut Outcome, out: Result<String, String>) {
+    match out.map(|text| pass_seconds(&text, 1)) {
+        Ok(Some(s)) => {
+            eprintln!(
+                "exitless: bench vswap: {} {}: {s:.2} s",
+                o.config, o.workload
+            );
+            o.seconds_per_pass.push(s);
+        }
+        // The balloon's guest has too little memory for it (the thesis's balloon crashed on this
+        // workload too): a row that says so, not the end of the bench.
+        Ok(None) | Err(_) => {
+            let console = String::from_utf8_lossy(&g.console()).into_owned();
+            let why =
+                if console.contains("deadlocked on memory") || console.contains("Out of memory") {
+                    "the guest ran out of memory".to_string()
+                } else {
+                    "the guest did not finish it".to_string()
+                };
+            eprintln!("exitless: bench vswap: {} {}: {why}", o.config, o.workload);
+            o.failed = Some(why);
+        }
+    }
 }
 
 /// The host's counters of one VMM at one moment.
@@ -367,15 +409,19 @@ struct Snapshot {
     swap_out: u64,
     read_bytes: Option<u64>,
     major_faults: Option<u64>,
+    false_reads_prevented: Option<u64>,
 }
 
 impl Snapshot {
-    fn now(pid: u32) -> Snapshot {
+    fn now(pid: u32, socket: &Path) -> Snapshot {
+        let stats = crate::api::request(socket, &crate::api::Call::Stats).ok();
         Snapshot {
             swap_in: vmstat("pswpin"),
             swap_out: vmstat("pswpout"),
             read_bytes: read_bytes(pid),
             major_faults: major_faults(pid),
+            false_reads_prevented: stats
+                .and_then(|s| s["devices"]["virtio-balloon"]["false_reads_prevented"].as_u64()),
         }
     }
 
@@ -396,6 +442,10 @@ impl Snapshot {
             major_faults: self
                 .major_faults
                 .zip(before.major_faults)
+                .map(|(b, a)| b.saturating_sub(a)),
+            false_reads_prevented: self
+                .false_reads_prevented
+                .zip(before.false_reads_prevented)
                 .map(|(b, a)| b.saturating_sub(a)),
             ..Outcome::default()
         }
@@ -419,6 +469,7 @@ pub fn to_json(outcomes: &[Outcome]) -> Value {
                     "major_faults": o.major_faults,
                     "mapper_pages": o.mapper_pages,
                     "stale_dropped": o.stale_dropped,
+                    "false_reads_prevented": o.false_reads_prevented,
                     "failed": o.failed,
                 })
             })
@@ -435,7 +486,7 @@ pub fn table(args: &VswapArgs, outcomes: &[Outcome]) -> String {
     );
     let _ = writeln!(
         t,
-        "{:<9} {:<15} {:>20} {:>9} {:>9} {:>10} {:>8} {:>7}",
+        "{:<9} {:<15} {:>20} {:>9} {:>9} {:>10} {:>8} {:>7} {:>8}",
         "config",
         "workload",
         "seconds per pass",
@@ -443,7 +494,8 @@ pub fn table(args: &VswapArgs, outcomes: &[Outcome]) -> String {
         "swap out",
         "image MiB",
         "majflt",
-        "mapped"
+        "mapped",
+        "fr-prev"
     );
     for o in outcomes {
         let secs: Vec<String> = o
@@ -459,7 +511,7 @@ pub fn table(args: &VswapArgs, outcomes: &[Outcome]) -> String {
         let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
         let _ = writeln!(
             t,
-            "{:<9} {:<15} {:>20} {:>9} {:>9} {:>10} {:>8} {:>7}",
+            "{:<9} {:<15} {:>20} {:>9} {:>9} {:>10} {:>8} {:>7} {:>8}",
             o.config,
             o.workload,
             secs,
@@ -468,7 +520,8 @@ pub fn table(args: &VswapArgs, outcomes: &[Outcome]) -> String {
             o.image_bytes_read
                 .map_or("-".into(), |b| format!("{:.1}", b as f64 / 1048576.0)),
             opt(o.major_faults),
-            o.mapper_pages
+            o.mapper_pages,
+            opt(o.false_reads_prevented)
         );
     }
     let by = |n: &str| {
@@ -495,6 +548,12 @@ pub fn table(args: &VswapArgs, outcomes: &[Outcome]) -> String {
     if let (Some(m), Some(b)) = (by("mapper"), by("balloon")) {
         let _ = writeln!(t, "mapper / balloon per pass:  {}", ratio(m, b).join(" "));
     }
+    if let (Some(b), Some(v)) = (by("baseline"), by("vswapper")) {
+        let _ = writeln!(t, "baseline / vswapper per pass: {}", ratio(b, v).join(" "));
+    }
+    if let (Some(v), Some(b)) = (by("vswapper"), by("balloon")) {
+        let _ = writeln!(t, "vswapper / balloon per pass:  {}", ratio(v, b).join(" "));
+    }
     for o in outcomes.iter().filter(|o| o.failed.is_some()) {
         let _ = writeln!(
             t,
@@ -506,7 +565,8 @@ pub fn table(args: &VswapArgs, outcomes: &[Outcome]) -> String {
     }
     let _ = writeln!(
         t,
-        "(swap in/out: host pages of 4 KiB; times from the guest's clock)"
+        "(swap in/out: host pages of 4 KiB; fr-prev: reported free pages the host had swapped \
+         out, false reads prevented; times from the guest's clock)"
     );
     let _ = round1;
     t
@@ -572,15 +632,21 @@ mod tests {
             major_faults: None,
             mapper_pages: 5,
             stale_dropped: 0,
+            false_reads_prevented: None,
             failed: None,
         };
         let mut fresh = o("mapper", 1.0);
         fresh.workload = "fresh-memory".into();
+        let mut reused = o("vswapper", 1.0);
+        reused.workload = "reused-memory".into();
+        reused.false_reads_prevented = Some(1234);
         let all = [
             o("baseline", 40.0),
             o("balloon", 4.0),
             fresh,
             o("mapper", 8.0),
+            o("vswapper", 10.0),
+            reused,
         ];
         let j = to_json(&all);
         assert_eq!(j[0]["guest"], "linux");
@@ -589,6 +655,9 @@ mod tests {
         assert_eq!(j[3]["workload"], "sequential-read");
         assert_eq!(j[1]["seconds_per_pass"][1], 2.0);
         assert_eq!(j[0]["major_faults"], Value::Null);
+        assert_eq!(j[5]["workload"], "reused-memory");
+        assert_eq!(j[5]["false_reads_prevented"], 1234);
+        assert_eq!(j[4]["false_reads_prevented"], Value::Null);
         let args = VswapArgs {
             json: false,
             dir: "/x".into(),
@@ -602,5 +671,14 @@ mod tests {
         let t = table(&args, &all);
         assert!(t.contains("baseline / mapper per pass: 5.00x 5.00x"), "{t}");
         assert!(t.contains("mapper / balloon per pass:  2.00x 2.00x"), "{t}");
+        assert!(
+            t.contains("baseline / vswapper per pass: 4.00x 4.00x"),
+            "{t}"
+        );
+        assert!(
+            t.contains("vswapper / balloon per pass:  2.50x 2.50x"),
+            "{t}"
+        );
+        assert!(t.contains("    1234"), "{t}");
     }
 }

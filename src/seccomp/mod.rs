@@ -539,9 +539,10 @@ fn worker(d: Device) -> Rules {
         Device::Net => allow(&mut r, &[SYS_readv]),
         Device::Rng => {}
         Device::Balloon => {
-            // /proc/self/statm (the RSS facts) and the statistics timer.
+            // /proc/self/statm (the RSS facts), the statistics timer, and the pagemap (opened
+            // at start-up) that free-page reports look up.
             read_file(&mut r);
-            allow(&mut r, &[SYS_timerfd_gettime]);
+            allow(&mut r, &[SYS_timerfd_gettime, SYS_pread64]);
         }
         Device::Vsock => {
             allow(

@@ -69,8 +69,12 @@
 //! one exit per store, `REP STOSB` one exit per iteration), which would need memslot churn per
 //! page and cost ~512 exits per 4 KiB page zeroed; (3) free-page reporting (`--balloon
 //! reporting=on`) is the cooperative equivalent: pages the guest frees are dropped, so the guest's
-//! later zeroing of them faults in zero pages, not swap. exitless relies on (3) and counts no
-//! false reads itself; `memlimit` reports major faults (`pgmajfault`) and swap-ins.
+//! later zeroing of them faults in zero pages, not swap. exitless relies on (3) and counts what it
+//! prevents: the reported pages the host had swapped out (`false_reads_prevented`, a fact of
+//! virtio-balloon; see `balloon`); `memlimit` reports major faults (`pgmajfault`) and swap-ins.
+//! Its reach is the guest's free memory: Linux reports free blocks of 2 MiB and more, some
+//! seconds after they were freed, so a page the guest takes straight from its page cache for
+//! new data (the `fresh-memory` workload of `bench vswap`) is never free long enough.
 //!
 //! # Other limits
 //! The image must not shrink while mapped (a mapped page past the end raises SIGBUS); several
@@ -298,11 +302,7 @@ pub struct Setup {
 impl Setup {
     /// `image`: the disk's image opened again read-only (mapper on), or None.
     pub fn new(image: Option<File>) -> Setup {
-        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-        let swap = crate::memlimit::field_of(&meminfo.replace(':', ""), "SwapTotal").unwrap_or(0);
-        let pagemap = (swap > 0)
-            .then(|| File::open("/proc/self/pagemap").ok().map(Arc::new))
-            .flatten();
+        let pagemap = host_pagemap();
         Setup {
             max_extents: if image.is_some() { max_extents() } else { 0 },
             image: image.map(Arc::new),
@@ -473,24 +473,8 @@ impl Mapper {
         let Some(pm) = &self.pagemap else {
             return;
         };
-        let first = host.div_ceil(PAGE);
-        let end = (host + len) / PAGE;
-        if end <= first {
-            return;
-        }
-        let mut raw = vec![0u8; ((end - first) * 8) as usize];
-        if pm.read_exact_at(&mut raw, first * 8).is_err() {
-            return;
-        }
-        let swapped: Vec<u64> = raw
-            .chunks_exact(8)
-            .enumerate()
-            .filter(|(_, e)| {
-                let e = u64::from_le_bytes((*e).try_into().unwrap());
-                e & PM_SWAPPED != 0 && e & PM_PRESENT == 0
-            })
-            .map(|(i, _)| (first + i as u64) * PAGE)
-            .collect();
+        let mut swapped = Vec::new();
+        for_each_swapped(pm, host, len, |p| swapped.push(p));
         for (start, n) in page_runs(&swapped) {
             // SAFETY: whole pages of a read's destination buffer in guest RAM, about to be
             // overwritten by the read: their old contents are not needed.
@@ -505,6 +489,40 @@ impl Mapper {
     /// The counts since the last call, and the extents now.
     pub fn take_counts(&mut self) -> (Counts, usize) {
         (std::mem::take(&mut self.counts), self.maps.extents())
+    }
+}
+
+/// `/proc/self/pagemap` where the host has swap (None without swap: nothing is ever swapped out,
+/// so there is nothing to look up). Opened on the main thread: device workers may not open files.
+pub fn host_pagemap() -> Option<Arc<File>> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let swap = crate::memlimit::field_of(&meminfo.replace(':', ""), "SwapTotal").unwrap_or(0);
+    (swap > 0)
+        .then(|| File::open("/proc/self/pagemap").ok().map(Arc::new))
+        .flatten()
+}
+
+/// Calls `f` with the host address of each whole page of `[host, host + len)` that the host has
+/// swapped out (pagemap: swapped, not present), reading at most 512 entries at a time. Stops
+/// quietly where the pagemap cannot be read (what was found so far stands).
+pub fn for_each_swapped(pm: &File, host: u64, len: u64, mut f: impl FnMut(u64)) {
+    const CHUNK: u64 = 512;
+    let mut first = host.div_ceil(PAGE);
+    let end = host.saturating_add(len) / PAGE;
+    let mut raw = [0u8; (CHUNK * 8) as usize];
+    while first < end {
+        let n = (end - first).min(CHUNK);
+        let buf = &mut raw[..(n * 8) as usize];
+        if pm.read_exact_at(buf, first * 8).is_err() {
+            return;
+        }
+        for (i, e) in buf.chunks_exact(8).enumerate() {
+            let e = u64::from_le_bytes(e.try_into().expect("8 bytes"));
+            if e & PM_SWAPPED != 0 && e & PM_PRESENT == 0 {
+                f((first + i as u64) * PAGE);
+            }
+        }
+        first += n;
     }
 }
 
@@ -554,9 +572,81 @@ pub fn supported() -> bool {
     rc == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL)
 }
 
+/// A file laid out like `/proc/self/pagemap`, for tests: the given entries (host address of a
+/// page, entry) and zeros elsewhere (a sparse file); removed on drop.
+#[cfg(test)]
+pub(crate) struct FakePagemap {
+    pub file: File,
+    path: std::path::PathBuf,
+}
+
+#[cfg(test)]
+impl FakePagemap {
+    pub const SWAPPED: u64 = PM_SWAPPED;
+    pub const PRESENT: u64 = PM_PRESENT;
+
+    pub fn new(entries: &[(u64, u64)]) -> FakePagemap {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("exitless-test-pagemap-{}-{n}", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        for &(host, e) in entries {
+            file.write_all_at(&e.to_le_bytes(), host / PAGE * 8)
+                .unwrap();
+        }
+        // Entries past the last one read as zeros, as for pages never touched.
+        let end = entries
+            .iter()
+            .map(|&(h, _)| h / PAGE + 4096)
+            .max()
+            .unwrap_or(4096);
+        file.set_len(end * 8).unwrap();
+        FakePagemap { file, path }
+    }
+}
+
+#[cfg(test)]
+impl Drop for FakePagemap {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whole pages only, swapped and not present, across the 512-entry chunks.
+    #[test]
+    fn for_each_swapped_finds_the_swapped_out_whole_pages() {
+        let base = 0x4000_0000u64;
+        let pm = FakePagemap::new(&[
+            (base, PM_SWAPPED),
+            (base + PAGE, PM_PRESENT),
+            // Swapped and present (a swap-cache page being read back): not counted.
+            (base + 2 * PAGE, PM_SWAPPED | PM_PRESENT),
+            (base + 600 * PAGE, PM_SWAPPED),
+            (base + 1100 * PAGE, PM_SWAPPED),
+        ]);
+        let mut found = Vec::new();
+        for_each_swapped(&pm.file, base, 1100 * PAGE, |p| found.push(p));
+        assert_eq!(found, vec![base, base + 600 * PAGE]);
+        // A range that starts mid-page skips that page; one that ends mid-page skips the last.
+        found.clear();
+        for_each_swapped(&pm.file, base + 1, 1101 * PAGE - 2, |p| found.push(p));
+        assert_eq!(found, vec![base + 600 * PAGE]);
+        // Past the file's end: what was found so far stands, no panic.
+        found.clear();
+        for_each_swapped(&pm.file, base + 1100 * PAGE, 1 << 40, |p| found.push(p));
+        assert_eq!(found, vec![base + 1100 * PAGE]);
+    }
 
     const H: u64 = 0x7f00_0000_0000;
 
