@@ -6,8 +6,9 @@
 //! model as samecore (`Iommu::write_register`), then publishes what the guest must read:
 //! - GCMD is write-only: after each command the poller leaves a sentinel (reserved bit 0) in its
 //!   slot, so any guest write, even of 0 (translation and queued invalidation both off), shows.
-//! - Write-1-to-clear registers (FSTS, ICS) carry a sentinel in a reserved bit (31): a guest write
-//!   of the bits it read (the usual way to clear them) changes the word, so the poller sees it.
+//! - Write-1-to-clear registers (FSTS, ICS) carry a sentinel in a reserved bit (31) while a bit
+//!   is set: a guest write of the bits it read (the usual way to clear them) changes the word, so
+//!   the poller sees it. A clear register reads 0 (a write of 0 clears nothing).
 //!   Linux tests only the bits it knows.
 //! - Read-only fields the guest scribbles over (VER, CAP, ECAP, GSTS, IQH) are restored.
 //! - IQT: a new value is processed at once (the invalidation queue, then the wait descriptor's
@@ -50,6 +51,17 @@ pub const SLOT: u32 = 64;
 /// Sentinels (see the module doc).
 const GCMD_IDLE: u32 = 1;
 const RW1C_MARK: u32 = 1 << 31;
+
+/// A write-1-to-clear register as published: its value, with the sentinel only while a bit is set
+/// (a guest write of 0 clears nothing, so a clear register needs none; and Linux logs "DRHD:
+/// handling fault status reg" for any FSTS bit it reads at start-up, the sentinel included).
+fn rw1c(v: u32) -> u32 {
+    if v == 0 {
+        0
+    } else {
+        v | RW1C_MARK
+    }
+}
 
 /// Registers the poller applies when the guest's value changes. It compares with the value it
 /// last took from the page, not with the model's (which drops reserved bits: a guest that sets
@@ -114,8 +126,8 @@ impl Iommu {
         if page.rd64(CCMD) >> 63 == 0 {
             page.wr64(CCMD, r.ccmd);
         }
-        page.wr32(FSTS, r.fsts_value(inner.fri) | RW1C_MARK);
-        page.wr32(ICS, r.ics | RW1C_MARK);
+        page.wr32(FSTS, rw1c(r.fsts_value(inner.fri)));
+        page.wr32(ICS, rw1c(r.ics));
         // IM is the guest's (applied by the poll before this), IP the IOMMU's.
         for (off, v) in [(FECTL, r.fectl), (IECTL, r.iectl)] {
             if page.rd32(off) != v {
@@ -169,8 +181,9 @@ impl Iommu {
             apply(&mut inner, IQT, iqt);
         }
         for off in [FSTS, ICS] {
+            // A 0 clears nothing: it is what the page holds while no bit is set.
             let v = page.rd32(off);
-            if v & RW1C_MARK == 0 {
+            if v & RW1C_MARK == 0 && v != 0 {
                 apply(&mut inner, off, u64::from(v));
             }
         }
@@ -286,6 +299,8 @@ mod tests {
         page.wr32(GCMD, GCMD_IDLE);
         m.publish(&m.lock(), &page);
         assert_eq!(page.rd64(CAP), m.cap);
+        // No fault, no completion: the write-1-to-clear registers read 0, sentinel and all.
+        assert_eq!((page.rd32(FSTS), page.rd32(ICS)), (0, 0));
         // Nothing written: no work.
         assert!(!m.poll(&page));
         // Linux's sequence, as plain memory writes.
