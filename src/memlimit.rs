@@ -398,6 +398,12 @@ pub fn field_of(text: &str, name: &str) -> Option<u64> {
     })
 }
 
+/// Whether the host has swap (`SwapTotal` of /proc/meminfo above 0; false when unreadable).
+pub fn host_has_swap() -> bool {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    field_of(&meminfo.replace(':', ""), "SwapTotal").is_some_and(|kib| kib > 0)
+}
+
 /// The `cgroup.procs` of the group this process is in now, in the hierarchy of `version`.
 fn own_procs(mounts: &Mounts, version: Version) -> Option<PathBuf> {
     let (root, group) = match version {

@@ -131,9 +131,7 @@ pub struct Outcome {
 }
 
 fn check_host(args: &VswapArgs) -> Result<(), String> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let swap = crate::memlimit::field_of(&meminfo.replace(':', ""), "SwapTotal").unwrap_or(0);
-    if swap == 0 {
+    if !crate::memlimit::host_has_swap() {
         return Err(
             "the host has no swap: the limit would end the guest, not swap it (make one: \
              fallocate -l 1G /swapfile; mkswap /swapfile; swapon /swapfile)"
@@ -268,6 +266,14 @@ fn guest_args(
     Ok(a)
 }
 
+/// The guest's command that runs `cmd` between two `/proc/uptime` readings and prints them as
+/// `=R= pass-N A B` (read back by [`pass_seconds`]).
+fn timed_command(cmd: &str, n: u32) -> String {
+    format!(
+        "a=$(cut -d' ' -f1 /proc/uptime); {cmd}; b=$(cut -d' ' -f1 /proc/uptime); r pass-{n} $a $b"
+    )
+}
+
 /// Seconds between the two `/proc/uptime` readings of a `=R= pass-N A B` line.
 pub fn pass_seconds(console: &str, n: u32) -> Option<f64> {
     let v = results(console).remove(&format!("pass-{n}"))?;
@@ -314,10 +320,7 @@ fn run_config(
     let mut seconds = Vec::new();
     for n in 1..=args.passes {
         let out = g.step(
-            &format!(
-                "a=$(cut -d' ' -f1 /proc/uptime); dd if=/dev/vda of=/dev/null bs=1M 2>/dev/null; \
-                 b=$(cut -d' ' -f1 /proc/uptime); r pass-{n} $a $b"
-            ),
+            &timed_command("dd if=/dev/vda of=/dev/null bs=1M 2>/dev/null", n),
             step_limit,
         )?;
         let s = pass_seconds(&out, n)
@@ -329,14 +332,18 @@ fn run_config(
     // Fig 4.10's case: fresh memory, written whole (a tmpfs file of zeros), on top of the cached
     // disk: the guest reuses pages the host may have swapped out (false reads: swapped in only to
     // be overwritten) or, with the mapper, reclaimed from the image (read back from it).
+    let zeros = timed_command(
+        &format!(
+            "dd if=/dev/zero of=/fresh/f bs=1M count={} 2>/dev/null",
+            args.disk_mib
+        ),
+        1,
+    );
     let before = Snapshot::now(pid, &socket);
     let out = g.step(
         &format!(
-            "mkdir -p /fresh && mount -t tmpfs -o size={}m tmpfs /fresh; \
-             a=$(cut -d' ' -f1 /proc/uptime); dd if=/dev/zero of=/fresh/f bs=1M count={} \
-             2>/dev/null; b=$(cut -d' ' -f1 /proc/uptime); r pass-1 $a $b; rm /fresh/f",
-            args.disk_mib + 16,
-            args.disk_mib
+            "mkdir -p /fresh && mount -t tmpfs -o size={}m tmpfs /fresh; {zeros}; rm /fresh/f",
+            args.disk_mib + 16
         ),
         step_limit,
     );
@@ -347,15 +354,7 @@ fn run_config(
     let mut reused = None;
     if fresh.failed.is_none() {
         let before = Snapshot::now(pid, &socket);
-        let out = g.step(
-            &format!(
-                "sleep 5; a=$(cut -d' ' -f1 /proc/uptime); dd if=/dev/zero of=/fresh/f bs=1M \
-                 count={} 2>/dev/null; b=$(cut -d' ' -f1 /proc/uptime); r pass-1 $a $b; \
-                 rm /fresh/f",
-                args.disk_mib
-            ),
-            step_limit,
-        );
+        let out = g.step(&format!("sleep 5; {zeros}; rm /fresh/f"), step_limit);
         let mut o = Snapshot::now(pid, &socket).since(&before, cfg, "reused-memory", Vec::new());
         timed(&mut g, &mut o, out);
         reused = Some(o);
@@ -613,6 +612,11 @@ mod tests {
 
     #[test]
     fn passes_are_timed_from_the_guest_s_uptime() {
+        assert_eq!(
+            timed_command("dd x", 3),
+            "a=$(cut -d' ' -f1 /proc/uptime); dd x; b=$(cut -d' ' -f1 /proc/uptime); \
+             r pass-3 $a $b"
+        );
         let c = "exitless# \r\n=R= pass-2 100.25 112.75\r\n=R= step-9 done\r\n";
         assert_eq!(pass_seconds(c, 2), Some(12.5));
         assert_eq!(pass_seconds(c, 1), None);

@@ -495,9 +495,7 @@ impl Mapper {
 /// `/proc/self/pagemap` where the host has swap (None without swap: nothing is ever swapped out,
 /// so there is nothing to look up). Opened on the main thread: device workers may not open files.
 pub fn host_pagemap() -> Option<Arc<File>> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let swap = crate::memlimit::field_of(&meminfo.replace(':', ""), "SwapTotal").unwrap_or(0);
-    (swap > 0)
+    crate::memlimit::host_has_swap()
         .then(|| File::open("/proc/self/pagemap").ok().map(Arc::new))
         .flatten()
 }
